@@ -1,0 +1,291 @@
+"""`feature-pipeline`: bring the stack up, publish sample events, read features, check health."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from feature_pipeline import settings
+from feature_pipeline.broker import Broker, BrokerUnavailable, redact
+from feature_pipeline.envelopes import DATA_MODELS, make_envelope
+from feature_pipeline.localnats import LocalNats, port_open
+from feature_pipeline.staging import Staging
+from feature_pipeline.store import FeatureStore, StoreBusy
+
+DEFAULT_DAGSTER_HOME = "./data/dagster_home"
+EXIT_OK, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"feature-pipeline: {message}", file=sys.stderr)
+    return code
+
+
+def _settings() -> settings.Settings:
+    try:
+        return settings.load()
+    except settings.SettingsError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+
+
+def _dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME).resolve()
+
+
+def prepare_dagster_home(home: Path, project: Path) -> None:
+    """DAGSTER_HOME needs the instance config; copy the project's dagster.yaml unless one is there."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        shutil.copyfile(project / "dagster.yaml", target)
+
+
+# -- up ----------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    project = Path.cwd()
+    if not (project / "workspace.yaml").is_file() or not (project / "dagster.yaml").is_file():
+        return _fail("run `feature-pipeline up` from the project folder (the one with workspace.yaml and dagster.yaml)")
+    cfg = _settings()
+    env = dict(os.environ)
+    local: LocalNats | None = None
+    first = urlparse(cfg.nats_url.split(",")[0])
+    host, port = first.hostname or "127.0.0.1", first.port or 4222
+    if port_open(host, port):
+        print(f"using NATS at {redact(cfg.nats_url)}")
+    elif host in ("127.0.0.1", "localhost", "::1"):
+        local = LocalNats(project / "data" / "nats", port=port, log_file=str(project / "data" / "nats.log")).start()
+        env["NATS_URL"] = local.url
+        print(f"started a local nats-server with JetStream at {local.url} (store ./data/nats, log ./data/nats.log)")
+    else:
+        return _fail(f"NATS_URL={redact(cfg.nats_url)} does not answer; start it or unset NATS_URL for a local one")
+    home = _dagster_home()
+    prepare_dagster_home(home, project)
+    env["DAGSTER_HOME"] = str(home)
+    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "dev",
+        "-w",
+        "workspace.yaml",
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+    finally:
+        if local:
+            local.stop()
+
+
+# -- publish -----------------------------------------------------------------------------------
+
+
+def sample_data(subject: str, rng: random.Random) -> dict[str, Any]:
+    if subject == "signals.task.synced":
+        total = rng.randint(0, 40)
+        return {"provider": rng.choice(["todoist", "asana", "linear"]), "tasks_total": total,
+                "tasks_completed": rng.randint(0, total)}  # fmt: skip
+    if subject == "signals.task.completed":
+        return {"task_id": f"task-{rng.randint(1, 10_000)}"}
+    if subject.startswith("feedback.recommendation."):
+        return {"recommendation_id": f"rec-{uuid.uuid4().hex[:8]}", "item_id": f"item-{rng.randint(1, 500)}"}
+    return {}
+
+
+async def publish_events(
+    url: str, *, subjects: list[str], users: list[str], count: int, rate: float | None, seed: int | None = None
+) -> list[str]:
+    """Publish `count` contract-conforming events; returns their ids. Each id is also the Nats-Msg-Id."""
+    rng = random.Random(seed)
+    ids: list[str] = []
+    async with await Broker.connect(url, name="feature-pipeline-publish") as broker:
+        await broker.ensure_streams()
+        start = time.monotonic()
+        pending = []
+        for i in range(count):
+            subject = rng.choice(subjects)
+            event_id = f"evt-{uuid.uuid4().hex}"
+            body = make_envelope(
+                event_id, subject.split(".", 1)[1], rng.choice(users), datetime.now(UTC), sample_data(subject, rng)
+            )
+            pending.append(await broker.js.publish_async(subject, body, headers={"Nats-Msg-Id": event_id}))
+            ids.append(event_id)
+            if len(pending) >= 500:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if rate:
+                ahead = (i + 1) / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                    await asyncio.sleep(ahead)
+        await asyncio.gather(*pending)
+    return ids
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    cfg = _settings()
+    users = [args.user] if args.user else [f"u-{i}" for i in range(1, args.users + 1)]
+    subjects = [args.subject] if args.subject else sorted(DATA_MODELS)
+    try:
+        ids = asyncio.run(
+            publish_events(cfg.nats_url, subjects=subjects, users=users, count=args.count, rate=args.rate)
+        )
+    except BrokerUnavailable as exc:
+        return _fail(str(exc))
+    print(f"published {len(ids)} event(s) to {redact(cfg.nats_url)}" + (f": {ids[0]}" if len(ids) == 1 else ""))
+    return EXIT_OK
+
+
+# -- features ----------------------------------------------------------------------------------
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    cfg = _settings()
+    try:
+        row = FeatureStore(cfg.feature_store_path).user_features(args.user_id)
+    except (FileNotFoundError, StoreBusy) as exc:
+        return _fail(str(exc))
+    if row is None:
+        return _fail(f"no features for user {args.user_id!r} in {cfg.feature_store_path}", 1)
+    print(json.dumps(row, default=str, indent=2))
+    return EXIT_OK
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def _last_run() -> dict[str, Any] | None:
+    home = _dagster_home()
+    if not (home / "dagster.yaml").exists():
+        return None
+    import dagster as dg  # slow import: only when a Dagster instance is there to ask
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_run_records(filters=dg.RunsFilter(job_name="ingest"), limit=1)
+        if not records:
+            return {"status": "none yet"}
+        run = records[0]
+        return {
+            "run_id": run.dagster_run.run_id,
+            "status": run.dagster_run.status.value,
+            "ended_at": datetime.fromtimestamp(run.end_time, UTC).isoformat() if run.end_time else None,
+        }
+
+
+async def _stream_health(cfg: settings.Settings) -> list[dict[str, Any]]:
+    from feature_pipeline.health import collect
+
+    async with await Broker.connect(cfg.nats_url, name="feature-pipeline-health") as broker:
+        stats = await collect(broker, cfg.durable_prefix, Staging(cfg.staging_dir).batches())
+    return [s.as_dict() for s in stats]
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    cfg = _settings()
+    report: dict[str, Any] = {"nats_url": redact(cfg.nats_url), "status": "ok", "problems": []}
+    code = EXIT_OK
+    try:
+        report["streams"] = asyncio.run(_stream_health(cfg))
+    except BrokerUnavailable as exc:
+        report.update(status="down", streams=[])
+        report["problems"].append(str(exc))
+        code = EXIT_DOWN
+    except Exception as exc:  # a missing consumer or stream: the pipeline has not run yet, or was changed
+        report.update(status="degraded", streams=[])
+        report["problems"].append(f"cannot read stream state: {exc!r} (the sensor creates streams and consumers)")
+        code = EXIT_DEGRADED
+    try:
+        report["last_ingest_run"] = _last_run()
+    except Exception as exc:
+        report["last_ingest_run"] = None
+        report["problems"].append(f"cannot read the Dagster instance at {_dagster_home()}: {exc}")
+        code = max(code, EXIT_DOWN)
+    last = report.get("last_ingest_run") or {}
+    if last.get("status") in ("FAILURE", "CANCELED") and code == EXIT_OK:
+        report["status"] = "degraded"
+        report["problems"].append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
+        code = EXIT_DEGRADED
+    if code == EXIT_DOWN:
+        report["status"] = "down"
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"status: {report['status']}  (NATS {report['nats_url']})")
+        for s in report["streams"]:
+            print(
+                f"  {s['stream']:<10} lag {s['consumer_lag']:>8}  last message {s['last_message_at'] or 'never'}  "
+                f"in flight {s['in_flight_batches']} batch(es)/{s['in_flight_messages']} msgs  "
+                f"dead letters {s['dead_letters']}"
+            )
+        if report.get("last_ingest_run"):
+            print(f"  last ingest run: {report['last_ingest_run']}")
+        for p in report["problems"]:
+            print(f"  problem: {p}")
+    return code
+
+
+def cmd_settings(_args: argparse.Namespace) -> int:
+    cfg = _settings()
+    for var in settings.VARIABLES:
+        source = "env" if var.name in os.environ else "default"
+        value = getattr(cfg, settings.FIELDS[var.name])
+        shown = redact(str(value)) if var.name == "NATS_URL" else value
+        print(f"{var.name}={shown}  ({source})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="feature-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start NATS (if none answers), the Dagster UI and daemon with the sensor on")
+    up.add_argument("--host", default="127.0.0.1", help="webserver bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=3000)
+    up.set_defaults(func=cmd_up)
+
+    pub = sub.add_parser("publish", help="publish sample events")
+    pub.add_argument("--user", help="one user id (default: --users synthetic users)")
+    pub.add_argument("--users", type=int, default=10, help="how many synthetic users u-1..u-N")
+    pub.add_argument("--subject", help=f"one subject (default: a mix of {', '.join(sorted(DATA_MODELS))})")
+    pub.add_argument("--count", type=int, default=1)
+    pub.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    pub.set_defaults(func=cmd_publish)
+
+    feat = sub.add_parser("features", help="print one user's feature row")
+    feat.add_argument("user_id")
+    feat.set_defaults(func=cmd_features)
+
+    health = sub.add_parser("health", help="lag, last message, in-flight batches, dead letters, last run")
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(func=cmd_health)
+
+    sub.add_parser("settings", help="every configuration variable and its value").set_defaults(func=cmd_settings)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

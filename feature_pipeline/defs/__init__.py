@@ -1,0 +1,1 @@
+"""Dagster definitions, one module per concern; `feature_pipeline.definitions` assembles them."""

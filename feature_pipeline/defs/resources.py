@@ -1,0 +1,82 @@
+"""Dagster resources: configuration from the environment (EnvVar), typed and checked once.
+
+A variable that is set reaches the resource as an `EnvVar`, so the Dagster UI shows where the
+value came from instead of the value; an unset one falls back to the default in
+`feature_pipeline.settings`, which also validated every value when the code location loaded.
+"""
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from feature_pipeline import settings
+from feature_pipeline.staging import Staging
+from feature_pipeline.store import FeatureStore
+
+
+class NatsResource(dg.ConfigurableResource):
+    """Where the streams are and how the durable consumers behave."""
+
+    url: str
+    durable_prefix: str
+    max_deliver: int
+    ack_wait_seconds: int
+
+
+class IngestResource(dg.ConfigurableResource):
+    """How the sensor cuts micro-batches and where it stages them until they are settled."""
+
+    staging_dir: str
+    batch_max_messages: int
+    batch_max_bytes: int
+    max_batches_in_flight: int
+    nak_delay_seconds: int
+
+    @property
+    def staging(self) -> Staging:
+        return Staging(str(settings.parse("FEATURE_PIPELINE_STAGING_DIR", self.staging_dir)))
+
+    @property
+    def max_ack_pending(self) -> int:
+        # Every in-flight batch holds its messages unacked, plus the batch being fetched.
+        return self.batch_max_messages * (self.max_batches_in_flight + 1)
+
+
+class FeatureStoreResource(dg.ConfigurableResource):
+    """The DuckDB file, and the fault switch drills use."""
+
+    path: str
+    faults: str = ""
+
+    @property
+    def store(self) -> FeatureStore:
+        return FeatureStore(str(settings.parse("FEATURE_STORE_PATH", self.path)))
+
+    def fault(self, name: str) -> bool:
+        return name in str(settings.parse("FEATURE_PIPELINE_FAULTS", self.faults)).split(",")
+
+
+def _env(name: str, *, integer: bool = False) -> Any:
+    if name in os.environ:
+        return dg.EnvVar.int(name) if integer else dg.EnvVar(name)
+    return settings.parse(name, None)
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "nats": NatsResource(
+            url=_env("NATS_URL"),
+            durable_prefix=_env("NATS_DURABLE_PREFIX"),
+            max_deliver=_env("NATS_MAX_DELIVER", integer=True),
+            ack_wait_seconds=_env("NATS_ACK_WAIT_SECONDS", integer=True),
+        ),
+        "ingest": IngestResource(
+            staging_dir=_env("FEATURE_PIPELINE_STAGING_DIR"),
+            batch_max_messages=_env("FEATURE_PIPELINE_BATCH_MAX_MESSAGES", integer=True),
+            batch_max_bytes=_env("FEATURE_PIPELINE_BATCH_MAX_BYTES", integer=True),
+            max_batches_in_flight=_env("FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT", integer=True),
+            nak_delay_seconds=_env("FEATURE_PIPELINE_NAK_DELAY_SECONDS", integer=True),
+        ),
+        "feature_store": FeatureStoreResource(path=_env("FEATURE_STORE_PATH"), faults=_env("FEATURE_PIPELINE_FAULTS")),
+    }

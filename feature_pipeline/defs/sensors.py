@@ -1,0 +1,266 @@
+"""The ingest sensor: settle finished batches, keep running ones alive, fetch and stage new ones.
+
+The staging folder, not the sensor cursor, is the state: a batch stays there until every
+message in it has been acked, NAKed or dead-lettered, so a crash anywhere (code server,
+daemon, NATS) leaves work to pick up on the next tick, never work lost. Run outcomes are
+read by polling run records tagged with the batch id rather than by a run_status_sensor,
+whose cursor moves on even when its handler fails (shared/notes/dagster-facts.md).
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import dagster as dg
+from nats.errors import Error as NatsError
+
+from feature_pipeline.broker import (
+    DEADLETTER,
+    STREAMS,
+    Broker,
+    BrokerUnavailable,
+    Delivery,
+    MessageTooLarge,
+    TopologyError,
+    consumer_name,
+    redact,
+)
+from feature_pipeline.defs.assets import BATCH_TAG, ingest_job, stream_key
+from feature_pipeline.defs.resources import IngestResource, NatsResource
+from feature_pipeline.health import collect
+from feature_pipeline.settle import Kind, RunOutcome, decide, outcome_of
+from feature_pipeline.staging import Manifest, Staging, assemble, delivery_from_row
+
+SENSOR_NAME = "ingest_sensor"
+# Stop fetching new batches this long into a tick: a tick must end well inside Dagster's 60 s.
+FETCH_BUDGET_SECONDS = 20.0
+
+
+@dataclass
+class TickReport:
+    acked: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+    poison: int = 0
+    kept_alive: int = 0
+    settled_batches: int = 0
+    fetched: dict[str, int] = field(default_factory=dict)
+    staged: list[Manifest] = field(default_factory=list)
+    in_flight: int = 0
+    problem: str | None = None
+    observations: list[dg.AssetObservation] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = []
+        if self.fetched:
+            parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
+        if self.staged:
+            parts.append(f"staged {len(self.staged)} batch(es) of {sum(m.size for m in self.staged)} messages")
+        if self.poison:
+            parts.append(f"dead-lettered {self.poison} poison message(s)")
+        if self.settled_batches:
+            parts.append(
+                f"settled {self.settled_batches} batch(es): acked {self.acked}, NAKed {self.nacked}, "
+                f"dead-lettered {self.dead_lettered}"
+            )
+        if self.kept_alive:
+            parts.append(f"kept {self.kept_alive} in-flight messages alive")
+        parts.append(f"{self.in_flight} batch(es) in flight")
+        text = "; ".join(parts)
+        return f"{self.problem}; {text}" if self.problem else text
+
+
+def _run_for(instance: dg.DagsterInstance, batch_id: str) -> dg.DagsterRun | None:
+    records = instance.get_run_records(filters=dg.RunsFilter(tags={BATCH_TAG: batch_id}), limit=1)
+    return records[0].dagster_run if records else None
+
+
+def _failure_text(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    if run.status == dg.DagsterRunStatus.CANCELED:
+        return f"run {run.run_id} was canceled"
+    conn = instance.get_records_for_run(
+        run.run_id,
+        of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE},
+        ascending=True,
+    )
+    for record in conn.records:
+        event = record.event_log_entry.dagster_event
+        error = getattr(event.event_specific_data, "error", None) if event else None
+        if error is not None:
+            return f"run {run.run_id} failed: {' '.join(error.message.split())[:300]}"
+    return f"run {run.run_id} failed"
+
+
+async def _settle(
+    broker: Broker,
+    staging: Staging,
+    manifest: Manifest,
+    outcome: RunOutcome,
+    failure: str,
+    nats: NatsResource,
+    ingest: IngestResource,
+    report: TickReport,
+) -> None:
+    """Ack a succeeded batch; NAK (growing delay) or dead-letter a failed one; then drop its files."""
+    rows = staging.deliveries(manifest.batch_id).to_pylist()
+    if outcome is RunOutcome.SUCCEEDED:
+        report.acked += await broker.ack(r["reply"] for r in rows)
+    else:
+        naks: list[tuple[str, float]] = []
+        dead: list[tuple[Delivery, str]] = []
+        for row in rows:
+            action = decide(
+                outcome,
+                num_delivered=row["num_delivered"],
+                max_deliver=nats.max_deliver,
+                nak_base_seconds=ingest.nak_delay_seconds,
+                failure=failure,
+                may_dead_letter=row["stream"] != DEADLETTER.name,
+            )
+            if action is None:  # pragma: no cover - outcome is not PENDING here
+                continue
+            if action.kind is Kind.DEAD_LETTER:
+                dead.append((delivery_from_row(row), action.reason))
+            else:
+                naks.append((row["reply"], action.delay_seconds))
+        report.dead_lettered += await broker.dead_letter(dead)
+        report.nacked += await broker.nak(naks)
+    staging.remove(manifest.batch_id)
+    report.settled_batches += 1
+
+
+async def _fetch(broker: Broker, nats: NatsResource, ingest: IngestResource) -> list[Delivery]:
+    """One micro-batch across the three consumers: a fair share each first, then what is left."""
+    out: list[Delivery] = []
+    used_bytes = 0
+    share = max(1, ingest.batch_max_messages // len(STREAMS))
+    for fair in (True, False):
+        for spec in STREAMS:
+            room = ingest.batch_max_messages - len(out)
+            want = min(share, room) if fair else room
+            if want <= 0:
+                return out
+            try:
+                got = await broker.pull(
+                    spec.name,
+                    consumer_name(nats.durable_prefix, spec),
+                    batch=want,
+                    max_bytes=ingest.batch_max_bytes - used_bytes,
+                )
+            except MessageTooLarge:
+                if used_bytes == 0:
+                    raise
+                return out  # the batch is full by bytes
+            out.extend(got)
+            used_bytes += sum(len(d.data) + len(d.subject) + len(d.reply) for d in got)
+            if not fair and len(got) < want:
+                continue
+    return out
+
+
+async def _exchange(
+    instance: dg.DagsterInstance,
+    nats: NatsResource,
+    ingest: IngestResource,
+    batches: list[Manifest],
+    runs: dict[str, dg.DagsterRun | None],
+    report: TickReport,
+) -> None:
+    staging = ingest.staging
+    async with await Broker.connect(nats.url, name="feature-pipeline-sensor") as broker:
+        await broker.ensure_streams()
+        await broker.ensure_consumers(
+            nats.durable_prefix,
+            max_deliver=nats.max_deliver,
+            ack_wait_seconds=nats.ack_wait_seconds,
+            max_ack_pending=ingest.max_ack_pending,
+        )
+        remaining: list[Manifest] = []
+        for manifest in batches:
+            run = runs[manifest.batch_id]
+            outcome = outcome_of(run.status.value if run else None)
+            if outcome is RunOutcome.PENDING:
+                replies = staging.deliveries(manifest.batch_id, ["reply"]).column("reply").to_pylist()
+                report.kept_alive += await broker.keep_alive(replies)
+                remaining.append(manifest)
+                continue
+            failure = _failure_text(instance, run) if outcome is RunOutcome.FAILED and run else ""
+            await _settle(broker, staging, manifest, outcome, failure, nats, ingest, report)
+
+        report.in_flight = len(remaining)
+        deadline = time.monotonic() + FETCH_BUDGET_SECONDS
+        while report.in_flight < ingest.max_batches_in_flight and time.monotonic() < deadline:
+            try:
+                staging.check_writable()
+            except OSError as exc:
+                report.problem = f"not fetching: staging folder {staging.root} is not writable ({exc})"
+                break
+            deliveries = await _fetch(broker, nats, ingest)
+            if not deliveries:
+                break
+            for d in deliveries:
+                report.fetched[d.stream] = report.fetched.get(d.stream, 0) + 1
+            assembled = assemble(deliveries)
+            if assembled.poison:
+                report.poison += await broker.dead_letter(assembled.poison)
+            if assembled.staged:
+                report.staged.append(staging.stage(assembled))
+                report.in_flight += 1
+            if len(deliveries) < ingest.batch_max_messages:
+                break
+
+        for stats in await collect(broker, nats.durable_prefix, remaining + report.staged):
+            spec = next(s for s in STREAMS if s.name == stats.stream)
+            meta: dict[str, dg.RawMetadataValue] = {
+                k: v for k, v in stats.as_dict().items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            meta["consumer"] = stats.consumer
+            if stats.last_message_at:
+                meta["last_message_at"] = dg.MetadataValue.timestamp(stats.last_message_at)
+            report.observations.append(dg.AssetObservation(asset_key=stream_key(spec), metadata=meta))
+
+
+def run_tick(
+    instance: dg.DagsterInstance, nats: NatsResource, ingest: IngestResource
+) -> tuple[list[dg.RunRequest], TickReport]:
+    """One tick, usable without the daemon (tests call it with a test instance)."""
+    staging = ingest.staging
+    batches = staging.batches()
+    runs = {m.batch_id: _run_for(instance, m.batch_id) for m in batches}
+    report = TickReport(in_flight=len(batches))
+    try:
+        asyncio.run(_exchange(instance, nats, ingest, batches, runs, report))
+    except BrokerUnavailable as exc:
+        report.problem = str(exc)
+    except (NatsError, TimeoutError, ConnectionError) as exc:
+        report.problem = f"lost NATS at {redact(nats.url)} during the tick: {exc!r}"
+    except (TopologyError, OSError) as exc:
+        report.problem = f"{type(exc).__name__}: {exc} (NATS {redact(nats.url)})"
+    # Every staged batch without a run gets (again) a request; run_key makes a repeat a no-op.
+    pending = [m for m in batches if runs[m.batch_id] is None and staging.path(m.batch_id).exists()]
+    requests = [dg.RunRequest(run_key=m.batch_id, tags={BATCH_TAG: m.batch_id}) for m in [*pending, *report.staged]]
+    return requests, report
+
+
+def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=SENSOR_NAME,
+        job=ingest_job,
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Drains the SIGNALS, FEEDBACK and DEADLETTER durable consumers into staged micro-batches, "
+        "one ingest run each, and acks a batch only after its run succeeded.",
+    )
+    def ingest_sensor(
+        context: dg.SensorEvaluationContext, nats: NatsResource, ingest: IngestResource
+    ) -> dg.SensorResult:
+        requests, report = run_tick(context.instance, nats, ingest)
+        text = report.summary()
+        (context.log.warning if report.problem else context.log.info)(text)
+        return dg.SensorResult(
+            run_requests=requests,
+            asset_events=report.observations,
+            skip_reason=None if requests else text,
+        )
+
+    return ingest_sensor

@@ -1,0 +1,165 @@
+"""The event contract: JSON envelopes, the typed payloads we know, and what makes a message poison.
+
+Pure: no NATS, no Dagster, no DuckDB. `validate()` either returns an `Event` ready to
+store or raises `PoisonMessage` whose text is the dead-letter reason a person reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Ids and names are printed in logs, the CLI and the Dagster UI: no control characters.
+_Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$")]
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+
+STREAM_OF_PREFIX = {"signals": "SIGNALS", "feedback": "FEEDBACK"}
+
+
+class PoisonMessage(ValueError):
+    """A message that can never be stored as it is; the text is its dead-letter reason."""
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: _Name
+    type: _Name
+    # Lax here because the before-validator hands pydantic a Python str; it admits only RFC 3339 strings.
+    occurred_at: Annotated[AwareDatetime, Field(strict=False)]
+    user_id: _Name
+    schema_version: Annotated[int, Field(ge=1)]
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: object) -> object:
+        if not isinstance(value, str) or not _RFC3339.match(value):
+            raise ValueError("must be an RFC 3339 timestamp with a zone, like 2026-11-27T05:00:00Z")
+        return value
+
+
+class _Data(BaseModel):
+    # Producers may add fields before we know them; the fields we read must be right.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class TaskSynced(_Data):
+    provider: _Name
+    tasks_total: Annotated[int, Field(ge=0)]
+    tasks_completed: Annotated[int, Field(ge=0)]
+
+
+class TaskCompleted(_Data):
+    task_id: _Name
+
+
+class SessionStarted(_Data):
+    pass
+
+
+class RecommendationEvent(_Data):
+    recommendation_id: _Name
+    item_id: _Name
+
+
+DATA_MODELS: dict[str, type[_Data]] = {
+    "signals.task.synced": TaskSynced,
+    "signals.task.completed": TaskCompleted,
+    "signals.session.started": SessionStarted,
+    "feedback.recommendation.shown": RecommendationEvent,
+    "feedback.recommendation.accepted": RecommendationEvent,
+    "feedback.recommendation.dismissed": RecommendationEvent,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A valid event, in the shape the raw tables store it."""
+
+    event_id: str
+    type: str
+    user_id: str
+    occurred_at: datetime  # UTC
+    schema_version: int
+    data_json: str  # canonical JSON of `data`: no NaN/Infinity, so DuckDB can always parse it
+    known_type: bool
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        shown = repr(err.get("input"))
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        text = f"{where}: {err['msg']}"
+        if err["type"] not in ("missing", "json_invalid") and where != "body":
+            text += f" (got {shown})"
+        parts.append(text)
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def expected_type(subject: str) -> str:
+    """`signals.task.synced` carries events of type `task.synced`."""
+    _, _, rest = subject.partition(".")
+    return rest
+
+
+def validate(subject: str, body: bytes) -> Event:
+    """Check one message against the contract."""
+    if not body:
+        raise PoisonMessage("empty body: expected a JSON envelope")
+    try:
+        env = Envelope.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise PoisonMessage(f"not valid JSON: {exc.errors()[0]['msg']}") from None
+        raise PoisonMessage(f"invalid envelope: {_describe(exc)}") from None
+    wanted = expected_type(subject)
+    if env.type != wanted:
+        raise PoisonMessage(f"type {env.type!r} does not match subject {subject!r} (expected {wanted!r})")
+    model = DATA_MODELS.get(subject)
+    if model is not None:
+        try:
+            model.model_validate(env.data)
+        except ValidationError as exc:
+            raise PoisonMessage(f"invalid {env.type} data: {_describe(exc)}") from None
+    try:
+        data_json = json.dumps(env.data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except ValueError:
+        raise PoisonMessage("data contains NaN or Infinity, which JSON does not allow") from None
+    return Event(
+        event_id=env.id,
+        type=env.type,
+        user_id=env.user_id,
+        occurred_at=env.occurred_at.astimezone(UTC),
+        schema_version=env.schema_version,
+        data_json=data_json,
+        known_type=model is not None,
+    )
+
+
+def make_envelope(
+    event_id: str, type_: str, user_id: str, occurred_at: datetime, data: dict[str, Any] | None = None
+) -> bytes:
+    """Build a contract-conforming body (used by `feature-pipeline publish`, tests and benchmarks)."""
+    return json.dumps(
+        {
+            "id": event_id,
+            "type": type_,
+            "occurred_at": occurred_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "user_id": user_id,
+            "schema_version": 1,
+            "data": data or {},
+        },
+        separators=(",", ":"),
+    ).encode()

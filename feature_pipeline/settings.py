@@ -1,0 +1,204 @@
+"""Every environment variable the pipeline reads, in one place.
+
+The code location, the run workers and the CLI all go through `load()`, so a bad
+value fails at start-up with a message that names the variable instead of
+surfacing later as a stack trace inside a sensor tick. The README's
+configuration table is checked against `VARIABLES` by a test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """One or more environment variables hold values the pipeline cannot use."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    help: str
+    parse: Callable[[str], object]
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _nats_url(raw: str) -> str:
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("must name at least one server, e.g. nats://127.0.0.1:4222")
+    for url in urls:
+        if not re.match(r"^(nats|tls|ws|wss)://[^/\s]+$", url):
+            raise ValueError(f"{url!r} is not a NATS URL like nats://host:4222")
+    return ",".join(urls)
+
+
+def _consumer_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,200}", value):
+        raise ValueError(
+            f"must be letters, digits, '-' or '_' (it becomes part of a JetStream consumer name), got {raw!r}"
+        )
+    return value
+
+
+def _path(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return str(Path(raw.strip()).expanduser().resolve())
+
+
+def _faults(raw: str) -> str:
+    known = {"fail-run"}
+    names = {f.strip() for f in raw.split(",") if f.strip()}
+    unknown = names - known
+    if unknown:
+        raise ValueError(f"unknown fault(s) {sorted(unknown)}; known: {sorted(known)}")
+    return ",".join(sorted(names))
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated.", _nats_url),
+    Variable(
+        "NATS_DURABLE_PREFIX",
+        "feature-pipeline",
+        "Prefix of the durable consumers `<prefix>-signals`, `<prefix>-feedback`, `<prefix>-deadletter`.",
+        _consumer_prefix,
+    ),
+    Variable(
+        "NATS_MAX_DELIVER",
+        "5",
+        "Deliveries a message gets before it is dead-lettered (1-100).",
+        _int_between(1, 100),
+    ),
+    Variable(
+        "NATS_ACK_WAIT_SECONDS",
+        "60",
+        "Consumer ack_wait. In-flight batches are kept alive with +WPI every sensor tick, so this only "
+        "matters when the sensor is down (10-3600).",
+        _int_between(10, 3600),
+    ),
+    Variable(
+        "FEATURE_STORE_PATH",
+        "./data/feature_store.duckdb",
+        "The DuckDB feature store file.",
+        _path,
+    ),
+    Variable(
+        "FEATURE_PIPELINE_STAGING_DIR",
+        "./data/staging",
+        "Where fetched batches are staged (Parquet + manifest) until their run is settled.",
+        _path,
+    ),
+    Variable(
+        "FEATURE_PIPELINE_BATCH_MAX_MESSAGES",
+        "20000",
+        "Most messages in one micro-batch (one Dagster run) (1-1000000).",
+        _int_between(1, 1_000_000),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_BATCH_MAX_BYTES",
+        str(32 * MIB),
+        "Most payload bytes in one micro-batch; must exceed the server's max_payload (2 MiB-1 GiB).",
+        _int_between(2 * MIB, 1024 * MIB),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT",
+        "4",
+        "Staged batches waiting for or in a run before the sensor stops fetching (1-100).",
+        _int_between(1, 100),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS",
+        "5",
+        "Minimum seconds between sensor ticks; the Dagster daemon does not go below 5 (1-3600).",
+        _int_between(1, 3600),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_NAK_DELAY_SECONDS",
+        "2",
+        "Redelivery delay after a failed run; doubles with each delivery, capped at 300 s (0-300).",
+        _int_between(0, 300),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_FAULTS",
+        "",
+        "Fault injection for tests and drills only: `fail-run` makes every ingest run fail before it commits.",
+        _faults,
+    ),
+)
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str
+    durable_prefix: str
+    max_deliver: int
+    ack_wait_seconds: int
+    feature_store_path: str
+    staging_dir: str
+    batch_max_messages: int
+    batch_max_bytes: int
+    max_batches_in_flight: int
+    sensor_interval_seconds: int
+    nak_delay_seconds: int
+    faults: str
+
+
+FIELDS = {
+    "NATS_URL": "nats_url",
+    "NATS_DURABLE_PREFIX": "durable_prefix",
+    "NATS_MAX_DELIVER": "max_deliver",
+    "NATS_ACK_WAIT_SECONDS": "ack_wait_seconds",
+    "FEATURE_STORE_PATH": "feature_store_path",
+    "FEATURE_PIPELINE_STAGING_DIR": "staging_dir",
+    "FEATURE_PIPELINE_BATCH_MAX_MESSAGES": "batch_max_messages",
+    "FEATURE_PIPELINE_BATCH_MAX_BYTES": "batch_max_bytes",
+    "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "max_batches_in_flight",
+    "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "sensor_interval_seconds",
+    "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "nak_delay_seconds",
+    "FEATURE_PIPELINE_FAULTS": "faults",
+}
+
+
+def parse(name: str, raw: str | None) -> object:
+    """Parse one variable's raw value (None = unset, so the default)."""
+    var = _BY_NAME[name]
+    return var.parse(var.default if raw is None else raw)
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every variable; all problems are reported together."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    problems: list[str] = []
+    for var in VARIABLES:
+        raw = env.get(var.name)
+        try:
+            values[FIELDS[var.name]] = parse(var.name, raw)
+        except ValueError as exc:
+            problems.append(f"{var.name} {exc}")
+    if problems:
+        raise SettingsError("invalid configuration: " + "; ".join(problems))
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,85 @@
+"""What happens to each staged message once its run has ended: the settle decisions.
+
+Pure: the sensor maps Dagster run statuses onto `RunOutcome`, asks `decide()` per
+message, and carries the actions out against NATS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+NAK_DELAY_CAP_SECONDS = 300.0
+
+
+class RunOutcome(Enum):
+    PENDING = "pending"  # no run yet, queued or running: keep the messages alive
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # failed or canceled: nothing of the batch may be acked
+
+
+_DAGSTER_STATUS = {
+    "NOT_STARTED": RunOutcome.PENDING,
+    "QUEUED": RunOutcome.PENDING,
+    "STARTING": RunOutcome.PENDING,
+    "STARTED": RunOutcome.PENDING,
+    "CANCELING": RunOutcome.PENDING,
+    "MANAGED": RunOutcome.PENDING,
+    "SUCCESS": RunOutcome.SUCCEEDED,
+    "FAILURE": RunOutcome.FAILED,
+    "CANCELED": RunOutcome.FAILED,
+}
+
+
+def outcome_of(status_name: str | None) -> RunOutcome:
+    """Map a Dagster `DagsterRunStatus` name (None = no run) onto what settling needs."""
+    if status_name is None:
+        return RunOutcome.PENDING
+    return _DAGSTER_STATUS.get(status_name, RunOutcome.PENDING)
+
+
+class Kind(Enum):
+    ACK = "ack"
+    NAK = "nak"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    delay_seconds: float = 0.0
+    reason: str = ""
+
+
+ACK = Action(Kind.ACK)
+
+
+def nak_delay(num_delivered: int, base_seconds: float) -> float:
+    """Exponential backoff: base, 2x base, 4x base ... capped at five minutes."""
+    return min(base_seconds * 2 ** max(num_delivered - 1, 0), NAK_DELAY_CAP_SECONDS)
+
+
+def decide(
+    outcome: RunOutcome,
+    *,
+    num_delivered: int,
+    max_deliver: int,
+    nak_base_seconds: float,
+    failure: str,
+    may_dead_letter: bool = True,
+) -> Action | None:
+    """The settle action for one message of a batch whose run ended with `outcome`.
+
+    None while the run is pending. Messages that are themselves dead letters
+    (`may_dead_letter=False`) are never dead-lettered again, only retried.
+    """
+    if outcome is RunOutcome.PENDING:
+        return None
+    if outcome is RunOutcome.SUCCEEDED:
+        return ACK
+    if may_dead_letter and num_delivered >= max_deliver:
+        return Action(
+            Kind.DEAD_LETTER,
+            reason=f"gave up after {num_delivered} deliveries (NATS_MAX_DELIVER={max_deliver}); last run: {failure}",
+        )
+    return Action(Kind.NAK, delay_seconds=nak_delay(num_delivered, nak_base_seconds))

@@ -1,0 +1,225 @@
+"""The DuckDB feature store: schema, the idempotent apply of a staged batch, reads.
+
+DuckDB allows one read-write process per file. Ingest runs are serialised by the
+Dagster pool `duckdb` (dagster.yaml); a reader that holds the file briefly (the CLI)
+is waited for rather than failing the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from feature_pipeline.features import USER_FEATURES_DDL, upsert_features
+
+RAW_TABLES = {"SIGNALS": "signal_events", "FEEDBACK": "feedback_events"}
+
+_RAW_DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    event_id VARCHAR PRIMARY KEY,
+    subject VARCHAR NOT NULL,
+    stream_seq BIGINT NOT NULL,
+    occurred_at TIMESTAMPTZ NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL,
+    ingested_at TIMESTAMPTZ NOT NULL,
+    user_id VARCHAR NOT NULL,
+    type VARCHAR NOT NULL,
+    schema_version INTEGER NOT NULL,
+    data JSON NOT NULL,
+    known_type BOOLEAN NOT NULL,
+    batch_id VARCHAR NOT NULL
+)
+"""
+
+SCHEMA = [
+    *(_RAW_DDL.format(table=t) for t in RAW_TABLES.values()),
+    USER_FEATURES_DDL,
+    """
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        original_stream VARCHAR NOT NULL,
+        original_subject VARCHAR NOT NULL,
+        original_seq BIGINT NOT NULL,
+        delivery_count INTEGER NOT NULL,
+        reason VARCHAR NOT NULL,
+        dead_lettered_at TIMESTAMPTZ NOT NULL,
+        deadletter_seq BIGINT NOT NULL,
+        body BLOB,
+        recorded_at TIMESTAMPTZ NOT NULL,
+        batch_id VARCHAR NOT NULL,
+        PRIMARY KEY (original_stream, original_seq)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS ingested_batches (
+        batch_id VARCHAR PRIMARY KEY,
+        committed_at TIMESTAMPTZ NOT NULL,
+        events_in_batch BIGINT NOT NULL,
+        events_inserted BIGINT NOT NULL,
+        dead_letters_inserted BIGINT NOT NULL,
+        users_touched BIGINT NOT NULL
+    )
+    """,
+]
+
+
+class StoreBusy(RuntimeError):
+    """Another process held the DuckDB file for longer than we were willing to wait."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by FEATURE_PIPELINE_FAULTS=fail-run, for tests and drills."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: str
+    committed_at: datetime
+    events_in_batch: int
+    signals_inserted: int
+    feedback_inserted: int
+    duplicates_absorbed: int
+    dead_letters_inserted: int
+    users_touched: int
+    user_features_rows: int
+    signal_events_rows: int
+    feedback_events_rows: int
+    event_ids: list[str]
+
+    def as_metadata(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("event_ids")
+        out["committed_at"] = self.committed_at.isoformat()
+        return out
+
+
+class FeatureStore:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def connect(self, *, read_only: bool = False, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting while another process holds its lock."""
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        elif not self.path.exists():
+            raise FileNotFoundError(f"no feature store at {self.path} yet (no batch has been ingested)")
+        deadline = time.monotonic() + wait_seconds
+        pause = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise StoreBusy(f"could not open {self.path} within {wait_seconds:.0f} s: {exc}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        if not read_only:
+            os.chmod(self.path, 0o600)
+            for ddl in SCHEMA:
+                con.execute(ddl)
+        return con
+
+    def apply_batch(self, batch_dir: Path, batch_id: str, *, fail_before_commit: bool = False) -> BatchResult:
+        """Store one staged batch and refresh its users' features, all in one transaction.
+
+        Idempotent: events are keyed by id (a redelivered or duplicated event is absorbed),
+        dead letters by original stream and sequence, and feature rows are recomputed
+        from the raw tables rather than incremented.
+        """
+        con = self.connect()
+        try:
+            now = datetime.now(UTC)
+            con.execute("BEGIN")
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE batch_events AS SELECT * FROM read_parquet($p) "
+                "QUALIFY row_number() OVER (PARTITION BY stream, event_id ORDER BY stream_seq) = 1",
+                {"p": str(batch_dir / "events.parquet")},
+            )
+            inserted = {}
+            for stream, table in RAW_TABLES.items():
+                row = con.execute(
+                    f"INSERT INTO {table} SELECT event_id, subject, stream_seq, occurred_at, received_at, $now, "
+                    "user_id, type, schema_version, data, known_type, $batch FROM batch_events "
+                    "WHERE stream = $stream ON CONFLICT DO NOTHING",
+                    {"now": now, "batch": batch_id, "stream": stream},
+                ).fetchone()
+                inserted[stream] = row[0] if row else 0
+            row = con.execute(
+                "INSERT INTO dead_letters SELECT original_stream, original_subject, original_seq, delivery_count, "
+                "reason, dead_lettered_at, deadletter_seq, body, $now, $batch FROM read_parquet($p) "
+                "QUALIFY row_number() OVER (PARTITION BY original_stream, original_seq ORDER BY deadletter_seq) = 1 "
+                "ON CONFLICT DO NOTHING",
+                {"now": now, "batch": batch_id, "p": str(batch_dir / "dead_letters.parquet")},
+            ).fetchone()
+            dead_inserted = row[0] if row else 0
+            con.execute("CREATE OR REPLACE TEMP TABLE touched_users AS SELECT DISTINCT user_id FROM batch_events")
+            touched = con.execute("SELECT count(*) FROM touched_users").fetchone()[0]  # type: ignore[index]
+            in_batch = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": str(batch_dir / "events.parquet")})
+            events_in_batch = in_batch.fetchone()[0]  # type: ignore[index]
+            rows = upsert_features(con, now, "touched_users") if touched else self._count(con, "user_features")
+            ids = [r[0] for r in con.execute("SELECT event_id FROM batch_events ORDER BY stream_seq").fetchall()]
+            con.execute(
+                "INSERT INTO ingested_batches VALUES ($batch, $now, $n, $ins, $dl, $users) ON CONFLICT DO NOTHING",
+                {
+                    "batch": batch_id,
+                    "now": now,
+                    "n": events_in_batch,
+                    "ins": sum(inserted.values()),
+                    "dl": dead_inserted,
+                    "users": touched,
+                },
+            )
+            if fail_before_commit:
+                raise InjectedFault("FEATURE_PIPELINE_FAULTS=fail-run: failing before COMMIT (nothing is stored)")
+            con.execute("COMMIT")
+            return BatchResult(
+                batch_id=batch_id,
+                committed_at=now,
+                events_in_batch=events_in_batch,
+                signals_inserted=inserted["SIGNALS"],
+                feedback_inserted=inserted["FEEDBACK"],
+                duplicates_absorbed=events_in_batch - sum(inserted.values()),
+                dead_letters_inserted=dead_inserted,
+                users_touched=touched,
+                user_features_rows=rows,
+                signal_events_rows=self._count(con, "signal_events"),
+                feedback_events_rows=self._count(con, "feedback_events"),
+                event_ids=ids,
+            )
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    def recompute_all(self) -> int:
+        """Rebuild every user_features row from the raw tables, as of now."""
+        con = self.connect()
+        try:
+            con.execute("BEGIN")
+            rows = upsert_features(con, datetime.now(UTC), None)
+            con.execute("COMMIT")
+            return rows
+        finally:
+            con.close()
+
+    @staticmethod
+    def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+
+    def user_features(self, user_id: str, *, wait_seconds: float = 30.0) -> dict[str, Any] | None:
+        con = self.connect(read_only=True, wait_seconds=wait_seconds)
+        try:
+            cur = con.execute("SELECT * FROM user_features WHERE user_id = $u", {"u": user_id})
+            row = cur.fetchone()
+            return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+        finally:
+            con.close()
