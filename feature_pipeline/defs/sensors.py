@@ -87,6 +87,8 @@ def _failure_text(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
         event = record.event_log_entry.dagster_event
         error = getattr(event.event_specific_data, "error", None) if event else None
         if error is not None:
+            while error.cause is not None:  # Dagster wraps the asset's own exception; show that one
+                error = error.cause
             return f"run {run.run_id} failed: {' '.join(error.message.split())[:300]}"
     return f"run {run.run_id} failed"
 

@@ -1,0 +1,217 @@
+"""The sensor tick and the ingest asset, in-process, against a real nats-server and DuckDB file.
+
+Each test drives ticks by hand with a Dagster test instance, so every settle path (ack,
+delayed NAK, dead letter after the last delivery, keep-alive, NATS down) is exercised
+deterministically; test_e2e.py covers the same promises through the real daemon.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from feature_pipeline.broker import Broker
+from feature_pipeline.defs.assets import BATCH_TAG, ingest_batch
+from feature_pipeline.defs.resources import FeatureStoreResource, NatsResource
+from feature_pipeline.defs.sensors import run_tick
+from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.localnats import LocalNats
+from feature_pipeline_tests.conftest import consumer_states, query, run, stream_messages
+
+
+async def _publish(url: str, items: list[tuple[str, bytes]]) -> None:
+    async with await Broker.connect(url) as broker:
+        await broker.ensure_streams()
+        for subject, body in items:
+            await broker.js.publish(subject, body)
+
+
+def _synced(event_id: str, user: str = "u-1", total: int = 5) -> tuple[str, bytes]:
+    body = make_envelope(
+        event_id,
+        "task.synced",
+        user,
+        datetime.now(UTC),
+        {"provider": "todoist", "tasks_total": total, "tasks_completed": 1},
+    )
+    return "signals.task.synced", body
+
+
+def _tick(instance: dg.DagsterInstance, res: dict[str, Any]) -> tuple[list[dg.RunRequest], Any]:
+    return run_tick(instance, res["nats"], res["ingest"])
+
+
+def _tick_until_request(
+    instance: dg.DagsterInstance, res: dict[str, Any], timeout: float = 15
+) -> tuple[list[dg.RunRequest], Any]:
+    """Tick until a batch is staged (redeliveries come back after their NAK delay)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        requests, report = _tick(instance, res)
+        if requests:
+            return requests, report
+        time.sleep(0.3)
+    raise AssertionError(f"no batch staged within {timeout} s")
+
+
+def _execute(instance: dg.DagsterInstance, res: dict[str, Any], req: dg.RunRequest, fail: bool = False) -> bool:
+    """What the daemon would launch for a run request: the ingest asset with the batch tag."""
+    resources = dict(res)
+    if fail:
+        resources["feature_store"] = FeatureStoreResource(path=res["feature_store"].path, faults="fail-run")
+    result = dg.materialize([ingest_batch], instance=instance, resources=resources, tags=req.tags, raise_on_error=False)
+    return result.success
+
+
+def _lag(res: dict[str, Any]) -> dict[str, int]:
+    infos = run(consumer_states(res["nats"].url, res["nats"].durable_prefix))
+    return {k: v.num_pending + v.num_ack_pending for k, v in infos.items()}
+
+
+def test_success_acks_only_after_the_run(resources: dict[str, Any], tmp_path: Path) -> None:
+    """Messages stay unacked while the run is pending and are acked on the tick after it succeeded."""
+    url = resources["nats"].url
+    run(_publish(url, [_synced("evt-a"), _synced("evt-b", "u-2")]))
+    with dg.instance_for_test() as inst:
+        (req,), report = _tick(inst, resources)
+        assert req.tags[BATCH_TAG] == req.run_key
+        assert report.fetched == {"SIGNALS": 2}
+        assert _lag(resources)["SIGNALS"] == 2, "nothing may be acked before the run has run"
+
+        requests, report = _tick(inst, resources)  # run not there yet: asked again, kept alive
+        assert [r.run_key for r in requests] == [req.run_key]
+        assert report.kept_alive == 2
+
+        assert _execute(inst, resources, req)
+        assert _lag(resources)["SIGNALS"] == 2, "a succeeded run alone acks nothing; the sensor settles"
+        requests, report = _tick(inst, resources)
+        assert requests == []
+        assert report.acked == 2 and report.settled_batches == 1
+    assert _lag(resources) == {"SIGNALS": 0, "FEEDBACK": 0, "DEADLETTER": 0}
+    assert not list((tmp_path / "staging").iterdir()), "a settled batch leaves no staged files"
+    rows = query(tmp_path / "store.duckdb", "SELECT user_id, signal_count_total FROM user_features ORDER BY 1")
+    assert rows == [("u-1", 1), ("u-2", 1)]
+
+
+def test_failed_run_naks_with_delay_then_dead_letters_on_last_delivery(
+    resources: dict[str, Any], tmp_path: Path
+) -> None:
+    """max_deliver=3: two failed runs NAK (1 s, then 2 s delay), the third dead-letters with the run's error."""
+    url = resources["nats"].url
+    run(_publish(url, [_synced("evt-fail")]))
+    with dg.instance_for_test() as inst:
+        for attempt in range(1, 4):
+            (req,), report = _tick_until_request(inst, resources)
+            assert report.fetched == {"SIGNALS": 1}
+            assert not _execute(inst, resources, req, fail=True)
+            _, report = _tick(inst, resources)
+            if attempt < 3:
+                assert (report.nacked, report.dead_lettered) == (1, 0)
+            else:
+                assert (report.nacked, report.dead_lettered) == (0, 1)
+    dead = run(stream_messages(url, "DEADLETTER"))
+    assert len(dead) == 1
+    msg = dead[0]
+    assert msg.subject == "deadletter.signals.task.synced"
+    assert msg.headers["FP-Delivery-Count"] == "3"
+    assert msg.headers["FP-Original-Stream"] == "SIGNALS"
+    assert "gave up after 3 deliveries" in msg.headers["FP-Reason"]
+    assert "fail-run" in msg.headers["FP-Reason"], "the reason carries the run's own error"
+    assert b'"id":"evt-fail"' in msg.data, "the dead letter keeps the original body"
+    assert _lag(resources)["SIGNALS"] == 0, "the original is TERMed"
+    assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(0,)]
+
+
+def test_redelivery_waits_for_the_nak_delay(resources: dict[str, Any]) -> None:
+    """A NAK after a failed run carries a delay: the message is not back at once."""
+    run(_publish(resources["nats"].url, [_synced("evt-delay")]))
+    resources["ingest"] = resources["ingest"].model_copy(update={"nak_delay_seconds": 3})
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        assert not _execute(inst, resources, req, fail=True)
+        _, report = _tick(inst, resources)
+        assert report.nacked == 1
+        naked_at = time.monotonic()
+        requests, report = _tick(inst, resources)
+        assert requests == [] and not report.fetched, "redelivered before the NAK delay"
+        _tick_until_request(inst, resources, timeout=10)
+        assert time.monotonic() - naked_at >= 2.5
+
+
+def test_poison_is_dead_lettered_at_once_and_batch_mates_are_stored(resources: dict[str, Any], tmp_path: Path) -> None:
+    url = resources["nats"].url
+    bad_type = make_envelope("evt-wrong", "task.completed", "u-1", datetime.now(UTC), {"task_id": "t"})
+    run(_publish(url, [_synced("evt-ok1"), ("signals.task.synced", b"{not json"), ("signals.task.synced", bad_type)]))
+    run(_publish(url, [_synced("evt-ok2")]))
+    with dg.instance_for_test() as inst:
+        (req,), report = _tick(inst, resources)
+        assert report.poison == 2
+        assert _execute(inst, resources, req)
+        # This tick settles the batch and fetches the two dead letters from DEADLETTER into a new one.
+        (req2,), report = _tick(inst, resources)
+        assert report.fetched == {"DEADLETTER": 2}
+        assert _execute(inst, resources, req2)
+        _tick(inst, resources)
+    assert query(tmp_path / "store.duckdb", "SELECT event_id FROM signal_events ORDER BY 1") == [
+        ("evt-ok1",),
+        ("evt-ok2",),
+    ]
+    reasons = dict(query(tmp_path / "store.duckdb", "SELECT original_seq, reason FROM dead_letters"))
+    assert sorted(reasons) == [2, 3]
+    assert reasons[2].startswith("not valid JSON")
+    assert "does not match subject 'signals.task.synced'" in reasons[3]
+    assert _lag(resources) == {"SIGNALS": 0, "FEEDBACK": 0, "DEADLETTER": 0}
+
+
+def test_keep_alive_stops_ack_wait_redelivery(
+    tmp_path: Path, nats_server: LocalNats, resources: dict[str, Any]
+) -> None:
+    """ack_wait=10 s, run pending for 14 s, ticks every 3 s: the batch is never redelivered."""
+    resources["nats"] = NatsResource(url=nats_server.url, durable_prefix="ka", max_deliver=3, ack_wait_seconds=10)
+    run(_publish(nats_server.url, [_synced("evt-slow")]))
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        start = time.monotonic()
+        while time.monotonic() - start < 14:
+            time.sleep(3)
+            _, report = _tick(inst, resources)
+            assert report.kept_alive == 1
+            assert not report.fetched, "the pending message was redelivered despite +WPI"
+        assert _execute(inst, resources, req)
+        _, report = _tick(inst, resources)
+        assert report.acked == 1
+    info = run(consumer_states(nats_server.url, "ka"))["SIGNALS"]
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+
+
+def test_nats_down_keeps_batches_in_flight_and_settles_after_restart(
+    resources: dict[str, Any], nats_server: LocalNats, tmp_path: Path
+) -> None:
+    """Settle cannot reach NATS: the batch stays staged, the tick says why, and a later tick acks it."""
+    run(_publish(nats_server.url, [_synced("evt-x"), _synced("evt-y")]))
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        nats_server.kill()
+        assert _execute(inst, resources, req), "the run needs no NATS"
+        requests, report = _tick(inst, resources)
+        assert report.problem and f"cannot reach NATS at {nats_server.url}" in report.problem
+        assert report.in_flight == 1 and requests == []
+        assert len(list((tmp_path / "staging").iterdir())) == 1
+        nats_server.start()
+        _, report = _tick(inst, resources)
+        assert report.acked == 2
+    assert _lag(resources)["SIGNALS"] == 0
+    assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(2,)]
+
+
+def test_orphan_batch_gets_its_run_requested_again(resources: dict[str, Any]) -> None:
+    """A batch staged by a tick whose run request was lost (daemon died) is requested again, same run_key."""
+    run(_publish(resources["nats"].url, [_synced("evt-o")]))
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        (again,), _ = _tick(inst, resources)
+        assert again.run_key == req.run_key
