@@ -66,7 +66,7 @@ class MessageTooLarge(TopologyError):
 
 def redact(url: str) -> str:
     """Drop user:password@ from server URLs before they reach a log or the UI."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
+    return ",".join(re.sub(r"^([A-Za-z]+://).*@", r"\1***@", u) for u in url.split(","))
 
 
 def consumer_name(prefix: str, spec: StreamSpec) -> str:

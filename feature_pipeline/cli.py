@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -75,26 +77,47 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = _dagster_home()
     prepare_dagster_home(home, project)
     env["DAGSTER_HOME"] = str(home)
+    # Absolute paths, so the code server and run workers agree whatever their working directory.
+    env["FEATURE_STORE_PATH"] = cfg.feature_store_path
+    env["FEATURE_PIPELINE_STAGING_DIR"] = cfg.staging_dir
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
     cmd = [
         str(Path(sys.executable).parent / "dagster"),
         "dev",
         "-w",
-        "workspace.yaml",
+        str(project / "workspace.yaml"),
         "-h",
         args.host,
         "-p",
         str(args.port),
     ]
-    proc = subprocess.Popen(cmd, env=env)
+    print("then, in another shell: feature-pipeline publish --user u-42 && feature-pipeline features u-42")
+    # Run from DAGSTER_HOME so dagster does not warn about the project's own dagster.yaml; in its own
+    # process group so that Ctrl-C or a SIGTERM to this command stops the whole tree, NATS last.
+    proc = subprocess.Popen(cmd, env=env, cwd=home, start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+        return _stop_group(proc)
     finally:
         if local:
             local.stop()
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
 
 
 # -- publish -----------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ from typing import Annotated, Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Ids and names are printed in logs, the CLI and the Dagster UI: no control characters.
-_Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$")]
+_Name = Annotated[
+    str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$")
+]
+_BIGINT = 2**63 - 1  # tasks_* are BIGINT in DuckDB
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
 STREAM_OF_PREFIX = {"signals": "SIGNALS", "feedback": "FEEDBACK"}
@@ -33,7 +36,7 @@ class Envelope(BaseModel):
     # Lax here because the before-validator hands pydantic a Python str; it admits only RFC 3339 strings.
     occurred_at: Annotated[AwareDatetime, Field(strict=False)]
     user_id: _Name
-    schema_version: Annotated[int, Field(ge=1)]
+    schema_version: Annotated[int, Field(ge=1, le=2**31 - 1)]
     data: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("occurred_at", mode="before")
@@ -51,8 +54,8 @@ class _Data(BaseModel):
 
 class TaskSynced(_Data):
     provider: _Name
-    tasks_total: Annotated[int, Field(ge=0)]
-    tasks_completed: Annotated[int, Field(ge=0)]
+    tasks_total: Annotated[int, Field(ge=0, le=_BIGINT)]
+    tasks_completed: Annotated[int, Field(ge=0, le=_BIGINT)]
 
 
 class TaskCompleted(_Data):
@@ -137,11 +140,15 @@ def validate(subject: str, body: bytes) -> Event:
         data_json = json.dumps(env.data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except ValueError:
         raise PoisonMessage("data contains NaN or Infinity, which JSON does not allow") from None
+    try:
+        occurred_at = env.occurred_at.astimezone(UTC)
+    except OverflowError:
+        raise PoisonMessage(f"occurred_at: {env.occurred_at.isoformat()} is out of range in UTC") from None
     return Event(
         event_id=env.id,
         type=env.type,
         user_id=env.user_id,
-        occurred_at=env.occurred_at.astimezone(UTC),
+        occurred_at=occurred_at,
         schema_version=env.schema_version,
         data_json=data_json,
         known_type=model is not None,

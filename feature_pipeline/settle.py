@@ -56,7 +56,8 @@ ACK = Action(Kind.ACK)
 
 def nak_delay(num_delivered: int, base_seconds: float) -> float:
     """Exponential backoff: base, 2x base, 4x base ... capped at five minutes."""
-    return min(base_seconds * 2 ** max(num_delivered - 1, 0), NAK_DELAY_CAP_SECONDS)
+    doublings = min(max(num_delivered - 1, 0), 30)  # 2**30 x any base is past the cap; avoids overflow
+    return min(base_seconds * 2**doublings, NAK_DELAY_CAP_SECONDS)
 
 
 def decide(

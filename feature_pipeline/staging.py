@@ -90,23 +90,24 @@ def _micros(ns: int) -> datetime:
 def _dead_letter_row(d: Delivery) -> dict[str, Any]:
     h = d.headers or {}
 
-    def as_int(name: str, fallback: int) -> int:
+    def as_int(name: str) -> int | None:
         try:
             return int(h[name])
         except (KeyError, ValueError):
-            return fallback
+            return None
 
     try:
         at = datetime.fromisoformat(h[broker.H_AT].replace("Z", "+00:00"))
     except (KeyError, ValueError):
         at = _micros(d.stored_ns)
-    known = broker.H_STREAM in h and broker.H_SEQUENCE in h
+    original_seq = as_int(broker.H_SEQUENCE)
+    known = broker.H_STREAM in h and original_seq is not None
     return {
         # A message someone else put on deadletter.> is recorded under its own DEADLETTER sequence.
         "original_stream": h.get(broker.H_STREAM) if known else broker.DEADLETTER.name,
         "original_subject": h.get(broker.H_SUBJECT, d.subject.removeprefix("deadletter.")),
-        "original_seq": as_int(broker.H_SEQUENCE, d.stream_seq) if known else d.stream_seq,
-        "delivery_count": as_int(broker.H_DELIVERIES, 0),
+        "original_seq": original_seq if known else d.stream_seq,
+        "delivery_count": as_int(broker.H_DELIVERIES) or 0,
         "reason": h.get(broker.H_REASON, "no reason given (message published to deadletter.> by another client)"),
         "dead_lettered_at": at,
         "deadletter_seq": d.stream_seq,
@@ -126,6 +127,9 @@ def assemble(deliveries: Iterable[Delivery]) -> Assembled:
             ev = validate(d.subject, d.data)
         except PoisonMessage as exc:
             out.poison.append((d, str(exc)))
+            continue
+        except Exception as exc:  # a validator bug must not wedge the consumer; the copy in DEADLETTER keeps it
+            out.poison.append((d, f"unexpected validation error {exc!r}"))
             continue
         out.events.append(
             {

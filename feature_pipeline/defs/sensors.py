@@ -54,6 +54,8 @@ class TickReport:
         parts = []
         if self.fetched:
             parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
+        elif not self.problem:
+            parts.append("no new messages")
         if self.staged:
             parts.append(f"staged {len(self.staged)} batch(es) of {sum(m.size for m in self.staged)} messages")
         if self.poison:

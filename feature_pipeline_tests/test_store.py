@@ -1,0 +1,496 @@
+"""The DuckDB feature store: idempotent, atomic apply of real staged batches, and the feature semantics.
+
+Messages are acked only after the run that stored them succeeded, so every message may be
+stored more than once (redelivery, a retried run): apply must absorb that exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from feature_pipeline import broker
+from feature_pipeline.broker import Delivery
+from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.features import compute_features
+from feature_pipeline.staging import Staging, assemble
+from feature_pipeline.store import BatchResult, FeatureStore, InjectedFault
+
+SUBJECTS = (
+    "signals.task.synced",
+    "signals.task.completed",
+    "feedback.recommendation.shown",
+    "feedback.recommendation.accepted",
+    "feedback.recommendation.dismissed",
+)
+TABLES = ("signal_events", "feedback_events", "dead_letters", "user_features", "ingested_batches")
+
+
+def data_for(subject: str, n: int = 0) -> dict[str, Any]:
+    """A valid `data` object for each modelled subject."""
+    if subject == "signals.task.synced":
+        return {"provider": "todoist", "tasks_total": n + 3, "tasks_completed": n}
+    if subject == "signals.task.completed":
+        return {"task_id": f"t-{n}"}
+    return {"recommendation_id": f"r-{n}", "item_id": f"i-{n}"}
+
+
+@dataclass
+class Feed:
+    """Builds Deliveries the way `Broker.pull` does, with per-stream sequence numbers."""
+
+    seqs: dict[str, int] = field(default_factory=dict)
+
+    def next_seq(self, stream: str) -> int:
+        self.seqs[stream] = self.seqs.get(stream, 0) + 1
+        return self.seqs[stream]
+
+    def event(
+        self,
+        event_id: str,
+        subject: str,
+        user_id: str,
+        occurred_at: datetime,
+        data: dict[str, Any] | None = None,
+        *,
+        seq: int | None = None,
+        num_delivered: int = 1,
+    ) -> Delivery:
+        stream = "SIGNALS" if subject.startswith("signals.") else "FEEDBACK"
+        seq = self.next_seq(stream) if seq is None else seq
+        ns = time.time_ns()
+        body = make_envelope(event_id, subject.partition(".")[2], user_id, occurred_at, data or data_for(subject))
+        reply = f"$JS.ACK.{stream}.c.{num_delivered}.{seq}.{seq}.{ns}.0"
+        return Delivery(stream, subject, reply, body, None, seq, num_delivered, ns)
+
+    def dead_letter(self, original_stream: str, original_seq: int, reason: str = "gave up") -> Delivery:
+        """A copy `Broker.dead_letter` put on the DEADLETTER stream."""
+        seq = self.next_seq("DEADLETTER")
+        ns = time.time_ns()
+        headers = {
+            broker.H_STREAM: original_stream,
+            broker.H_SUBJECT: "signals.task.synced",
+            broker.H_SEQUENCE: str(original_seq),
+            broker.H_DELIVERIES: "5",
+            broker.H_REASON: reason,
+            broker.H_AT: datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            broker.H_STORED: str(ns),
+        }
+        reply = f"$JS.ACK.DEADLETTER.c.1.{seq}.{seq}.{ns}.0"
+        return Delivery("DEADLETTER", "deadletter.signals.task.synced", reply, b"{oops", headers, seq, 1, ns)
+
+
+@dataclass
+class Env:
+    store: FeatureStore
+    staging: Staging
+    feed: Feed
+
+    def stage(self, deliveries: Sequence[Delivery]) -> str:
+        return self.staging.stage(assemble(deliveries)).batch_id
+
+    def apply(self, deliveries: Sequence[Delivery], **kw: Any) -> BatchResult:
+        batch_id = self.stage(deliveries)
+        return self.store.apply_batch(self.staging.path(batch_id), batch_id, **kw)
+
+    @contextlib.contextmanager
+    def con(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self.store.connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def count(self, table: str) -> int:
+        with self.con() as con:
+            return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+
+    def features(self) -> dict[str, dict[str, Any]]:
+        with self.con() as con:
+            cur = con.execute("SELECT * FROM user_features")
+            names = [d[0] for d in cur.description]
+            return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        with self.con() as con:
+            return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in TABLES}
+
+
+def make_env(root: Path) -> Env:
+    return Env(FeatureStore(root / "fs.duckdb"), Staging(root / "staging"), Feed())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path)
+
+
+def assert_rows_match_reference(env: Env) -> dict[str, dict[str, Any]]:
+    """Every user_features row equals the reference query at that row's own updated_at."""
+    rows = env.features()
+    with env.con() as con:
+        for user, row in rows.items():
+            assert compute_features(con, row["updated_at"], [user]) == {user: row}, user
+    return rows
+
+
+NOW = datetime.now(UTC)
+
+
+# -- idempotence ----------------------------------------------------------------------------
+
+
+def test_apply_stores_each_event_once(env: Env) -> None:
+    """A batch lands in the raw table of its stream, with its counts reported."""
+    batch = [
+        env.feed.event("s-1", "signals.task.synced", "u-1", NOW - timedelta(hours=1)),
+        env.feed.event("s-2", "signals.task.completed", "u-1", NOW - timedelta(hours=2)),
+        env.feed.event("f-1", "feedback.recommendation.shown", "u-2", NOW - timedelta(hours=3)),
+    ]
+    result = env.apply(batch)
+    assert result.events_in_batch == 3
+    assert result.signals_inserted == 2
+    assert result.feedback_inserted == 1
+    assert result.duplicates_absorbed == 0
+    assert result.users_touched == 2
+    assert result.user_features_rows == 2
+    assert result.signal_events_rows == 2
+    assert result.feedback_events_rows == 1
+    assert sorted(result.event_ids) == ["f-1", "s-1", "s-2"]
+    assert "event_ids" not in result.as_metadata()
+    with env.con() as con:
+        assert con.execute("SELECT batch_id, events_in_batch, events_inserted FROM ingested_batches").fetchall() == [
+            (result.batch_id, 3, 3)
+        ]
+        stored = con.execute("SELECT event_id, subject, stream_seq, type, user_id FROM signal_events ORDER BY 1")
+        assert stored.fetchall() == [
+            ("s-1", "signals.task.synced", 1, "task.synced", "u-1"),
+            ("s-2", "signals.task.completed", 2, "task.completed", "u-1"),
+        ]
+    assert env.features()["u-1"]["signal_count_total"] == 2
+
+
+def test_applying_the_same_batch_twice_does_not_double_count(env: Env) -> None:
+    """A run retried after it committed (e.g. the ack was lost) must not count events again."""
+    batch = [
+        env.feed.event("s-1", "signals.task.completed", "u-1", NOW - timedelta(hours=1)),
+        env.feed.event("f-1", "feedback.recommendation.shown", "u-1", NOW - timedelta(hours=1)),
+    ]
+    batch_id = env.stage(batch)
+    first = env.store.apply_batch(env.staging.path(batch_id), batch_id)
+    second = env.store.apply_batch(env.staging.path(batch_id), batch_id)
+    assert (first.signals_inserted, first.feedback_inserted, first.duplicates_absorbed) == (1, 1, 0)
+    assert (second.signals_inserted, second.feedback_inserted, second.duplicates_absorbed) == (0, 0, 2)
+    assert env.count("signal_events") == 1
+    assert env.count("feedback_events") == 1
+    assert env.count("ingested_batches") == 1
+    row = assert_rows_match_reference(env)["u-1"]
+    assert row["signal_count_total"] == 1
+    assert row["rec_shown_7d"] == 1
+
+
+def test_redelivered_event_in_a_later_batch_is_absorbed(env: Env) -> None:
+    """NATS redelivers after a failed run or a lost ack; the second copy must not be counted."""
+    when = NOW - timedelta(hours=2)
+    e2 = env.feed.event("s-2", "signals.task.completed", "u-1", when)
+    env.apply([env.feed.event("s-1", "signals.task.completed", "u-1", NOW - timedelta(hours=1)), e2])
+    redelivered = env.feed.event("s-2", "signals.task.completed", "u-1", when, seq=e2.stream_seq, num_delivered=2)
+    assert redelivered.data == e2.data
+    result = env.apply([redelivered, env.feed.event("s-3", "signals.task.completed", "u-1", NOW)])
+    assert result.events_in_batch == 2
+    assert result.signals_inserted == 1
+    assert result.duplicates_absorbed == 1
+    assert env.count("signal_events") == 3
+    assert assert_rows_match_reference(env)["u-1"]["signal_count_total"] == 3
+
+
+def test_duplicate_ids_within_one_batch_count_once(env: Env) -> None:
+    """A producer retry publishes the same id twice (new sequence); both copies may land in one batch."""
+    when = NOW - timedelta(hours=1)
+    batch = [
+        env.feed.event("s-1", "signals.task.completed", "u-1", when),
+        env.feed.event("s-1", "signals.task.completed", "u-1", when),
+        env.feed.event("s-2", "signals.task.completed", "u-1", when),
+        env.feed.event("f-1", "feedback.recommendation.accepted", "u-1", when),
+        env.feed.event("f-1", "feedback.recommendation.accepted", "u-1", when),
+    ]
+    result = env.apply(batch)
+    assert result.events_in_batch == 5
+    assert result.signals_inserted == 2
+    assert result.feedback_inserted == 1
+    assert result.duplicates_absorbed == 2
+    assert result.event_ids.count("s-1") == 1
+    with env.con() as con:
+        assert con.execute("SELECT stream_seq FROM signal_events WHERE event_id = 's-1'").fetchall() == [(1,)]
+    row = assert_rows_match_reference(env)["u-1"]
+    assert row["signal_count_total"] == 2
+    assert row["rec_accepted_7d"] == 1
+
+
+def test_dead_letters_land_once(env: Env) -> None:
+    """A dead letter is keyed by its original stream and sequence, however often it is copied or redelivered."""
+    dl_a = env.feed.dead_letter("SIGNALS", 4, reason="gave up after 5 deliveries")
+    dl_a_copy = env.feed.dead_letter("SIGNALS", 4, reason="second copy")
+    dl_b = env.feed.dead_letter("FEEDBACK", 4)
+    event = env.feed.event("s-1", "signals.task.completed", "u-1", NOW - timedelta(hours=1))
+    first = env.apply([dl_a, event, dl_a_copy, dl_b])
+    assert first.dead_letters_inserted == 2
+    assert first.events_in_batch == 1
+    assert first.signals_inserted == 1
+
+    again = env.apply([env.feed.dead_letter("SIGNALS", 4), dl_b])
+    assert again.dead_letters_inserted == 0
+    assert again.users_touched == 0
+    assert again.user_features_rows == 1
+
+    with env.con() as con:
+        rows = con.execute(
+            "SELECT original_stream, original_seq, original_subject, delivery_count, reason, deadletter_seq, body "
+            "FROM dead_letters ORDER BY original_stream"
+        ).fetchall()
+    assert rows == [
+        ("FEEDBACK", 4, "signals.task.synced", 5, "gave up", dl_b.stream_seq, b"{oops"),
+        ("SIGNALS", 4, "signals.task.synced", 5, "gave up after 5 deliveries", dl_a.stream_seq, b"{oops"),
+    ]
+
+
+def test_fail_before_commit_leaves_everything_unchanged(env: Env) -> None:
+    """FEATURE_PIPELINE_FAULTS=fail-run: the run fails after all its writes; none of them may survive."""
+    env.apply(
+        [
+            env.feed.event("s-1", "signals.task.synced", "u-1", NOW - timedelta(hours=5)),
+            env.feed.dead_letter("SIGNALS", 9),
+        ]
+    )
+    before = env.snapshot()
+    batch = [
+        env.feed.event("s-2", "signals.task.synced", "u-1", NOW - timedelta(hours=1)),
+        env.feed.event("f-1", "feedback.recommendation.shown", "u-2", NOW - timedelta(hours=1)),
+        env.feed.dead_letter("FEEDBACK", 3),
+    ]
+    batch_id = env.stage(batch)
+    with pytest.raises(InjectedFault):
+        env.store.apply_batch(env.staging.path(batch_id), batch_id, fail_before_commit=True)
+    assert env.snapshot() == before
+
+    result = env.store.apply_batch(env.staging.path(batch_id), batch_id)
+    assert (result.signals_inserted, result.feedback_inserted, result.dead_letters_inserted) == (1, 1, 1)
+    assert env.count("ingested_batches") == 2
+
+
+def test_fail_before_commit_on_a_fresh_store_stores_nothing(env: Env) -> None:
+    """The very first batch failing must leave empty tables, not a half-written store."""
+    batch_id = env.stage([env.feed.event("s-1", "signals.task.completed", "u-1", NOW)])
+    with pytest.raises(InjectedFault):
+        env.store.apply_batch(env.staging.path(batch_id), batch_id, fail_before_commit=True)
+    assert {t: len(rows) for t, rows in env.snapshot().items()} == dict.fromkeys(TABLES, 0)
+
+
+def test_one_out_of_range_event_does_not_fail_the_batch(env: Env) -> None:
+    """A single event the contract accepted must not make every run of its batch fail (and dead-letter the rest)."""
+    huge = {"provider": "todoist", "tasks_total": 2**63, "tasks_completed": 0}
+    result = env.apply(
+        [
+            env.feed.event("s-1", "signals.task.completed", "u-1", NOW - timedelta(hours=1)),
+            env.feed.event("s-2", "signals.task.synced", "u-2", NOW - timedelta(hours=1), huge),
+        ]
+    )
+    assert result.signals_inserted >= 1
+
+
+# -- feature semantics ----------------------------------------------------------------------
+
+
+def test_feature_semantics_by_hand(env: Env) -> None:
+    """Windows by occurred_at, the newest task.synced wins, acceptance = accepted/shown, future events ignored."""
+    f = env.feed
+
+    def ago(**kw: float) -> datetime:
+        return NOW - timedelta(**kw)
+
+    # The newest task.synced arrives first; an older one arrives in a later batch and must not win.
+    env.apply(
+        [
+            f.event("a-s1", "signals.task.synced", "alice", ago(hours=1), data_for("signals.task.synced", 7)),
+            f.event("a-s3", "signals.task.completed", "alice", ago(hours=23)),
+            f.event(
+                "a-fut", "signals.task.synced", "alice", NOW + timedelta(days=2), data_for("signals.task.synced", 90)
+            ),
+            f.event("b-a1", "feedback.recommendation.accepted", "bob", ago(hours=1)),
+            f.event("c-fut", "signals.task.completed", "carol", NOW + timedelta(days=1)),
+        ]
+    )
+    second = env.apply(
+        [
+            f.event("a-s2", "signals.task.synced", "alice", ago(hours=30), data_for("signals.task.synced", 1)),
+            f.event("a-s4", "signals.task.completed", "alice", ago(days=3)),
+            f.event("a-s5", "signals.task.completed", "alice", ago(days=8)),
+            *(
+                f.event(f"a-sh{h}", "feedback.recommendation.shown", "alice", ago(hours=h))
+                for h in (1, 2 * 24, 5 * 24, 6 * 24, 9 * 24)
+            ),
+            f.event("a-ac1", "feedback.recommendation.accepted", "alice", ago(days=1)),
+            f.event("a-ac2", "feedback.recommendation.accepted", "alice", ago(days=10)),
+            f.event("a-ac3", "feedback.recommendation.accepted", "alice", NOW + timedelta(hours=1)),
+            f.event("a-di1", "feedback.recommendation.dismissed", "alice", ago(days=2)),
+        ]
+    )
+    rows = assert_rows_match_reference(env)
+    alice = rows["alice"]
+    assert alice["updated_at"] == second.committed_at
+    assert {k: v for k, v in alice.items() if k not in ("user_id", "updated_at")} == {
+        "signal_count_total": 5,  # a-s1..a-s5; the future a-fut is not counted
+        "signal_count_24h": 2,  # a-s1 (1 h), a-s3 (23 h)
+        "signal_count_7d": 4,  # + a-s2 (30 h), a-s4 (3 d); a-s5 (8 d) is outside
+        "task_synced_count_7d": 2,  # a-s1, a-s2
+        "latest_tasks_total": 10,  # from a-s1 (newest by occurred_at), not a-s2 (arrived later) nor a-fut
+        "latest_tasks_completed": 7,
+        "rec_shown_7d": 4,  # 1 h, 2 d, 5 d, 6 d; 9 d is outside
+        "rec_accepted_7d": 1,  # 1 d; 10 d is outside, the future one is not counted
+        "rec_dismissed_7d": 1,
+        "rec_acceptance_rate_7d": 0.25,
+        "last_signal_at": ago(hours=1),
+        "last_feedback_at": ago(hours=1),
+    }
+
+    bob = rows["bob"]
+    assert bob["rec_accepted_7d"] == 1
+    assert bob["rec_shown_7d"] == 0
+    assert bob["rec_acceptance_rate_7d"] is None  # nothing shown: no rate, not a division by zero
+    assert bob["signal_count_total"] == 0
+    assert bob["latest_tasks_total"] is None
+    assert bob["last_signal_at"] is None
+    assert bob["last_feedback_at"] == ago(hours=1)
+
+    carol = rows.get("carol")
+    assert carol is None or carol["signal_count_total"] == 0
+
+
+def test_window_boundaries(env: Env) -> None:
+    """Windows are (as_of - window, as_of]: exactly 24 h old is out, exactly as_of is in, later is out."""
+    as_of = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    f = env.feed
+    env.apply(
+        [
+            f.event("e-now", "signals.task.completed", "u", as_of),
+            f.event("e-24h", "signals.task.completed", "u", as_of - timedelta(hours=24)),
+            f.event("e-24h-", "signals.task.completed", "u", as_of - timedelta(hours=24) + timedelta(microseconds=1)),
+            f.event("e-7d", "signals.task.completed", "u", as_of - timedelta(days=7)),
+            f.event("e-later", "signals.task.completed", "u", as_of + timedelta(microseconds=1)),
+            f.event("r-7d", "feedback.recommendation.shown", "u", as_of - timedelta(days=7)),
+            f.event("r-in", "feedback.recommendation.shown", "u", as_of - timedelta(days=7) + timedelta(seconds=1)),
+            f.event("r-acc", "feedback.recommendation.accepted", "u", as_of),
+        ]
+    )
+    with env.con() as con:
+        row = compute_features(con, as_of)["u"]
+    assert row["signal_count_total"] == 4
+    assert row["signal_count_24h"] == 2
+    assert row["signal_count_7d"] == 3
+    assert row["rec_shown_7d"] == 1
+    assert row["rec_acceptance_rate_7d"] == 1.0
+    assert row["last_signal_at"] == as_of
+    assert row["updated_at"] == as_of
+
+
+def test_latest_tasks_tie_on_occurred_at_is_deterministic(env: Env) -> None:
+    """Two task.synced at the same instant: the choice must not depend on arrival order."""
+    when = NOW - timedelta(hours=1)
+    env.apply([env.feed.event("b", "signals.task.synced", "u", when, data_for("signals.task.synced", 2))])
+    env.apply([env.feed.event("a", "signals.task.synced", "u", when, data_for("signals.task.synced", 1))])
+    other = make_env(env.store.path.parent / "other")
+    other.apply([other.feed.event("a", "signals.task.synced", "u", when, data_for("signals.task.synced", 1))])
+    other.apply([other.feed.event("b", "signals.task.synced", "u", when, data_for("signals.task.synced", 2))])
+    mine, theirs = env.features()["u"], other.features()["u"]
+    assert mine["latest_tasks_total"] == theirs["latest_tasks_total"]
+    assert mine["latest_tasks_completed"] == theirs["latest_tasks_completed"]
+
+
+def test_untouched_users_keep_their_row_and_still_match(env: Env) -> None:
+    """Only the users of a batch are recomputed; the others keep an older updated_at that is still consistent."""
+    first = env.apply([env.feed.event("a", "signals.task.completed", "u-1", NOW - timedelta(hours=1))])
+    second = env.apply([env.feed.event("b", "signals.task.completed", "u-2", NOW - timedelta(hours=1))])
+    rows = assert_rows_match_reference(env)
+    assert rows["u-1"]["updated_at"] == first.committed_at
+    assert rows["u-2"]["updated_at"] == second.committed_at
+    assert env.store.recompute_all() == 2
+    assert_rows_match_reference(env)
+
+
+# -- property -------------------------------------------------------------------------------
+
+EVENT = st.tuples(
+    st.sampled_from(["u-1", "u-2", "u-3"]),
+    st.sampled_from(SUBJECTS),
+    st.integers(0, 10 * 86_400_000),  # occurred this many ms ago: the last 10 days
+    st.integers(0, 50),
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(events=st.lists(EVENT, min_size=1, max_size=15), draw=st.data())
+def test_any_batching_with_duplicates_gives_the_reference_features(
+    events: list[tuple[str, str, int, int]], draw: st.DataObject
+) -> None:
+    """Whatever NATS does (redelivery, duplicates, reordering, batch boundaries), the store ends up exact."""
+    now = datetime.now(UTC)
+    copies = draw.draw(st.lists(st.integers(1, 3), min_size=len(events), max_size=len(events)), label="copies")
+    plan = draw.draw(st.permutations([i for i, c in enumerate(copies) for _ in range(c)]), label="order")
+    cuts = sorted(set(draw.draw(st.lists(st.integers(0, len(plan)), max_size=4), label="cuts")))
+
+    with tempfile.TemporaryDirectory() as root:
+        env = make_env(Path(root))
+        first_seq: dict[int, int] = {}
+        times_sent: dict[int, int] = {}
+        deliveries = []
+        for i in plan:
+            user, subject, ms_ago, n = events[i]
+            times_sent[i] = times_sent.get(i, 0) + 1
+            redelivery = i in first_seq and draw.draw(st.booleans(), label="redelivery")
+            d = env.feed.event(
+                f"evt-{i}",
+                subject,
+                user,
+                now - timedelta(milliseconds=ms_ago),
+                data_for(subject, n),
+                seq=first_seq[i] if redelivery else None,
+                num_delivered=times_sent[i] if redelivery else 1,
+            )
+            first_seq.setdefault(i, d.stream_seq)
+            deliveries.append(d)
+
+        results = [env.apply(deliveries[a:b]) for a, b in zip([0, *cuts], [*cuts, len(deliveries)], strict=True)]
+
+        distinct = {f"evt-{i}" for i in range(len(events))}
+        assert sum(r.signals_inserted + r.feedback_inserted for r in results) == len(distinct)
+        assert sum(r.duplicates_absorbed for r in results) == len(deliveries) - len(distinct)
+        with env.con() as con:
+            stored = [
+                r[0]
+                for r in con.execute(
+                    "SELECT event_id FROM signal_events UNION ALL SELECT event_id FROM feedback_events"
+                ).fetchall()
+            ]
+        assert sorted(stored) == sorted(distinct)
+
+        rows = assert_rows_match_reference(env)
+        assert set(rows) == {user for user, *_ in events}
+        for user, row in rows.items():
+            mine = [e for e in events if e[0] == user]
+            assert row["signal_count_total"] == sum(1 for e in mine if e[1].startswith("signals."))
