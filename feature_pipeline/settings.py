@@ -129,8 +129,9 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS",
-        "5",
-        "Minimum seconds between sensor ticks; the Dagster daemon does not go below 5 (1-3600).",
+        "1",
+        "Minimum seconds from the end of one sensor tick to the start of the next. The daemon checks every 5 s, "
+        "so 1 means a tick every 5 s; 5 would mean every 10 s (1-3600).",
         _int_between(1, 3600),
     ),
     Variable(
@@ -138,6 +139,13 @@ VARIABLES: tuple[Variable, ...] = (
         "2",
         "Redelivery delay after a failed run; doubles with each delivery, capped at 300 s (0-300).",
         _int_between(0, 300),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS",
+        "600",
+        "An ingest run still going after this long is failed by Dagster's run monitoring (tag dagster/max_runtime), "
+        "so a run whose worker was killed releases its batch for redelivery (60-86400).",
+        _int_between(60, 86400),
     ),
     Variable(
         "FEATURE_PIPELINE_FAULTS",
@@ -163,6 +171,7 @@ class Settings:
     max_batches_in_flight: int
     sensor_interval_seconds: int
     nak_delay_seconds: int
+    run_timeout_seconds: int
     faults: str
 
 
@@ -178,6 +187,7 @@ FIELDS = {
     "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "max_batches_in_flight",
     "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "sensor_interval_seconds",
     "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "nak_delay_seconds",
+    "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "run_timeout_seconds",
     "FEATURE_PIPELINE_FAULTS": "faults",
 }
 

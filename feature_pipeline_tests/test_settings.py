@@ -26,8 +26,9 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         batch_max_messages=20000,
         batch_max_bytes=32 * MIB,
         max_batches_in_flight=4,
-        sensor_interval_seconds=5,
+        sensor_interval_seconds=1,
         nak_delay_seconds=2,
+        run_timeout_seconds=600,
         faults="",
     )
 

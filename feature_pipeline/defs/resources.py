@@ -32,6 +32,7 @@ class IngestResource(dg.ConfigurableResource):
     batch_max_bytes: int
     max_batches_in_flight: int
     nak_delay_seconds: int
+    run_timeout_seconds: int = 600
 
     @property
     def staging(self) -> Staging:
@@ -77,6 +78,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             batch_max_bytes=_env("FEATURE_PIPELINE_BATCH_MAX_BYTES", integer=True),
             max_batches_in_flight=_env("FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT", integer=True),
             nak_delay_seconds=_env("FEATURE_PIPELINE_NAK_DELAY_SECONDS", integer=True),
+            run_timeout_seconds=_env("FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS", integer=True),
         ),
         "feature_store": FeatureStoreResource(path=_env("FEATURE_STORE_PATH"), faults=_env("FEATURE_PIPELINE_FAULTS")),
     }

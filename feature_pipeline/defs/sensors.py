@@ -32,6 +32,8 @@ from feature_pipeline.settle import Kind, RunOutcome, decide, outcome_of
 from feature_pipeline.staging import Manifest, Staging, assemble, delivery_from_row
 
 SENSOR_NAME = "ingest_sensor"
+# The default run launcher cannot see a killed run worker; run monitoring fails runs past this tag.
+MAX_RUNTIME_TAG = "dagster/max_runtime"
 # Stop fetching new batches this long into a tick: a tick must end well inside Dagster's 60 s.
 FETCH_BUDGET_SECONDS = 20.0
 
@@ -242,7 +244,10 @@ def run_tick(
         report.problem = f"{type(exc).__name__}: {exc} (NATS {redact(nats.url)})"
     # Every staged batch without a run gets (again) a request; run_key makes a repeat a no-op.
     pending = [m for m in batches if runs[m.batch_id] is None and staging.path(m.batch_id).exists()]
-    requests = [dg.RunRequest(run_key=m.batch_id, tags={BATCH_TAG: m.batch_id}) for m in [*pending, *report.staged]]
+    tags = {MAX_RUNTIME_TAG: str(ingest.run_timeout_seconds)}
+    requests = [
+        dg.RunRequest(run_key=m.batch_id, tags={**tags, BATCH_TAG: m.batch_id}) for m in [*pending, *report.staged]
+    ]
     return requests, report
 
 
