@@ -198,23 +198,43 @@ def cmd_features(args: argparse.Namespace) -> int:
 # -- health ------------------------------------------------------------------------------------
 
 
-def _last_run() -> dict[str, Any] | None:
+def _dagster_state() -> dict[str, Any] | None:
+    """The last ingest run, the latest result of every asset check, and user_features freshness."""
     home = _dagster_home()
     if not (home / "dagster.yaml").exists():
         return None
     import dagster as dg  # slow import: only when a Dagster instance is there to ask
 
+    from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, STREAM_CHECK_SPECS
+
     os.environ["DAGSTER_HOME"] = str(home)
-    with dg.DagsterInstance.get() as instance:
+    out: dict[str, Any] = {"last_ingest_run": {"status": "none yet"}, "checks": {}, "freshness": {}}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
         records = instance.get_run_records(filters=dg.RunsFilter(job_name="ingest"), limit=1)
-        if not records:
-            return {"status": "none yet"}
-        run = records[0]
-        return {
-            "run_id": run.dagster_run.run_id,
-            "status": run.dagster_run.status.value,
-            "ended_at": datetime.fromtimestamp(run.end_time, UTC).isoformat() if run.end_time else None,
-        }
+        if records:
+            run = records[0]
+            out["last_ingest_run"] = {
+                "run_id": run.dagster_run.run_id,
+                "status": run.dagster_run.status.value,
+                "ended_at": datetime.fromtimestamp(run.end_time, UTC).isoformat() if run.end_time else None,
+            }
+        keys = [s.key for s in (*STREAM_CHECK_SPECS, DEAD_LETTERS_CHECK, CONSISTENCY_CHECK)]
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+        for key in keys:
+            rec = latest.get(key)
+            evaluation = (
+                rec.event.dagster_event.event_specific_data if rec and rec.event and rec.event.dagster_event else None
+            )
+            passed = getattr(evaluation, "passed", None)
+            out["checks"][f"{key.asset_key.to_user_string()}:{key.name}"] = {
+                "state": "never run" if passed is None else "passed" if passed else "failed",
+                "severity": None if passed in (None, True) else evaluation.severity.value,
+                "description": getattr(evaluation, "description", None),
+                "at": datetime.fromtimestamp(rec.event.timestamp, UTC).isoformat() if rec and rec.event else None,
+            }
+        for key, state in instance.get_freshness_state_records([dg.AssetKey("user_features")]).items():
+            out["freshness"][key.to_user_string()] = state.freshness_state.value
+    return out
 
 
 async def _stream_health(cfg: settings.Settings) -> list[dict[str, Any]]:
@@ -240,15 +260,24 @@ def cmd_health(args: argparse.Namespace) -> int:
         report["problems"].append(f"cannot read stream state: {exc!r} (the sensor creates streams and consumers)")
         code = EXIT_DEGRADED
     try:
-        report["last_ingest_run"] = _last_run()
+        report.update(_dagster_state() or {"last_ingest_run": None, "checks": {}, "freshness": {}})
     except Exception as exc:
-        report["last_ingest_run"] = None
+        report.update(last_ingest_run=None, checks={}, freshness={})
         report["problems"].append(f"cannot read the Dagster instance at {_dagster_home()}: {exc}")
         code = max(code, EXIT_DOWN)
     last = report.get("last_ingest_run") or {}
-    if last.get("status") in ("FAILURE", "CANCELED") and code == EXIT_OK:
+    degraded = []
+    if last.get("status") in ("FAILURE", "CANCELED"):
+        degraded.append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
+    for name, check in report["checks"].items():
+        if check["state"] == "failed":
+            degraded.append(f"check {name} failed ({check['severity']}): {check['description']}")
+    for asset, state in report["freshness"].items():
+        if state in ("WARN", "FAIL"):
+            degraded.append(f"{asset} freshness is {state}")
+    report["problems"].extend(degraded)
+    if degraded and code == EXIT_OK:
         report["status"] = "degraded"
-        report["problems"].append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
         code = EXIT_DEGRADED
     if code == EXIT_DOWN:
         report["status"] = "down"
@@ -264,6 +293,11 @@ def cmd_health(args: argparse.Namespace) -> int:
             )
         if report.get("last_ingest_run"):
             print(f"  last ingest run: {report['last_ingest_run']}")
+        for name, check in report["checks"].items():
+            severity = f" ({check['severity']})" if check["severity"] else ""
+            print(f"  check {name}: {check['state']}{severity}")
+        for asset, state in report["freshness"].items():
+            print(f"  freshness {asset}: {state}")
         for p in report["problems"]:
             print(f"  problem: {p}")
     return code

@@ -3,16 +3,22 @@
 import dagster as dg
 
 from feature_pipeline import settings
-from feature_pipeline.defs.assets import STREAM_ASSETS, ingest_batch, ingest_job
+from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshness
+from feature_pipeline.defs.checks import stream_checks_on_demand
 from feature_pipeline.defs.resources import build_resources
-from feature_pipeline.defs.sensors import build_ingest_sensor
+from feature_pipeline.defs.sensors import build_ingest_sensor, stream_monitor
+from feature_pipeline.defs.streams import STREAM_ASSETS
 
 # Fails the code location load with every bad variable named, before anything runs.
 SETTINGS = settings.load()
 
 defs = dg.Definitions(
-    assets=[*STREAM_ASSETS, ingest_batch],
+    assets=[
+        *STREAM_ASSETS,
+        with_freshness(ingest_batch, SETTINGS.freshness_warn_seconds, SETTINGS.freshness_fail_seconds),
+    ],
+    asset_checks=[stream_checks_on_demand],
     jobs=[ingest_job],
-    sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds)],
+    sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
     resources=build_resources(),
 )

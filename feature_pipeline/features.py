@@ -1,9 +1,10 @@
-"""The feature SQL: `user_features` as of a point in time, from the raw event tables.
+"""The feature SQL: `user_features` for (user, point in time) pairs, from the raw event tables.
 
-One query serves the incremental path (users touched by a batch), the full
-recomputation and the consistency check, so they cannot drift apart. Every
-feature of a row is computed as of its `updated_at` from the events with
-`occurred_at <= updated_at`; windows are `(updated_at - window, updated_at]`.
+One query serves every path, so they cannot drift apart: the incremental update of the
+users a batch touched (their ids x the run's clock), the full recomputation (every user x
+now), and the consistency check (sampled rows x their own `updated_at`). Every feature of a
+row is computed as of its point in time `as_of` from events with `occurred_at <= as_of`;
+windows are `(as_of - window, as_of]`.
 """
 
 from __future__ import annotations
@@ -49,74 +50,78 @@ CREATE TABLE IF NOT EXISTS user_features (
 )
 """
 
-# {users} is either empty or a fixed `AND user_id IN (SELECT user_id FROM <temp table>)`;
-# the point in time is always the bound parameter $as_of.
-_FEATURE_SQL = """
+POINTS = "feature_points"  # temp table (user_id VARCHAR, as_of TIMESTAMPTZ): which rows to compute
+
+_FEATURE_SQL = f"""
 WITH s AS (
     SELECT
-        user_id,
-        count(*) AS signal_count_total,
-        count(*) FILTER (WHERE occurred_at > $as_of - INTERVAL 24 HOUR) AS signal_count_24h,
-        count(*) FILTER (WHERE occurred_at > $as_of - INTERVAL 7 DAY) AS signal_count_7d,
-        count(*) FILTER (WHERE type = 'task.synced' AND occurred_at > $as_of - INTERVAL 7 DAY)
+        p.user_id,
+        p.as_of,
+        count(e.event_id) AS signal_count_total,
+        count(e.event_id) FILTER (WHERE e.occurred_at > p.as_of - INTERVAL 24 HOUR) AS signal_count_24h,
+        count(e.event_id) FILTER (WHERE e.occurred_at > p.as_of - INTERVAL 7 DAY) AS signal_count_7d,
+        count(e.event_id) FILTER (WHERE e.type = 'task.synced' AND e.occurred_at > p.as_of - INTERVAL 7 DAY)
             AS task_synced_count_7d,
-        arg_max(CAST(data->>'tasks_total' AS BIGINT), (occurred_at, event_id))
-            FILTER (WHERE type = 'task.synced') AS latest_tasks_total,
-        arg_max(CAST(data->>'tasks_completed' AS BIGINT), (occurred_at, event_id))
-            FILTER (WHERE type = 'task.synced') AS latest_tasks_completed,
-        max(occurred_at) AS last_signal_at
-    FROM signal_events
-    WHERE occurred_at <= $as_of {users}
-    GROUP BY user_id
+        arg_max(CAST(e.data->>'tasks_total' AS BIGINT), (e.occurred_at, e.event_id))
+            FILTER (WHERE e.type = 'task.synced') AS latest_tasks_total,
+        arg_max(CAST(e.data->>'tasks_completed' AS BIGINT), (e.occurred_at, e.event_id))
+            FILTER (WHERE e.type = 'task.synced') AS latest_tasks_completed,
+        max(e.occurred_at) AS last_signal_at
+    FROM {POINTS} p
+    LEFT JOIN signal_events e ON e.user_id = p.user_id AND e.occurred_at <= p.as_of
+    GROUP BY p.user_id, p.as_of
 ),
 f AS (
     SELECT
-        user_id,
-        count(*) FILTER (WHERE type = 'recommendation.shown' AND occurred_at > $as_of - INTERVAL 7 DAY)
-            AS rec_shown_7d,
-        count(*) FILTER (WHERE type = 'recommendation.accepted' AND occurred_at > $as_of - INTERVAL 7 DAY)
-            AS rec_accepted_7d,
-        count(*) FILTER (WHERE type = 'recommendation.dismissed' AND occurred_at > $as_of - INTERVAL 7 DAY)
+        p.user_id,
+        p.as_of,
+        count(e.event_id) FILTER (
+            WHERE e.type = 'recommendation.shown' AND e.occurred_at > p.as_of - INTERVAL 7 DAY) AS rec_shown_7d,
+        count(e.event_id) FILTER (
+            WHERE e.type = 'recommendation.accepted' AND e.occurred_at > p.as_of - INTERVAL 7 DAY) AS rec_accepted_7d,
+        count(e.event_id) FILTER (
+            WHERE e.type = 'recommendation.dismissed' AND e.occurred_at > p.as_of - INTERVAL 7 DAY)
             AS rec_dismissed_7d,
-        max(occurred_at) AS last_feedback_at
-    FROM feedback_events
-    WHERE occurred_at <= $as_of {users}
-    GROUP BY user_id
+        max(e.occurred_at) AS last_feedback_at
+    FROM {POINTS} p
+    LEFT JOIN feedback_events e ON e.user_id = p.user_id AND e.occurred_at <= p.as_of
+    GROUP BY p.user_id, p.as_of
 )
 SELECT
-    coalesce(s.user_id, f.user_id) AS user_id,
-    coalesce(s.signal_count_total, 0) AS signal_count_total,
-    coalesce(s.signal_count_24h, 0) AS signal_count_24h,
-    coalesce(s.signal_count_7d, 0) AS signal_count_7d,
-    coalesce(s.task_synced_count_7d, 0) AS task_synced_count_7d,
+    s.user_id,
+    s.signal_count_total,
+    s.signal_count_24h,
+    s.signal_count_7d,
+    s.task_synced_count_7d,
     s.latest_tasks_total,
     s.latest_tasks_completed,
-    coalesce(f.rec_shown_7d, 0) AS rec_shown_7d,
-    coalesce(f.rec_accepted_7d, 0) AS rec_accepted_7d,
-    coalesce(f.rec_dismissed_7d, 0) AS rec_dismissed_7d,
-    CASE WHEN coalesce(f.rec_shown_7d, 0) > 0 THEN f.rec_accepted_7d / f.rec_shown_7d END
-        AS rec_acceptance_rate_7d,
+    f.rec_shown_7d,
+    f.rec_accepted_7d,
+    f.rec_dismissed_7d,
+    CASE WHEN f.rec_shown_7d > 0 THEN f.rec_accepted_7d / f.rec_shown_7d END AS rec_acceptance_rate_7d,
     s.last_signal_at,
     f.last_feedback_at,
-    CAST($as_of AS TIMESTAMPTZ) AS updated_at
-FROM s FULL OUTER JOIN f ON s.user_id = f.user_id
+    s.as_of AS updated_at
+FROM s JOIN f ON s.user_id = f.user_id AND s.as_of = f.as_of
 """
 
 
-def feature_query(users_table: str | None = None) -> str:
-    """The feature SELECT, for all users or for those listed in a (fixed-name) temp table."""
-    users = f"AND user_id IN (SELECT user_id FROM {users_table})" if users_table else ""
-    return _FEATURE_SQL.format(users=users)
+def _set_points(con: duckdb.DuckDBPyConnection, select_sql: str, params: dict[str, Any] | None = None) -> None:
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {POINTS} AS {select_sql}", params or {})
 
 
 def upsert_features(con: duckdb.DuckDBPyConnection, as_of: datetime, users_table: str | None) -> int:
-    """Recompute and replace the rows of the given users (all when None) as of `as_of`."""
+    """Recompute and replace the rows of the users in `users_table` (all users when None) as of `as_of`.
+
+    `users_table` is a fixed-name temp table with a `user_id` column; returns the table's row count.
+    """
     if users_table is None:
         con.execute("DELETE FROM user_features")
-    con.execute(
-        f"INSERT OR REPLACE INTO user_features ({', '.join(FEATURE_COLUMNS)}) " + feature_query(users_table),
-        {"as_of": as_of},
-    )
+        source = "SELECT user_id FROM signal_events UNION SELECT user_id FROM feedback_events"
+    else:
+        source = f"SELECT DISTINCT user_id FROM {users_table}"
+    _set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({source})", {"as_of": as_of})
+    con.execute(f"INSERT OR REPLACE INTO user_features ({', '.join(FEATURE_COLUMNS)}) {_FEATURE_SQL}")
     return con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
 
 
@@ -124,11 +129,35 @@ def compute_features(
     con: duckdb.DuckDBPyConnection, as_of: datetime, user_ids: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Recompute rows from the raw tables without writing: the reference for checks and tests."""
-    sql = feature_query()
-    params: dict[str, Any] = {"as_of": as_of}
-    if user_ids is not None:
-        sql = f"SELECT * FROM ({sql}) WHERE user_id IN (SELECT unnest($users))"
-        params["users"] = user_ids
-    cur = con.execute(sql, params)
+    if user_ids is None:
+        source = "SELECT user_id FROM signal_events UNION SELECT user_id FROM feedback_events"
+        _set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({source})", {"as_of": as_of})
+    else:
+        _set_points(
+            con,
+            "SELECT DISTINCT unnest($users) AS user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of",
+            {"users": user_ids, "as_of": as_of},
+        )
+    return _rows(con.execute(_FEATURE_SQL))
+
+
+def _rows(cur: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
     names = [d[0] for d in cur.description]
     return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
+
+
+def inconsistent_users(con: duckdb.DuckDBPyConnection, sample: int) -> tuple[int, list[str]]:
+    """Compare up to `sample` stored rows (all when the table is smaller) with a recomputation at
+    each row's own updated_at. Returns (rows checked, user ids whose row differs)."""
+    _set_points(
+        con,
+        # SAMPLE takes only a literal; int() keeps it one.
+        f"SELECT user_id, updated_at AS as_of FROM user_features USING SAMPLE reservoir({int(sample)} ROWS)",
+    )
+    checked = con.execute(f"SELECT count(*) FROM {POINTS}").fetchone()[0]  # type: ignore[index]
+    cols = ", ".join(FEATURE_COLUMNS)
+    diff = con.execute(
+        f"SELECT user_id FROM ((SELECT {cols} FROM user_features WHERE user_id IN (SELECT user_id FROM {POINTS})) "
+        f"EXCEPT ({_FEATURE_SQL})) ORDER BY user_id"
+    ).fetchall()
+    return checked, [r[0] for r in diff]

@@ -148,6 +148,61 @@ VARIABLES: tuple[Variable, ...] = (
         _int_between(60, 86400),
     ),
     Variable(
+        "FEATURE_PIPELINE_LAG_WARN",
+        "100000",
+        "Asset check consumer_lag on each stream warns above this many unacked or pending messages.",
+        _int_between(0, 10**12),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_LAG_ERROR",
+        "1000000",
+        "... and fails (ERROR) above this many.",
+        _int_between(0, 10**12),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS",
+        "60",
+        "Asset check oldest_unacked_age warns when the oldest message not yet acked is older than this.",
+        _int_between(1, 10**7),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS",
+        "300",
+        "... and fails (ERROR) when older than this.",
+        _int_between(1, 10**7),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS",
+        "900",
+        "user_features freshness policy: WARN when not materialized for this long (the producer syncs every 15 min; "
+        "Dagster's minimum is 60).",
+        _int_between(60, 10**7),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS",
+        "3600",
+        "... and FAIL when not materialized for this long (must exceed the WARN window).",
+        _int_between(60, 10**7),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN",
+        "100",
+        "Asset check dead_letters_last_hour warns above this many dead letters in the last hour.",
+        _int_between(0, 10**9),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR",
+        "1000",
+        "... and fails (ERROR) above this many.",
+        _int_between(0, 10**9),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_CONSISTENCY_SAMPLE",
+        "1000",
+        "Rows of user_features the matches_recomputation check compares with a recomputation on every ingest run.",
+        _int_between(1, 10**7),
+    ),
+    Variable(
         "FEATURE_PIPELINE_FAULTS",
         "",
         "Fault injection for tests and drills only: `fail-run` makes every ingest run fail before it commits.",
@@ -156,6 +211,13 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 _BY_NAME = {v.name: v for v in VARIABLES}
+# (warn variable, error variable, warn must be strictly below): Dagster's freshness policy needs strict.
+_WARN_BELOW_ERROR = (
+    ("FEATURE_PIPELINE_LAG_WARN", "FEATURE_PIPELINE_LAG_ERROR", False),
+    ("FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS", "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS", False),
+    ("FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS", "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS", True),
+    ("FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN", "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR", False),
+)
 
 
 @dataclass(frozen=True)
@@ -172,6 +234,15 @@ class Settings:
     sensor_interval_seconds: int
     nak_delay_seconds: int
     run_timeout_seconds: int
+    lag_warn: int
+    lag_error: int
+    oldest_unacked_warn_seconds: int
+    oldest_unacked_error_seconds: int
+    freshness_warn_seconds: int
+    freshness_fail_seconds: int
+    dead_letters_hour_warn: int
+    dead_letters_hour_error: int
+    consistency_sample: int
     faults: str
 
 
@@ -188,6 +259,15 @@ FIELDS = {
     "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "sensor_interval_seconds",
     "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "nak_delay_seconds",
     "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "run_timeout_seconds",
+    "FEATURE_PIPELINE_LAG_WARN": "lag_warn",
+    "FEATURE_PIPELINE_LAG_ERROR": "lag_error",
+    "FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS": "oldest_unacked_warn_seconds",
+    "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS": "oldest_unacked_error_seconds",
+    "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS": "freshness_warn_seconds",
+    "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS": "freshness_fail_seconds",
+    "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "dead_letters_hour_warn",
+    "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR": "dead_letters_hour_error",
+    "FEATURE_PIPELINE_CONSISTENCY_SAMPLE": "consistency_sample",
     "FEATURE_PIPELINE_FAULTS": "faults",
 }
 
@@ -209,6 +289,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             values[FIELDS[var.name]] = parse(var.name, raw)
         except ValueError as exc:
             problems.append(f"{var.name} {exc}")
+    for warn, error, strict in _WARN_BELOW_ERROR:
+        w, e = values.get(FIELDS[warn]), values.get(FIELDS[error])
+        if w is not None and e is not None and (w >= e if strict else w > e):  # type: ignore[operator]
+            problems.append(f"{warn} ({w}) must be {'below' if strict else 'at most'} {error} ({e})")
     if problems:
         raise SettingsError("invalid configuration: " + "; ".join(problems))
     return Settings(**values)  # type: ignore[arg-type]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from feature_pipeline.features import USER_FEATURES_DDL, upsert_features
+from feature_pipeline.features import USER_FEATURES_DDL, inconsistent_users, upsert_features
 
 RAW_TABLES = {"SIGNALS": "signal_events", "FEEDBACK": "feedback_events"}
 
@@ -78,6 +78,17 @@ class InjectedFault(RuntimeError):
 
 
 @dataclass(frozen=True)
+class StoreHealth:
+    """Figures read right after a commit, for asset metadata and the checks."""
+
+    dead_letters_last_hour: int
+    dead_letter_reasons: list[tuple[str, int]]  # the ten most common reasons, with counts
+    latest_dead_letters: list[tuple[str, str, int, str]]  # (when, stream, sequence, reason), newest first
+    consistency_checked: int
+    inconsistent_users: list[str]
+
+
+@dataclass(frozen=True)
 class BatchResult:
     batch_id: str
     committed_at: datetime
@@ -91,12 +102,11 @@ class BatchResult:
     signal_events_rows: int
     feedback_events_rows: int
     event_ids: list[str]
-
-    def as_metadata(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("event_ids")
-        out["committed_at"] = self.committed_at.isoformat()
-        return out
+    # JetStream stored time -> DuckDB commit, over the events of this batch (None for an empty batch)
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+    latency_max_seconds: float | None
+    health: StoreHealth
 
 
 class FeatureStore:
@@ -126,7 +136,9 @@ class FeatureStore:
                 con.execute(ddl)
         return con
 
-    def apply_batch(self, batch_dir: Path, batch_id: str, *, fail_before_commit: bool = False) -> BatchResult:
+    def apply_batch(
+        self, batch_dir: Path, batch_id: str, *, fail_before_commit: bool = False, consistency_sample: int = 1000
+    ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
 
         Idempotent: events are keyed by id (a redelivered or duplicated event is absorbed),
@@ -179,6 +191,12 @@ class FeatureStore:
             if fail_before_commit:
                 raise InjectedFault("FEATURE_PIPELINE_FAULTS=fail-run: failing before COMMIT (nothing is stored)")
             con.execute("COMMIT")
+            committed = datetime.now(UTC)
+            p50, p95, worst = con.execute(
+                "SELECT quantile_cont(x, 0.5), quantile_cont(x, 0.95), max(x) FROM "
+                "(SELECT epoch(CAST($c AS TIMESTAMPTZ)) - epoch(received_at) AS x FROM batch_events)",
+                {"c": committed},
+            ).fetchone()  # type: ignore[misc]
             return BatchResult(
                 batch_id=batch_id,
                 committed_at=now,
@@ -192,6 +210,10 @@ class FeatureStore:
                 signal_events_rows=self._count(con, "signal_events"),
                 feedback_events_rows=self._count(con, "feedback_events"),
                 event_ids=ids,
+                latency_p50_seconds=p50,
+                latency_p95_seconds=p95,
+                latency_max_seconds=worst,
+                health=self._health(con, consistency_sample),
             )
         except BaseException:
             with contextlib.suppress(duckdb.Error):
@@ -200,16 +222,31 @@ class FeatureStore:
         finally:
             con.close()
 
-    def recompute_all(self) -> int:
+    def recompute_all(self, consistency_sample: int = 1000) -> tuple[int, StoreHealth]:
         """Rebuild every user_features row from the raw tables, as of now."""
         con = self.connect()
         try:
             con.execute("BEGIN")
             rows = upsert_features(con, datetime.now(UTC), None)
             con.execute("COMMIT")
-            return rows
+            return rows, self._health(con, consistency_sample)
         finally:
             con.close()
+
+    @staticmethod
+    def _health(con: duckdb.DuckDBPyConnection, consistency_sample: int) -> StoreHealth:
+        hour = con.execute(
+            "SELECT count(*) FROM dead_letters WHERE dead_lettered_at > now() - INTERVAL 1 HOUR"
+        ).fetchone()[0]  # type: ignore[index]
+        reasons = con.execute(
+            "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY n DESC, reason LIMIT 10"
+        ).fetchall()
+        latest = con.execute(
+            "SELECT strftime(dead_lettered_at, '%Y-%m-%dT%H:%M:%SZ'), original_stream, original_seq, reason "
+            "FROM dead_letters ORDER BY dead_lettered_at DESC, original_seq DESC LIMIT 5"
+        ).fetchall()
+        checked, bad = inconsistent_users(con, consistency_sample)
+        return StoreHealth(hour, [tuple(r) for r in reasons], [tuple(r) for r in latest], checked, bad)  # type: ignore[misc]
 
     @staticmethod
     def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:

@@ -24,7 +24,7 @@ import pytest
 
 from feature_pipeline.broker import STREAMS as STREAM_SPECS
 from feature_pipeline.broker import Broker, consumer_name
-from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource, NatsResource
+from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource, MonitoringResource, NatsResource
 from feature_pipeline.localnats import LocalNats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +111,15 @@ def resources(tmp_path: Path, nats_server: LocalNats) -> dict[str, Any]:
             nak_delay_seconds=1,
         ),
         "feature_store": FeatureStoreResource(path=str(tmp_path / "store.duckdb")),
+        "monitoring": MonitoringResource(
+            lag_warn=100,
+            lag_error=1000,
+            oldest_unacked_warn_seconds=60,
+            oldest_unacked_error_seconds=300,
+            dead_letters_hour_warn=1,
+            dead_letters_hour_error=10,
+            consistency_sample=1000,
+        ),
     }
 
 

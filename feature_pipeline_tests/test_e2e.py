@@ -4,6 +4,7 @@ processes) and a real nats-server: the promises users buy, checked from the outs
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 from typing import Any
 
@@ -11,7 +12,8 @@ import dagster as dg
 import pytest
 
 from feature_pipeline.cli import publish_events
-from feature_pipeline_tests.conftest import Pipeline, run, stream_messages, wait_for
+from feature_pipeline.store import FeatureStore
+from feature_pipeline_tests.conftest import BIN, REPO, Pipeline, run, stream_messages, wait_for
 from feature_pipeline_tests.test_sensor_tick import _publish, _synced
 
 pytestmark = pytest.mark.e2e
@@ -25,10 +27,31 @@ def _features(p: Pipeline, user: str) -> dict[str, Any] | None:
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
-def test_event_to_feature_row_poison_and_health(make_pipeline: Any) -> None:
-    """publish → run succeeds → row bumped → acked (lag 0), the run log names the event;
-    poison is dead-lettered with its reason while its batch-mates are stored; health shows it all."""
-    p = make_pipeline()
+def _check(p: Pipeline, asset: str, name: str) -> dict[str, Any]:
+    """The latest evaluation of an asset check, read from the instance as the UI does."""
+    key = dg.AssetCheckKey(dg.AssetKey.from_user_string(asset), name)
+    with p.instance() as inst:
+        rec = inst.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+        if rec is None or rec.event is None or rec.event.dagster_event is None:
+            return {}
+        ev = rec.event.dagster_event.event_specific_data
+        if not isinstance(ev, dg.AssetCheckEvaluation):
+            return {}
+        return {"passed": ev.passed, "severity": ev.severity, "description": ev.description, "metadata": ev.metadata}
+
+
+def _latest_materialization(p: Pipeline, asset: str) -> dict[str, Any]:
+    with p.instance() as inst:
+        event = inst.get_latest_materialization_event(dg.AssetKey.from_user_string(asset))
+    assert event is not None and event.asset_materialization is not None
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> None:
+    """publish → run succeeds → row bumped → acked (lag 0), the run log names the event; the UI's
+    figures and checks are there; poison is dead-lettered with its reason while its batch-mates are
+    stored and turns the dead-letter check red; a hand-corrupted row turns the consistency check red."""
+    p = make_pipeline({"FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1"})
     run(_publish(p.nats.url, [_synced("evt-e2e-1", "u-42", total=12)]))
     row = wait_for(lambda: _features(p, "u-42"), 90, "u-42's feature row")
     assert row["signal_count_total"] == 1 and row["latest_tasks_total"] == 12
@@ -42,6 +65,18 @@ def test_event_to_feature_row_poison_and_health(make_pipeline: Any) -> None:
     run(_publish(p.nats.url, [_synced("evt-e2e-2", "u-42", total=20)]))
     wait_for(lambda: (_features(p, "u-42") or {}).get("signal_count_total") == 2, 60, "the row to be bumped to 2")
     assert _features(p, "u-42")["latest_tasks_total"] == 20
+
+    meta = _latest_materialization(p, "user_features")
+    assert 0 <= meta["publish_to_commit_p50_seconds"] <= meta["publish_to_commit_max_seconds"] < 60
+    assert meta["publish_to_commit_p95_seconds"] <= meta["publish_to_commit_max_seconds"]
+    assert meta["signals_seq_range"] == "2-2" and meta["events_in_batch"] == 1
+    assert _check(p, "user_features", "matches_recomputation")["passed"] is True
+    assert _check(p, "dead_letters", "dead_letters_last_hour")["passed"] is True
+    lag_check = wait_for(lambda: _check(p, "nats/signals", "consumer_lag"), 30, "a consumer_lag evaluation")
+    assert lag_check["passed"] is True
+    healthy = p.cli("health", "--json")
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert json.loads(healthy.stdout)["status"] == "ok"
 
     run(
         _publish(
@@ -64,8 +99,12 @@ def test_event_to_feature_row_poison_and_health(make_pipeline: Any) -> None:
     assert sorted(m.headers["FP-Reason"] for m in dead) == reasons
 
     health = p.cli("health", "--json")
-    assert health.returncode == 0, health.stdout + health.stderr
+    assert health.returncode == 1, health.stdout + health.stderr  # degraded: the dead-letter check warns
     report = json.loads(health.stdout)
+    assert report["problems"] == [
+        "check dead_letters:dead_letters_last_hour failed (WARN): 2 dead letters in the last hour "
+        "(warn above 1, error above 1000)"
+    ]
     signals = next(s for s in report["streams"] if s["stream"] == "SIGNALS")
     assert signals["consumer_lag"] == 0 and signals["last_message_at"] is not None
     assert signals["seconds_since_last_message"] > 0
@@ -77,6 +116,78 @@ def test_event_to_feature_row_poison_and_health(make_pipeline: Any) -> None:
     assert obs, "the sensor records observations on the stream asset"
     meta = obs[0].asset_observation.metadata
     assert meta["consumer_lag"].value == 0 and "last_message_at" in meta
+    for field in ("oldest_unacked_age_seconds", "num_redelivered", "in_flight_messages", "dead_letters"):
+        assert field in meta, field
+
+    dl_check = _check(p, "dead_letters", "dead_letters_last_hour")
+    assert dl_check["passed"] is False and dl_check["severity"] == dg.AssetCheckSeverity.WARN
+    assert "2 dead letters in the last hour" in dl_check["description"]
+    assert "not valid JSON" in _latest_materialization(p, "dead_letters")["by_reason"]
+
+    store = FeatureStore(p.db)
+    con = store.connect()  # waits while a run holds the file
+    try:
+        con.execute("UPDATE user_features SET signal_count_total = 999 WHERE user_id = 'u-42'")
+    finally:
+        con.close()
+    run(_publish(p.nats.url, [_synced("evt-after-corruption", "u-8")]))
+    wait_for(lambda: _features(p, "u-8"), 60, "u-8's row")
+    consistency = wait_for(
+        lambda: (c := _check(p, "user_features", "matches_recomputation")) and c["passed"] is False and c,
+        30,
+        "the consistency check to fail",
+    )
+    assert consistency["severity"] == dg.AssetCheckSeverity.ERROR
+    assert "u-42" in consistency["description"] and "u-8" not in consistency["description"]
+    degraded = p.cli("health", "--json")
+    assert degraded.returncode == 1, degraded.stdout + degraded.stderr
+    problems = " ".join(json.loads(degraded.stdout)["problems"])
+    assert "user_features:matches_recomputation failed" in problems
+
+
+def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> None:
+    """Stop ingest_sensor: stream_monitor keeps grading lag (red as messages pile up) and the freshness
+    daemon marks user_features stale; health exits 1 (degraded)."""
+    p = make_pipeline(
+        {
+            "FEATURE_PIPELINE_LAG_WARN": "0",
+            "FEATURE_PIPELINE_LAG_ERROR": "5",
+            "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS": "60",
+            "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS": "61",
+            "FRESHNESS_DAEMON_INTERVAL_SECONDS": "5",
+        }
+    )
+    run(_publish(p.nats.url, [_synced("evt-before-stop", "u-1")]))
+    wait_for(lambda: _features(p, "u-1"), 90, "u-1's row")
+    wait_for(p.settled, 30, "caught up")
+    stop = subprocess.run(
+        [str(BIN / "dagster"), "sensor", "stop", "ingest_sensor", "-w", str(REPO / "workspace.yaml")],
+        env=p.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    run(_publish(p.nats.url, [_synced(f"evt-piling-{i}", "u-1") for i in range(10)]))
+    lag = wait_for(
+        lambda: (c := _check(p, "nats/signals", "consumer_lag")) and c["passed"] is False and c,
+        75,
+        "stream_monitor to fail consumer_lag",
+    )
+    assert lag["severity"] == dg.AssetCheckSeverity.ERROR and "10 messages not yet acked" in lag["description"]
+
+    def freshness() -> str | None:
+        with p.instance() as inst:
+            rec = inst.get_freshness_state_records([dg.AssetKey("user_features")]).get(dg.AssetKey("user_features"))
+        return rec.freshness_state.value if rec else None
+
+    wait_for(lambda: freshness() == "FAIL", 120, "user_features freshness FAIL")
+    health = p.cli("health", "--json")
+    assert health.returncode == 1, health.stdout + health.stderr
+    report = json.loads(health.stdout)
+    assert report["freshness"]["user_features"] == "FAIL"
+    assert report["checks"]["nats/signals:consumer_lag"]["state"] == "failed"
 
 
 def test_nats_killed_while_a_batch_is_staged_loses_and_doubles_nothing(make_pipeline: Any) -> None:

@@ -202,8 +202,11 @@ def test_nats_down_keeps_batches_in_flight_and_settles_after_restart(
         assert report.in_flight == 1 and requests == []
         assert len(list((tmp_path / "staging").iterdir())) == 1
         nats_server.start()
-        _, report = _tick(inst, resources)
-        assert report.acked == 2
+        acked, deadline = 0, time.monotonic() + 20
+        while not acked and time.monotonic() < deadline:  # JetStream may need a moment to recover its store
+            acked = _tick(inst, resources)[1].acked
+            time.sleep(0.2)
+        assert acked == 2
     assert _lag(resources)["SIGNALS"] == 0
     assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(2,)]
 

@@ -29,6 +29,15 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         sensor_interval_seconds=1,
         nak_delay_seconds=2,
         run_timeout_seconds=600,
+        lag_warn=100_000,
+        lag_error=1_000_000,
+        oldest_unacked_warn_seconds=60,
+        oldest_unacked_error_seconds=300,
+        freshness_warn_seconds=900,
+        freshness_fail_seconds=3600,
+        dead_letters_hour_warn=100,
+        dead_letters_hour_error=1000,
+        consistency_sample=1000,
         faults="",
     )
 

@@ -168,7 +168,8 @@ def test_apply_stores_each_event_once(env: Env) -> None:
     assert result.signal_events_rows == 2
     assert result.feedback_events_rows == 1
     assert sorted(result.event_ids) == ["f-1", "s-1", "s-2"]
-    assert "event_ids" not in result.as_metadata()
+    assert result.latency_max_seconds is not None and result.latency_max_seconds >= result.latency_p50_seconds >= 0
+    assert result.health.consistency_checked == 2 and result.health.inconsistent_users == []
     with env.con() as con:
         assert con.execute("SELECT batch_id, events_in_batch, events_inserted FROM ingested_batches").fetchall() == [
             (result.batch_id, 3, 3)
@@ -424,7 +425,8 @@ def test_untouched_users_keep_their_row_and_still_match(env: Env) -> None:
     rows = assert_rows_match_reference(env)
     assert rows["u-1"]["updated_at"] == first.committed_at
     assert rows["u-2"]["updated_at"] == second.committed_at
-    assert env.store.recompute_all() == 2
+    rows, health = env.store.recompute_all()
+    assert rows == 2 and health.inconsistent_users == []
     assert_rows_match_reference(env)
 
 

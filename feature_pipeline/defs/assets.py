@@ -5,32 +5,23 @@ in the `duckdb` pool, limited to one at a time in dagster.yaml, so two runs neve
 fight over the file's write lock.
 """
 
+import json
 from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 
-from feature_pipeline.broker import DEADLETTER, FEEDBACK, SIGNALS, STREAMS, StreamSpec
-from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource
+from feature_pipeline.broker import DEADLETTER, FEEDBACK, SIGNALS
+from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, store_check_results
+from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource, MonitoringResource
+from feature_pipeline.defs.streams import stream_key
+from feature_pipeline.store import StoreHealth
 
 BATCH_TAG = "feature_pipeline/batch_id"
 DUCKDB_POOL = "duckdb"
 LOGGED_IDS = 20
 
-
-def stream_key(spec: StreamSpec) -> dg.AssetKey:
-    return dg.AssetKey(["nats", spec.key])
-
-
-STREAM_ASSETS = [
-    dg.AssetSpec(
-        stream_key(spec),
-        description=f"JetStream stream {spec.name} ({spec.subject}). Observed every sensor tick: consumer lag, "
-        "last message time, messages in flight.",
-        group_name="streams",
-        kinds={"nats"},
-    )
-    for spec in STREAMS
-]
 
 RAW_SPECS = {
     "signal_events": dg.AssetSpec(
@@ -65,20 +56,53 @@ RAW_SPECS = {
 }
 
 
-@dg.multi_asset(specs=list(RAW_SPECS.values()), pool=DUCKDB_POOL, can_subset=False, name="ingest_batch")
+def with_freshness(assets_def: dg.AssetsDefinition, warn_seconds: int, fail_seconds: int) -> dg.AssetsDefinition:
+    """user_features must be materialized every so often; the freshness daemon grades it."""
+    policy = dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(seconds=fail_seconds), warn_window=timedelta(seconds=warn_seconds)
+    )
+    return assets_def.map_asset_specs(
+        lambda spec: spec.replace_attributes(freshness_policy=policy) if spec.key.path == ["user_features"] else spec
+    )
+
+
+def _dead_letter_metadata(health: StoreHealth) -> dict[str, Any]:
+    rows = "\n".join(f"| {n} | {r.replace('|', '/')} |" for r, n in health.dead_letter_reasons)
+    latest = "\n".join(
+        f"| {at} | {st} #{seq} | {r.replace('|', '/')} |" for at, st, seq, r in health.latest_dead_letters
+    )
+    return {
+        "dead_letters_last_hour": health.dead_letters_last_hour,
+        "by_reason": dg.MetadataValue.md(f"| count | reason |\n|---|---|\n{rows}" if rows else "none"),
+        "latest": dg.MetadataValue.md(f"| when | message | reason |\n|---|---|---|\n{latest}" if latest else "none"),
+    }
+
+
+@dg.multi_asset(
+    specs=list(RAW_SPECS.values()),
+    check_specs=[DEAD_LETTERS_CHECK, CONSISTENCY_CHECK],
+    pool=DUCKDB_POOL,
+    can_subset=False,
+    name="ingest_batch",
+)
 def ingest_batch(
-    context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, ingest: IngestResource
-) -> Iterator[dg.MaterializeResult]:
+    context: dg.AssetExecutionContext,
+    feature_store: FeatureStoreResource,
+    ingest: IngestResource,
+    monitoring: MonitoringResource,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Store the staged batch named by the run's batch tag; without one, rebuild user_features."""
     store = feature_store.store
     batch_id = context.run.tags.get(BATCH_TAG)
     if batch_id is None:
-        rows = store.recompute_all()
+        rows, health = store.recompute_all(monitoring.consistency_sample)
         context.log.info(f"no batch tag on this run: rebuilt all {rows} user_features rows from the raw tables")
         for key in RAW_SPECS:
-            yield dg.MaterializeResult(
-                asset_key=key, metadata={"recomputed": key == "user_features", "user_features_rows": rows}
-            )
+            meta: dict[str, Any] = {"recomputed": key == "user_features", "user_features_rows": rows}
+            if key == "dead_letters":
+                meta.update(_dead_letter_metadata(health))
+            yield dg.MaterializeResult(asset_key=key, metadata=meta)
+        yield from store_check_results(health, monitoring)
         return
 
     batch_dir = ingest.staging.path(batch_id)
@@ -87,7 +111,13 @@ def ingest_batch(
             f"staged batch {batch_id} is not in {ingest.staging.root}: it was already settled (acked or "
             "redelivered) by the sensor, so re-executing this run has nothing to store"
         )
-    result = store.apply_batch(batch_dir, batch_id, fail_before_commit=feature_store.fault("fail-run"))
+    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    result = store.apply_batch(
+        batch_dir,
+        batch_id,
+        fail_before_commit=feature_store.fault("fail-run"),
+        consistency_sample=monitoring.consistency_sample,
+    )
     shown = ", ".join(result.event_ids[:LOGGED_IDS])
     more = len(result.event_ids) - LOGGED_IDS
     context.log.info(
@@ -96,26 +126,28 @@ def ingest_batch(
         f"{result.dead_letters_inserted} dead letters, {result.users_touched} users refreshed; "
         f"events: {shown}{f' and {more} more' if more > 0 else ''}"
     )
-    meta = result.as_metadata()
-    per_asset = {
+    common: dict[str, Any] = {
+        "batch_id": batch_id,
+        "events_in_batch": result.events_in_batch,
+        "duplicates_absorbed": result.duplicates_absorbed,
+        "dead_letters_stored": result.dead_letters_inserted,
+        "users_touched": result.users_touched,
+    }
+    for stream, (lo, hi) in manifest["seq_ranges"].items():
+        common[f"{stream.lower()}_seq_range"] = f"{lo}-{hi}"
+    if result.latency_max_seconds is not None:
+        common["publish_to_commit_p50_seconds"] = round(result.latency_p50_seconds or 0.0, 3)
+        common["publish_to_commit_p95_seconds"] = round(result.latency_p95_seconds or 0.0, 3)
+        common["publish_to_commit_max_seconds"] = round(result.latency_max_seconds, 3)
+    per_asset: dict[str, dict[str, Any]] = {
         "signal_events": {"events_stored": result.signals_inserted, "rows_total": result.signal_events_rows},
-        "feedback_events": {
-            "events_stored": result.feedback_inserted,
-            "rows_total": result.feedback_events_rows,
-        },
-        "dead_letters": {"dead_letters_stored": result.dead_letters_inserted},
-        "user_features": {"users_touched": result.users_touched, "rows_total": result.user_features_rows},
+        "feedback_events": {"events_stored": result.feedback_inserted, "rows_total": result.feedback_events_rows},
+        "dead_letters": _dead_letter_metadata(result.health),
+        "user_features": {"rows_total": result.user_features_rows},
     }
     for key, extra in per_asset.items():
-        yield dg.MaterializeResult(
-            asset_key=key,
-            metadata={
-                "batch_id": batch_id,
-                "duplicates_absorbed": meta["duplicates_absorbed"],
-                "events_in_batch": meta["events_in_batch"],
-                **extra,
-            },
-        )
+        yield dg.MaterializeResult(asset_key=key, metadata={**common, **extra})
+    yield from store_check_results(result.health, monitoring)
 
 
 ingest_job = dg.define_asset_job(

@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from feature_pipeline import settings
+from feature_pipeline.health import Thresholds
 from feature_pipeline.staging import Staging
 from feature_pipeline.store import FeatureStore
 
@@ -58,6 +59,24 @@ class FeatureStoreResource(dg.ConfigurableResource):
         return name in str(settings.parse("FEATURE_PIPELINE_FAULTS", self.faults)).split(",")
 
 
+class MonitoringResource(dg.ConfigurableResource):
+    """Thresholds of the asset checks and the freshness policy."""
+
+    lag_warn: int
+    lag_error: int
+    oldest_unacked_warn_seconds: int
+    oldest_unacked_error_seconds: int
+    dead_letters_hour_warn: int
+    dead_letters_hour_error: int
+    consistency_sample: int
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            self.lag_warn, self.lag_error, self.oldest_unacked_warn_seconds, self.oldest_unacked_error_seconds
+        )
+
+
 def _env(name: str, *, integer: bool = False) -> Any:
     if name in os.environ:
         return dg.EnvVar.int(name) if integer else dg.EnvVar(name)
@@ -79,6 +98,15 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             max_batches_in_flight=_env("FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT", integer=True),
             nak_delay_seconds=_env("FEATURE_PIPELINE_NAK_DELAY_SECONDS", integer=True),
             run_timeout_seconds=_env("FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS", integer=True),
+        ),
+        "monitoring": MonitoringResource(
+            lag_warn=_env("FEATURE_PIPELINE_LAG_WARN", integer=True),
+            lag_error=_env("FEATURE_PIPELINE_LAG_ERROR", integer=True),
+            oldest_unacked_warn_seconds=_env("FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS", integer=True),
+            oldest_unacked_error_seconds=_env("FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS", integer=True),
+            dead_letters_hour_warn=_env("FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN", integer=True),
+            dead_letters_hour_error=_env("FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR", integer=True),
+            consistency_sample=_env("FEATURE_PIPELINE_CONSISTENCY_SAMPLE", integer=True),
         ),
         "feature_store": FeatureStoreResource(path=_env("FEATURE_STORE_PATH"), faults=_env("FEATURE_PIPELINE_FAULTS")),
     }

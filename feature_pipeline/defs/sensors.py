@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 from nats.errors import Error as NatsError
+from nats.js.errors import NotFoundError
 
 from feature_pipeline.broker import (
     DEADLETTER,
@@ -25,9 +26,10 @@ from feature_pipeline.broker import (
     consumer_name,
     redact,
 )
-from feature_pipeline.defs.assets import BATCH_TAG, ingest_job, stream_key
-from feature_pipeline.defs.resources import IngestResource, NatsResource
-from feature_pipeline.health import collect
+from feature_pipeline.defs.assets import BATCH_TAG, ingest_job
+from feature_pipeline.defs.checks import stream_events, unreachable_evaluations
+from feature_pipeline.defs.resources import IngestResource, MonitoringResource, NatsResource
+from feature_pipeline.health import StreamStats, collect
 from feature_pipeline.settle import Kind, RunOutcome, decide, outcome_of
 from feature_pipeline.staging import Manifest, Staging, assemble, delivery_from_row
 
@@ -50,7 +52,7 @@ class TickReport:
     staged: list[Manifest] = field(default_factory=list)
     in_flight: int = 0
     problem: str | None = None
-    observations: list[dg.AssetObservation] = field(default_factory=list)
+    stats: list[StreamStats] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = []
@@ -215,15 +217,7 @@ async def _exchange(
             if len(deliveries) < ingest.batch_max_messages:
                 break
 
-        for stats in await collect(broker, nats.durable_prefix, remaining + report.staged):
-            spec = next(s for s in STREAMS if s.name == stats.stream)
-            meta: dict[str, dg.RawMetadataValue] = {
-                k: v for k, v in stats.as_dict().items() if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            meta["consumer"] = stats.consumer
-            if stats.last_message_at:
-                meta["last_message_at"] = dg.MetadataValue.timestamp(stats.last_message_at)
-            report.observations.append(dg.AssetObservation(asset_key=stream_key(spec), metadata=meta))
+        report.stats = await collect(broker, nats.durable_prefix, remaining + report.staged)
 
 
 def run_tick(
@@ -251,6 +245,14 @@ def run_tick(
     return requests, report
 
 
+def _asset_events(
+    stats: list[StreamStats], problem: str | None, monitoring: MonitoringResource
+) -> list[dg.AssetObservation | dg.AssetCheckEvaluation]:
+    if stats:
+        return stream_events(stats, monitoring)
+    return unreachable_evaluations(problem) if problem else []
+
+
 def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
     @dg.sensor(
         name=SENSOR_NAME,
@@ -261,15 +263,43 @@ def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
         "one ingest run each, and acks a batch only after its run succeeded.",
     )
     def ingest_sensor(
-        context: dg.SensorEvaluationContext, nats: NatsResource, ingest: IngestResource
+        context: dg.SensorEvaluationContext, nats: NatsResource, ingest: IngestResource, monitoring: MonitoringResource
     ) -> dg.SensorResult:
         requests, report = run_tick(context.instance, nats, ingest)
         text = report.summary()
         (context.log.warning if report.problem else context.log.info)(text)
         return dg.SensorResult(
             run_requests=requests,
-            asset_events=report.observations,
+            asset_events=_asset_events(report.stats, report.problem, monitoring),
             skip_reason=None if requests else text,
         )
 
     return ingest_sensor
+
+
+@dg.sensor(
+    name="stream_monitor",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Observes the streams and grades the lag checks every 30 s, also while ingest_sensor is "
+    "stopped, so a stopped pipeline turns the checks red.",
+)
+def stream_monitor(
+    context: dg.SensorEvaluationContext, nats: NatsResource, ingest: IngestResource, monitoring: MonitoringResource
+) -> dg.SensorResult:
+    async def gather() -> list[StreamStats]:
+        async with await Broker.connect(nats.url, name="feature-pipeline-monitor") as broker:
+            return await collect(broker, nats.durable_prefix, ingest.staging.batches())
+
+    problem = None
+    stats: list[StreamStats] = []
+    try:
+        stats = asyncio.run(gather())
+    except BrokerUnavailable as exc:
+        problem = str(exc)
+    except (NatsError, TimeoutError, ConnectionError) as exc:
+        problem = f"lost NATS at {redact(nats.url)}: {exc!r}"
+    except NotFoundError as exc:
+        problem = f"a stream or consumer is missing ({exc.description}); ingest_sensor creates them on its next tick"
+    lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
+    return dg.SensorResult(asset_events=_asset_events(stats, problem, monitoring), skip_reason=problem or lags)
