@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import json
 import re
+import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +70,37 @@ def redact(url: str) -> str:
     return ",".join(re.sub(r"^([A-Za-z]+://).*@", r"\1***@", u) for u in url.split(","))
 
 
+@dataclass(frozen=True)
+class NatsAuth:
+    """How to authenticate and encrypt; empty strings mean 'not used'. Paths are files."""
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    creds: str = ""
+    nkey_seed: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def connect_options(self, url: str) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.user:
+            opts.update(user=self.user, password=self.password)
+        if self.token:
+            opts["token"] = self.token
+        if self.creds:
+            opts["user_credentials"] = self.creds
+        if self.nkey_seed:
+            opts["nkeys_seed"] = self.nkey_seed
+        if self.tls_ca or self.tls_cert or url.startswith("tls://"):
+            ctx = ssl.create_default_context(cafile=self.tls_ca or None)
+            if self.tls_cert:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            opts["tls"] = ctx
+        return opts
+
+
 def consumer_name(prefix: str, spec: StreamSpec) -> str:
     return f"{prefix}-{spec.key}"
 
@@ -97,6 +129,15 @@ def parse_reply(reply: str) -> tuple[str, int, int, int]:
     raise ValueError(f"not a JetStream ack subject: {reply!r}")
 
 
+def _reason(exc: BaseException) -> str:
+    """nats-py reports a refused login as a generic error: say what the server said."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({cause})"
+    return text
+
+
 def _header_safe(text: str, limit: int = 1000) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -111,12 +152,16 @@ class Broker:
         self.url = url
 
     @classmethod
-    async def connect(cls, url: str, name: str = "feature-pipeline") -> Broker:
+    async def connect(cls, url: str, name: str = "feature-pipeline", auth: NatsAuth | None = None) -> Broker:
         async def quiet(_exc: Exception) -> None:
             # nats-py logs every failed attempt with a stack trace otherwise; the caller reports once.
             return None
 
         servers = url.split(",")
+        try:
+            options = (auth or NatsAuth()).connect_options(url)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnavailable(f"cannot load the TLS files for NATS at {redact(url)}: {exc}") from None
         try:
             # nats-py's connect_timeout does not cover a hanging DNS lookup: bound the whole attempt.
             nc = await asyncio.wait_for(
@@ -128,11 +173,12 @@ class Broker:
                     max_reconnect_attempts=0,
                     error_cb=quiet,
                     pending_size=256 * 1024 * 1024,
+                    **options,
                 ),
                 CONNECT_TIMEOUT_SECONDS * len(servers) + 1,
             )
         except Exception as exc:
-            raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {exc or type(exc).__name__}") from None
+            raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {_reason(exc)}") from None
         return cls(nc, url)
 
     async def close(self) -> None:

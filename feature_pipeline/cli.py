@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from feature_pipeline import settings
-from feature_pipeline.broker import Broker, BrokerUnavailable, redact
+from feature_pipeline.broker import Broker, BrokerUnavailable, NatsAuth, redact
 from feature_pipeline.envelopes import DATA_MODELS, make_envelope
 from feature_pipeline.localnats import LocalNats, port_open
 from feature_pipeline.staging import Staging
@@ -40,6 +40,19 @@ def _settings() -> settings.Settings:
         return settings.load()
     except settings.SettingsError as exc:
         raise SystemExit(_fail(str(exc))) from None
+
+
+def nats_auth(cfg: settings.Settings) -> NatsAuth:
+    return NatsAuth(
+        user=cfg.nats_user,
+        password=cfg.nats_password,
+        token=cfg.nats_token,
+        creds=cfg.nats_creds,
+        nkey_seed=cfg.nats_nkey_seed,
+        tls_ca=cfg.nats_tls_ca,
+        tls_cert=cfg.nats_tls_cert,
+        tls_key=cfg.nats_tls_key,
+    )
 
 
 def _dagster_home() -> Path:
@@ -136,12 +149,19 @@ def sample_data(subject: str, rng: random.Random) -> dict[str, Any]:
 
 
 async def publish_events(
-    url: str, *, subjects: list[str], users: list[str], count: int, rate: float | None, seed: int | None = None
+    url: str,
+    *,
+    subjects: list[str],
+    users: list[str],
+    count: int,
+    rate: float | None,
+    seed: int | None = None,
+    auth: NatsAuth | None = None,
 ) -> list[str]:
     """Publish `count` contract-conforming events; returns their ids. Each id is also the Nats-Msg-Id."""
     rng = random.Random(seed)
     ids: list[str] = []
-    async with await Broker.connect(url, name="feature-pipeline-publish") as broker:
+    async with await Broker.connect(url, "feature-pipeline-publish", auth) as broker:
         await broker.ensure_streams()
         start = time.monotonic()
         pending = []
@@ -172,7 +192,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     subjects = [args.subject] if args.subject else sorted(DATA_MODELS)
     try:
         ids = asyncio.run(
-            publish_events(cfg.nats_url, subjects=subjects, users=users, count=args.count, rate=args.rate)
+            publish_events(
+                cfg.nats_url, subjects=subjects, users=users, count=args.count, rate=args.rate, auth=nats_auth(cfg)
+            )
         )
     except BrokerUnavailable as exc:
         return _fail(str(exc))
@@ -240,7 +262,7 @@ def _dagster_state() -> dict[str, Any] | None:
 async def _stream_health(cfg: settings.Settings) -> list[dict[str, Any]]:
     from feature_pipeline.health import collect
 
-    async with await Broker.connect(cfg.nats_url, name="feature-pipeline-health") as broker:
+    async with await Broker.connect(cfg.nats_url, "feature-pipeline-health", nats_auth(cfg)) as broker:
         stats = await collect(broker, cfg.durable_prefix, Staging(cfg.staging_dir).batches())
     return [s.as_dict() for s in stats]
 
@@ -259,6 +281,12 @@ def cmd_health(args: argparse.Namespace) -> int:
         report.update(status="degraded", streams=[])
         report["problems"].append(f"cannot read stream state: {exc!r} (the sensor creates streams and consumers)")
         code = EXIT_DEGRADED
+    try:
+        Staging(cfg.staging_dir).check_writable()
+    except OSError as exc:
+        report["problems"].append(f"staging folder {cfg.staging_dir} is not writable, the sensor will not fetch: {exc}")
+        code = max(code, EXIT_DEGRADED)
+        report["status"] = "degraded" if code == EXIT_DEGRADED else report["status"]
     try:
         report.update(_dagster_state() or {"last_ingest_run": None, "checks": {}, "freshness": {}})
     except Exception as exc:
@@ -308,7 +336,7 @@ def cmd_settings(_args: argparse.Namespace) -> int:
     for var in settings.VARIABLES:
         source = "env" if var.name in os.environ else "default"
         value = getattr(cfg, settings.FIELDS[var.name])
-        shown = redact(str(value)) if var.name == "NATS_URL" else value
+        shown = "***" if var.secret and value else redact(str(value)) if var.name == "NATS_URL" else value
         print(f"{var.name}={shown}  ({source})")
     return EXIT_OK
 

@@ -44,10 +44,17 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class LocalNats:
     """One nats-server process bound to 127.0.0.1, its JetStream store under `store_dir`."""
 
-    def __init__(self, store_dir: str | os.PathLike[str], port: int | None = None, log_file: str | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: str | os.PathLike[str],
+        port: int | None = None,
+        log_file: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.log_file = log_file
+        self.extra_args = extra_args or []  # e.g. --user/--pass or --tls ... for the security tests
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,6 +64,7 @@ class LocalNats:
     def start(self, timeout: float = 15.0) -> LocalNats:
         self.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        args += self.extra_args
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=out, stderr=out)
         deadline = time.monotonic() + timeout

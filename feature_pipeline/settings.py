@@ -27,6 +27,7 @@ class Variable:
     default: str
     help: str
     parse: Callable[[str], object]
+    secret: bool = False  # never printed, logged or shown in the UI
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -67,8 +68,28 @@ def _path(raw: str) -> str:
     return str(Path(raw.strip()).expanduser().resolve())
 
 
+FAULTS = {
+    "fail-run": "every ingest run fails just before COMMIT",
+    "slow-commit": "every ingest run waits 10 s inside its transaction before COMMIT (to kill or cancel it there)",
+    "no-keepalive": "the sensor sends no +WPI, so ack_wait can expire under a waiting batch",
+}
+
+
+def _optional_file(raw: str) -> str:
+    if not raw.strip():
+        return ""
+    path = Path(raw.strip()).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"names {str(path)!r}, which is not a readable file")
+    return str(path)
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
 def _faults(raw: str) -> str:
-    known = {"fail-run"}
+    known = set(FAULTS)
     names = {f.strip() for f in raw.split(",") if f.strip()}
     unknown = names - known
     if unknown:
@@ -78,6 +99,14 @@ def _faults(raw: str) -> str:
 
 VARIABLES: tuple[Variable, ...] = (
     Variable("NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated.", _nats_url),
+    Variable("NATS_USER", "", "User name for NATS user/password authentication.", _text),
+    Variable("NATS_PASSWORD", "", "Password for NATS user/password authentication.", _text, secret=True),
+    Variable("NATS_TOKEN", "", "Token for NATS token authentication.", _text, secret=True),
+    Variable("NATS_CREDS", "", "Path of a NATS credentials file (JWT + NKey seed).", _optional_file),
+    Variable("NATS_NKEY_SEED", "", "Path of a file holding an NKey seed.", _optional_file),
+    Variable("NATS_TLS_CA", "", "Path of the CA certificate(s) that signed the server's certificate.", _optional_file),
+    Variable("NATS_TLS_CERT", "", "Path of a client certificate, for servers that verify clients.", _optional_file),
+    Variable("NATS_TLS_KEY", "", "Path of the client certificate's private key.", _optional_file),
     Variable(
         "NATS_DURABLE_PREFIX",
         "feature-pipeline",
@@ -144,8 +173,8 @@ VARIABLES: tuple[Variable, ...] = (
         "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS",
         "600",
         "An ingest run still going after this long is failed by Dagster's run monitoring (tag dagster/max_runtime), "
-        "so a run whose worker was killed releases its batch for redelivery (60-86400).",
-        _int_between(60, 86400),
+        "so a run whose worker was killed releases its batch for redelivery (10-86400).",
+        _int_between(10, 86400),
     ),
     Variable(
         "FEATURE_PIPELINE_LAG_WARN",
@@ -205,7 +234,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "FEATURE_PIPELINE_FAULTS",
         "",
-        "Fault injection for tests and drills only: `fail-run` makes every ingest run fail before it commits.",
+        "Fault injection for tests and drills only, comma separated: "
+        + "; ".join(f"`{k}`: {v}" for k, v in FAULTS.items()),
         _faults,
     ),
 )
@@ -223,6 +253,14 @@ _WARN_BELOW_ERROR = (
 @dataclass(frozen=True)
 class Settings:
     nats_url: str
+    nats_user: str
+    nats_password: str
+    nats_token: str
+    nats_creds: str
+    nats_nkey_seed: str
+    nats_tls_ca: str
+    nats_tls_cert: str
+    nats_tls_key: str
     durable_prefix: str
     max_deliver: int
     ack_wait_seconds: int
@@ -248,6 +286,14 @@ class Settings:
 
 FIELDS = {
     "NATS_URL": "nats_url",
+    "NATS_USER": "nats_user",
+    "NATS_PASSWORD": "nats_password",
+    "NATS_TOKEN": "nats_token",
+    "NATS_CREDS": "nats_creds",
+    "NATS_NKEY_SEED": "nats_nkey_seed",
+    "NATS_TLS_CA": "nats_tls_ca",
+    "NATS_TLS_CERT": "nats_tls_cert",
+    "NATS_TLS_KEY": "nats_tls_key",
     "NATS_DURABLE_PREFIX": "durable_prefix",
     "NATS_MAX_DELIVER": "max_deliver",
     "NATS_ACK_WAIT_SECONDS": "ack_wait_seconds",
@@ -293,6 +339,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         w, e = values.get(FIELDS[warn]), values.get(FIELDS[error])
         if w is not None and e is not None and (w >= e if strict else w > e):  # type: ignore[operator]
             problems.append(f"{warn} ({w}) must be {'below' if strict else 'at most'} {error} ({e})")
+    if bool(values.get("nats_tls_cert")) != bool(values.get("nats_tls_key")):
+        problems.append("NATS_TLS_CERT and NATS_TLS_KEY go together: set both or neither")
+    if values.get("nats_password") and not values.get("nats_user"):
+        problems.append("NATS_PASSWORD is set but NATS_USER is not")
     if problems:
         raise SettingsError("invalid configuration: " + "; ".join(problems))
     return Settings(**values)  # type: ignore[arg-type]

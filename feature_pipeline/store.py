@@ -19,6 +19,7 @@ import duckdb
 
 from feature_pipeline.features import USER_FEATURES_DDL, inconsistent_users, upsert_features
 
+SLOW_COMMIT_SECONDS = 10
 RAW_TABLES = {"SIGNALS": "signal_events", "FEEDBACK": "feedback_events"}
 
 _RAW_DDL = """
@@ -97,6 +98,7 @@ class BatchResult:
     feedback_inserted: int
     duplicates_absorbed: int
     dead_letters_inserted: int
+    conflicting_duplicates: int  # same id, different content: kept the first, recorded the others in dead_letters
     users_touched: int
     user_features_rows: int
     signal_events_rows: int
@@ -137,7 +139,12 @@ class FeatureStore:
         return con
 
     def apply_batch(
-        self, batch_dir: Path, batch_id: str, *, fail_before_commit: bool = False, consistency_sample: int = 1000
+        self,
+        batch_dir: Path,
+        batch_id: str,
+        *,
+        faults: frozenset[str] = frozenset(),
+        consistency_sample: int = 1000,
     ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
 
@@ -171,6 +178,7 @@ class FeatureStore:
                 {"now": now, "batch": batch_id, "p": str(batch_dir / "dead_letters.parquet")},
             ).fetchone()
             dead_inserted = row[0] if row else 0
+            conflicts = self._record_conflicting_duplicates(con, batch_dir, batch_id, now)
             con.execute("CREATE OR REPLACE TEMP TABLE touched_users AS SELECT DISTINCT user_id FROM batch_events")
             touched = con.execute("SELECT count(*) FROM touched_users").fetchone()[0]  # type: ignore[index]
             in_batch = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": str(batch_dir / "events.parquet")})
@@ -188,7 +196,9 @@ class FeatureStore:
                     "users": touched,
                 },
             )
-            if fail_before_commit:
+            if "slow-commit" in faults:
+                time.sleep(SLOW_COMMIT_SECONDS)
+            if "fail-run" in faults:
                 raise InjectedFault("FEATURE_PIPELINE_FAULTS=fail-run: failing before COMMIT (nothing is stored)")
             con.execute("COMMIT")
             committed = datetime.now(UTC)
@@ -205,6 +215,7 @@ class FeatureStore:
                 feedback_inserted=inserted["FEEDBACK"],
                 duplicates_absorbed=events_in_batch - sum(inserted.values()),
                 dead_letters_inserted=dead_inserted,
+                conflicting_duplicates=conflicts,
                 users_touched=touched,
                 user_features_rows=rows,
                 signal_events_rows=self._count(con, "signal_events"),
@@ -232,6 +243,41 @@ class FeatureStore:
             return rows, self._health(con, consistency_sample)
         finally:
             con.close()
+
+    @staticmethod
+    def _record_conflicting_duplicates(
+        con: duckdb.DuckDBPyConnection, batch_dir: Path, batch_id: str, now: datetime
+    ) -> int:
+        """An id seen again with other content is not absorbed silently: the first stored version stays,
+        each other version goes to dead_letters with its body and both sequences in the reason
+        (deadletter_seq 0: recorded by the run, not republished on DEADLETTER)."""
+        total = 0
+        for stream, table in RAW_TABLES.items():
+            row = con.execute(
+                f"""
+                INSERT INTO dead_letters
+                SELECT b.stream, b.subject, b.stream_seq, b.num_delivered,
+                       'duplicate id ' || b.event_id || ' with different content; kept the first stored version ('
+                       || $stream || ' #' || e.stream_seq || ')',
+                       $now, 0, d.body, $now, $batch
+                FROM read_parquet($events) b
+                JOIN {table} e ON e.event_id = b.event_id
+                LEFT JOIN read_parquet($deliveries) d ON d.stream = b.stream AND d.stream_seq = b.stream_seq
+                WHERE b.stream = $stream AND e.stream_seq <> b.stream_seq
+                  AND (e.user_id, e.type, e.occurred_at, CAST(e.data AS VARCHAR))
+                      IS DISTINCT FROM (b.user_id, b.type, b.occurred_at, b.data)
+                ON CONFLICT DO NOTHING
+                """,
+                {
+                    "stream": stream,
+                    "now": now,
+                    "batch": batch_id,
+                    "events": str(batch_dir / "events.parquet"),
+                    "deliveries": str(batch_dir / "deliveries.parquet"),
+                },
+            ).fetchone()
+            total += row[0] if row else 0
+        return total
 
     @staticmethod
     def _health(con: duckdb.DuckDBPyConnection, consistency_sample: int) -> StoreHealth:

@@ -4,8 +4,13 @@ processes) and a real nats-server: the promises users buy, checked from the outs
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -13,7 +18,7 @@ import pytest
 
 from feature_pipeline.cli import publish_events
 from feature_pipeline.store import FeatureStore
-from feature_pipeline_tests.conftest import BIN, REPO, Pipeline, run, stream_messages, wait_for
+from feature_pipeline.testing import BIN, REPO, Pipeline, run, stream_messages, wait_for
 from feature_pipeline_tests.test_sensor_tick import _publish, _synced
 
 pytestmark = pytest.mark.e2e
@@ -239,3 +244,46 @@ def test_failing_runs_redeliver_then_dead_letter_and_recover(make_pipeline: Any)
     ((seq, count, reason),) = p.query("SELECT original_seq, delivery_count, reason FROM dead_letters")
     assert (seq, count) == (1, 3) and "gave up after 3 deliveries" in reason
     assert p.stored_ids() == []
+
+
+def _worker_pid(p: Pipeline, run_id: str) -> int | None:
+    """The live run worker of a run, from the engine event the launcher writes ("Started process for run (pid: N)")."""
+    with p.instance() as inst:
+        for entry in inst.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+            m = re.search(r"Started process for run \(pid: (\d+)\)", entry.message)
+            if m and Path(f"/proc/{m.group(1)}").exists():
+                return int(m.group(1))
+    return None
+
+
+def test_killed_run_worker_and_killed_daemon_lose_and_double_nothing(make_pipeline: Any) -> None:
+    """SIGKILL the run worker inside its DuckDB transaction: the file opens clean with no partial batch,
+    run monitoring fails the run (dagster/max_runtime), the batch is redelivered and stored once. Then
+    SIGKILL the whole daemon (code server, run worker) with a batch in flight and restart it: the staged
+    batch is found again and settled, and no staged file is left behind."""
+    p = make_pipeline({"FEATURE_PIPELINE_FAULTS": "slow-commit", "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "15"})
+    published = run(publish_events(p.nats.url, subjects=SIGNAL_SUBJECTS, users=["u-1", "u-2"], count=50, rate=None))
+
+    def started_run() -> dg.DagsterRun | None:
+        runs = p.runs(dg.DagsterRunStatus.STARTED)
+        return runs[0] if runs and _worker_pid(p, runs[0].run_id) else None
+
+    first = wait_for(started_run, 90, "a started ingest run")
+    time.sleep(4)  # inside the transaction: slow-commit holds it open for 10 s before COMMIT
+    os.kill(_worker_pid(p, first.run_id) or 0, signal.SIGKILL)
+    assert p.query("SELECT count(*) FROM signal_events") in ([], [(0,)]), "a partial batch is visible"
+    wait_for(lambda: p.instance().get_run_by_id(first.run_id).status == dg.DagsterRunStatus.FAILURE, 60,
+             "run monitoring to fail the killed run")  # fmt: skip
+
+    second = wait_for(lambda: (r := started_run()) and r.run_id != first.run_id and r, 90, "the redelivery's run")
+    assert p.staged(), "the batch is in flight"
+    os.killpg(p.daemon.pid, signal.SIGKILL)
+    p.daemon.wait(10)
+    time.sleep(3)
+    p.start_daemon()
+    wait_for(lambda: sorted(p.stored_ids()) == sorted(published) and p.settled(), 180, "every event stored once")
+
+    assert sorted(p.stored_ids()) == sorted(published)
+    assert p.query("SELECT sum(signal_count_total) FROM user_features") == [(len(published),)]
+    assert p.instance().get_run_by_id(second.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert not p.staged()

@@ -10,17 +10,19 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 
 from feature_pipeline.broker import Broker
 from feature_pipeline.defs.assets import BATCH_TAG, ingest_batch
-from feature_pipeline.defs.resources import FeatureStoreResource, NatsResource
+from feature_pipeline.defs.resources import NatsResource
 from feature_pipeline.defs.sensors import run_tick
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.localnats import LocalNats
-from feature_pipeline_tests.conftest import consumer_states, query, run, stream_messages
+from feature_pipeline.testing import consumer_states, query, run, stream_messages
+
+R = TypeVar("R", bound=dg.ConfigurableResource)
 
 
 async def _publish(url: str, items: list[tuple[str, bytes]]) -> None:
@@ -58,11 +60,17 @@ def _tick_until_request(
     raise AssertionError(f"no batch staged within {timeout} s")
 
 
+def replace(resource: R, **changes: Any) -> R:
+    """A copy of a resource with some fields changed (model_copy would keep Dagster's cached config)."""
+    fields = {name: getattr(resource, name) for name in type(resource).model_fields}
+    return type(resource)(**{**fields, **changes})
+
+
 def _execute(instance: dg.DagsterInstance, res: dict[str, Any], req: dg.RunRequest, fail: bool = False) -> bool:
     """What the daemon would launch for a run request: the ingest asset with the batch tag."""
     resources = dict(res)
     if fail:
-        resources["feature_store"] = FeatureStoreResource(path=res["feature_store"].path, faults="fail-run")
+        resources["ingest"] = replace(res["ingest"], faults="fail-run")
     result = dg.materialize([ingest_batch], instance=instance, resources=resources, tags=req.tags, raise_on_error=False)
     return result.success
 
@@ -129,7 +137,7 @@ def test_failed_run_naks_with_delay_then_dead_letters_on_last_delivery(
 def test_redelivery_waits_for_the_nak_delay(resources: dict[str, Any]) -> None:
     """A NAK after a failed run carries a delay: the message is not back at once."""
     run(_publish(resources["nats"].url, [_synced("evt-delay")]))
-    resources["ingest"] = resources["ingest"].model_copy(update={"nak_delay_seconds": 3})
+    resources["ingest"] = replace(resources["ingest"], nak_delay_seconds=3)
     with dg.instance_for_test() as inst:
         (req,), _ = _tick(inst, resources)
         assert not _execute(inst, resources, req, fail=True)

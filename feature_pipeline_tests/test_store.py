@@ -282,7 +282,7 @@ def test_fail_before_commit_leaves_everything_unchanged(env: Env) -> None:
     ]
     batch_id = env.stage(batch)
     with pytest.raises(InjectedFault):
-        env.store.apply_batch(env.staging.path(batch_id), batch_id, fail_before_commit=True)
+        env.store.apply_batch(env.staging.path(batch_id), batch_id, faults=frozenset({"fail-run"}))
     assert env.snapshot() == before
 
     result = env.store.apply_batch(env.staging.path(batch_id), batch_id)
@@ -294,7 +294,7 @@ def test_fail_before_commit_on_a_fresh_store_stores_nothing(env: Env) -> None:
     """The very first batch failing must leave empty tables, not a half-written store."""
     batch_id = env.stage([env.feed.event("s-1", "signals.task.completed", "u-1", NOW)])
     with pytest.raises(InjectedFault):
-        env.store.apply_batch(env.staging.path(batch_id), batch_id, fail_before_commit=True)
+        env.store.apply_batch(env.staging.path(batch_id), batch_id, faults=frozenset({"fail-run"}))
     assert {t: len(rows) for t, rows in env.snapshot().items()} == dict.fromkeys(TABLES, 0)
 
 

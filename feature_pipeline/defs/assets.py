@@ -115,7 +115,7 @@ def ingest_batch(
     result = store.apply_batch(
         batch_dir,
         batch_id,
-        fail_before_commit=feature_store.fault("fail-run"),
+        faults=ingest.fault_set,
         consistency_sample=monitoring.consistency_sample,
     )
     shown = ", ".join(result.event_ids[:LOGGED_IDS])
@@ -123,7 +123,8 @@ def ingest_batch(
     context.log.info(
         f"stored batch {batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
         f"{result.feedback_inserted} new feedback, {result.duplicates_absorbed} duplicates absorbed), "
-        f"{result.dead_letters_inserted} dead letters, {result.users_touched} users refreshed; "
+        f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
+        f"{result.users_touched} users refreshed; "
         f"events: {shown}{f' and {more} more' if more > 0 else ''}"
     )
     common: dict[str, Any] = {
@@ -131,6 +132,7 @@ def ingest_batch(
         "events_in_batch": result.events_in_batch,
         "duplicates_absorbed": result.duplicates_absorbed,
         "dead_letters_stored": result.dead_letters_inserted,
+        "conflicting_duplicates": result.conflicting_duplicates,
         "users_touched": result.users_touched,
     }
     for stream, (lo, hi) in manifest["seq_ranges"].items():

@@ -87,7 +87,7 @@ def stream_checks_on_demand(
     """Run from the UI: the same evaluation the sensors make every tick."""
 
     async def gather() -> list[StreamStats]:
-        async with await Broker.connect(nats.url, name="feature-pipeline-checks") as broker:
+        async with await Broker.connect(nats.url, "feature-pipeline-checks", nats.auth) as broker:
             return await collect(broker, nats.durable_prefix, ingest.staging.batches())
 
     for o in stream_checks(asyncio.run(gather()), monitoring.thresholds):

@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from feature_pipeline import settings
+from feature_pipeline.broker import NatsAuth
 from feature_pipeline.health import Thresholds
 from feature_pipeline.staging import Staging
 from feature_pipeline.store import FeatureStore
@@ -23,6 +24,31 @@ class NatsResource(dg.ConfigurableResource):
     durable_prefix: str
     max_deliver: int
     ack_wait_seconds: int
+    # Credentials reach the resource as EnvVars: the UI shows the variable's name, never its value.
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds: str = ""
+    nkey_seed: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def auth(self) -> NatsAuth:
+        def path(name: str, raw: str) -> str:
+            return str(settings.parse(name, raw))
+
+        return NatsAuth(
+            user=self.user,
+            password=self.password,
+            token=self.token,
+            creds=path("NATS_CREDS", self.creds),
+            nkey_seed=path("NATS_NKEY_SEED", self.nkey_seed),
+            tls_ca=path("NATS_TLS_CA", self.tls_ca),
+            tls_cert=path("NATS_TLS_CERT", self.tls_cert),
+            tls_key=path("NATS_TLS_KEY", self.tls_key),
+        )
 
 
 class IngestResource(dg.ConfigurableResource):
@@ -34,6 +60,12 @@ class IngestResource(dg.ConfigurableResource):
     max_batches_in_flight: int
     nak_delay_seconds: int
     run_timeout_seconds: int = 600
+    faults: str = ""
+
+    @property
+    def fault_set(self) -> frozenset[str]:
+        """FEATURE_PIPELINE_FAULTS, for tests and drills only."""
+        return frozenset(f for f in str(settings.parse("FEATURE_PIPELINE_FAULTS", self.faults)).split(",") if f)
 
     @property
     def staging(self) -> Staging:
@@ -46,17 +78,13 @@ class IngestResource(dg.ConfigurableResource):
 
 
 class FeatureStoreResource(dg.ConfigurableResource):
-    """The DuckDB file, and the fault switch drills use."""
+    """The DuckDB file."""
 
     path: str
-    faults: str = ""
 
     @property
     def store(self) -> FeatureStore:
         return FeatureStore(str(settings.parse("FEATURE_STORE_PATH", self.path)))
-
-    def fault(self, name: str) -> bool:
-        return name in str(settings.parse("FEATURE_PIPELINE_FAULTS", self.faults)).split(",")
 
 
 class MonitoringResource(dg.ConfigurableResource):
@@ -90,6 +118,14 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             durable_prefix=_env("NATS_DURABLE_PREFIX"),
             max_deliver=_env("NATS_MAX_DELIVER", integer=True),
             ack_wait_seconds=_env("NATS_ACK_WAIT_SECONDS", integer=True),
+            user=_env("NATS_USER"),
+            password=_env("NATS_PASSWORD"),
+            token=_env("NATS_TOKEN"),
+            creds=_env("NATS_CREDS"),
+            nkey_seed=_env("NATS_NKEY_SEED"),
+            tls_ca=_env("NATS_TLS_CA"),
+            tls_cert=_env("NATS_TLS_CERT"),
+            tls_key=_env("NATS_TLS_KEY"),
         ),
         "ingest": IngestResource(
             staging_dir=_env("FEATURE_PIPELINE_STAGING_DIR"),
@@ -98,6 +134,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             max_batches_in_flight=_env("FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT", integer=True),
             nak_delay_seconds=_env("FEATURE_PIPELINE_NAK_DELAY_SECONDS", integer=True),
             run_timeout_seconds=_env("FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS", integer=True),
+            faults=_env("FEATURE_PIPELINE_FAULTS"),
         ),
         "monitoring": MonitoringResource(
             lag_warn=_env("FEATURE_PIPELINE_LAG_WARN", integer=True),
@@ -108,5 +145,5 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             dead_letters_hour_error=_env("FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR", integer=True),
             consistency_sample=_env("FEATURE_PIPELINE_CONSISTENCY_SAMPLE", integer=True),
         ),
-        "feature_store": FeatureStoreResource(path=_env("FEATURE_STORE_PATH"), faults=_env("FEATURE_PIPELINE_FAULTS")),
+        "feature_store": FeatureStoreResource(path=_env("FEATURE_STORE_PATH")),
     }

