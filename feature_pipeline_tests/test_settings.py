@@ -18,6 +18,14 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load({}) == Settings(
         nats_url="nats://127.0.0.1:4222",
+        nats_user="",
+        nats_password="",
+        nats_token="",
+        nats_creds="",
+        nats_nkey_seed="",
+        nats_tls_ca="",
+        nats_tls_cert="",
+        nats_tls_key="",
         durable_prefix="feature-pipeline",
         max_deliver=5,
         ack_wait_seconds=60,
@@ -121,3 +129,25 @@ def test_every_variable_is_documented_in_readme() -> None:
     text = README.read_text(encoding="utf-8")
     missing = [v.name for v in settings.VARIABLES if not re.search(rf"(?<![A-Z0-9_]){v.name}(?![A-Z0-9_])", text)]
     assert missing == [], f"not documented in README.md: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"NATS_TLS_CERT": __file__}, "NATS_TLS_CERT and NATS_TLS_KEY go together"),
+        ({"NATS_PASSWORD": "pw"}, "NATS_PASSWORD is set but NATS_USER is not"),
+        (
+            {"NATS_TLS_CA": "/nonexistent/ca.pem"},
+            "NATS_TLS_CA names '/nonexistent/ca.pem', which is not a readable file",
+        ),
+        ({"NATS_CREDS": "/nonexistent/x.creds"}, "NATS_CREDS names"),
+    ],
+)
+def test_security_settings_are_checked_at_start_up(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(settings.SettingsError, match=re.escape(expected)):
+        settings.load(env)
+
+
+def test_secret_variables_are_marked() -> None:
+    """Marked secrets are what `feature-pipeline settings` masks."""
+    assert {v.name for v in settings.VARIABLES if v.secret} == {"NATS_PASSWORD", "NATS_TOKEN"}

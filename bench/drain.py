@@ -1,0 +1,393 @@
+"""The pipeline itself: the real `dagster-daemon run -w workspace.yaml` against the bench's nats-server.
+
+`backlog()` times a pre-published backlog from daemon start until every event is stored, featurized and
+acked; `steady()` offers a fixed rate to the running pipeline and measures publish→commit latency and lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common import (
+    REPO,
+    VENV_BIN,
+    EventMaker,
+    Publisher,
+    connect,
+    forget_cleanup,
+    lag,
+    log,
+    on_cleanup,
+    percentile,
+    query,
+    slope,
+    stop_group,
+    total_lag,
+)
+
+from feature_pipeline import settings
+
+# Batch and consumer knobs the bench passes through from its own environment; paths, URL and prefix are its own.
+KNOBS = (
+    "FEATURE_PIPELINE_BATCH_MAX_MESSAGES",
+    "FEATURE_PIPELINE_BATCH_MAX_BYTES",
+    "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT",
+    "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS",
+    "FEATURE_PIPELINE_NAK_DELAY_SECONDS",
+    "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS",
+    "NATS_MAX_DELIVER",
+    "NATS_ACK_WAIT_SECONDS",
+)
+COUNT_SQL = "SELECT (SELECT count(*) FROM signal_events) + (SELECT count(*) FROM feedback_events)"
+
+
+class Pipeline:
+    def __init__(self, root: Path, nats_url: str, prefix: str = "bench") -> None:
+        self.root = root
+        self.nats_url = nats_url
+        self.prefix = prefix
+        self.home = root / "dagster_home"
+        self.db = root / "store.duckdb"
+        self.staging = root / "staging"
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self._cleanup = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_")) and k != "DAGSTER_HOME"}
+        env.update({k: os.environ[k] for k in KNOBS if k in os.environ})
+        env.update(
+            {
+                "DAGSTER_HOME": str(self.home),
+                "NATS_URL": self.nats_url,
+                "NATS_DURABLE_PREFIX": self.prefix,
+                "FEATURE_STORE_PATH": str(self.db),
+                "FEATURE_PIPELINE_STAGING_DIR": str(self.staging),
+            }
+        )
+        return env
+
+    def settings(self) -> dict[str, str]:
+        """The values in effect (validated the way the code location will), and where each came from."""
+        env = self.env()
+        cfg = settings.load(env)
+        out = {}
+        for name in ("NATS_URL", "NATS_DURABLE_PREFIX", *KNOBS):
+            value = getattr(cfg, settings.FIELDS[name])
+            source = "set by bench" if name not in KNOBS else "from env" if name in os.environ else "default"
+            out[name] = f"{value} ({source})"
+        return out
+
+    def batch_max(self) -> int:
+        return settings.load(self.env()).batch_max_messages
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / "dagster.yaml", self.home / "dagster.yaml")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.started_at = time.time()
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=REPO,
+            env=self.env(),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        logf.close()
+        self._cleanup = on_cleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+        if self._cleanup:
+            forget_cleanup(self._cleanup)
+            self._cleanup = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def staged(self) -> int:
+        if not self.staging.exists():
+            return 0
+        return sum(1 for p in self.staging.iterdir() if not p.name.startswith("."))
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    # -- Dagster's own records -------------------------------------------------------------------
+
+    def run_and_tick_stats(self, since: float, until: float) -> dict[str, Any]:
+        """Ingest runs (queue time, run time, gaps) and sensor ticks (duration) between two wall times."""
+        import dagster as dg
+
+        out: dict[str, Any] = {}
+        with dg.DagsterInstance.from_config(str(self.home)) as inst:
+            recs = [
+                r
+                for r in inst.get_run_records(filters=dg.RunsFilter(job_name="ingest"))
+                if since <= r.create_timestamp.timestamp() <= until
+            ]
+            recs.sort(key=lambda r: r.create_timestamp)
+            statuses: dict[str, int] = {}
+            for r in recs:
+                statuses[r.dagster_run.status.value] = statuses.get(r.dagster_run.status.value, 0) + 1
+            runs = [r for r in recs if r.start_time and r.end_time]
+            durations = [r.end_time - r.start_time for r in runs]
+            queued = [r.start_time - r.create_timestamp.timestamp() for r in runs]
+            gaps = [b.start_time - a.end_time for a, b in itertools.pairwise(runs)]
+            busy = sum(durations)
+            span = (runs[-1].end_time - runs[0].start_time) if runs else 0
+            out["runs"] = {
+                "count": len(recs),
+                "statuses": statuses,
+                "run_seconds_median": _r(percentile(durations, 0.5)),
+                "run_seconds_max": _r(max(durations) if durations else None),
+                "queued_seconds_median": _r(percentile(queued, 0.5)),
+                "queued_seconds_max": _r(max(queued) if queued else None),
+                "gap_between_runs_seconds_median": _r(percentile(gaps, 0.5)),
+                "runs_busy_share": _r(busy / span if span else None),
+            }
+            ticks_out: dict[str, Any] = {}
+            for state in inst.all_instigator_state():
+                if state.instigator_name != "ingest_sensor":
+                    continue
+                ticks = inst.get_ticks(state.instigator_origin_id, state.selector_id, after=since, before=until)
+                secs = [
+                    t.tick_data.end_timestamp - t.timestamp
+                    for t in ticks
+                    if getattr(t.tick_data, "end_timestamp", None)
+                ]
+                starts = sorted(t.timestamp for t in ticks)
+                ticks_out = {
+                    "count": len(ticks),
+                    "tick_seconds_median": _r(percentile(secs, 0.5)),
+                    "tick_seconds_max": _r(max(secs) if secs else None),
+                    "interval_seconds_median": _r(percentile([b - a for a, b in itertools.pairwise(starts)], 0.5)),
+                    "statuses": {
+                        s: sum(1 for t in ticks if t.status.value == s) for s in {t.status.value for t in ticks}
+                    },
+                }
+            out["sensor_ticks"] = ticks_out
+        return out
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+# -- backlog drain ------------------------------------------------------------------------------
+
+
+async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
+    nc = await connect(p.nats_url, "bench-monitor")
+    js = nc.jetstream(timeout=5)
+    t0 = p.started_at
+    timeline: list[list[Any]] = []
+    first_fetch = first_ack = None
+    done_at = None
+    rows = 0
+    last_log = 0.0
+    try:
+        while True:
+            now = time.time()
+            if now - t0 > timeout:
+                break
+            if not p.alive():
+                raise RuntimeError(f"dagster-daemon exited with {p.proc.returncode}:\n{p.log_tail()}")
+            lags = await lag(js, p.prefix)
+            staged = p.staged()
+            tl = total_lag(lags)
+            timeline.append([round(now - t0, 2), lags["SIGNALS"], lags["FEEDBACK"], lags["DEADLETTER"], staged])
+            if first_fetch is None and staged:
+                first_fetch = now
+            if first_ack is None and tl is not None and tl < expected:
+                first_ack = now
+            if now - last_log > 10:
+                log(f"  +{now - t0:5.0f} s  lag {tl}  staged batches {staged}")
+                last_log = now
+            if tl == 0 and not lags["DEADLETTER"] and staged == 0:
+                rows = (await asyncio.to_thread(query, p.db, COUNT_SQL) or [(0,)])[0][0]
+                if rows >= expected:
+                    done_at = now
+                    break
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    out: dict[str, Any] = {
+        "events": expected,
+        "timed_out": done_at is None,
+        "seconds_to_first_fetch": _r(first_fetch - t0 if first_fetch else None, 2),
+        "seconds_to_first_ack": _r(first_ack - t0 if first_ack else None, 2),
+        "lag_timeline": timeline,
+    }
+    end = done_at or time.time()
+    if done_at is None:
+        rows = (await asyncio.to_thread(query, p.db, COUNT_SQL) or [(0,)])[0][0]
+    out["events_stored"] = rows
+    out["seconds"] = round(end - t0, 2)
+    out["events_per_s"] = round(rows / (end - t0), 1)
+    if first_fetch:
+        out["events_per_s_after_first_fetch"] = round(rows / max(end - first_fetch, 1e-9), 1)
+    return out
+
+
+def backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
+    log(f"pipeline backlog drain: {expected} events, daemon started, timeout {timeout:.0f} s")
+    r = asyncio.run(_backlog(p, expected, timeout))
+    checks = query(
+        p.db,
+        "SELECT (SELECT count(*) FROM user_features), "
+        "(SELECT count(DISTINCT user_id) FROM (SELECT user_id FROM signal_events UNION ALL "
+        "SELECT user_id FROM feedback_events)), (SELECT count(*) FROM ingested_batches), "
+        "(SELECT epoch(min(committed_at)) FROM ingested_batches), (SELECT epoch(max(committed_at)) FROM ingested_batches), "
+        "(SELECT count(*) FROM dead_letters)",
+    )
+    if checks:
+        feat, users, batches, first_c, last_c, dead = checks[0]
+        r.update(
+            user_features_rows=feat,
+            distinct_users=users,
+            featurized=feat == users,
+            batches=batches,
+            dead_letters=dead,
+            seconds_to_first_commit=_r(first_c - p.started_at if first_c else None, 2),
+            seconds_to_last_commit=_r(last_c - p.started_at if last_c else None, 2),
+        )
+    state = "TIMED OUT" if r["timed_out"] else "done"
+    log(
+        f"  {state}: {r['events_stored']}/{expected} stored+acked in {r['seconds']} s = {r['events_per_s']:.0f} events/s"
+    )
+    return r
+
+
+# -- steady state -------------------------------------------------------------------------------
+
+
+async def _steady(p: Pipeline, rate: int, seconds: float, drain_timeout: float, users: int, tag: str) -> dict[str, Any]:
+    pub_nc = await connect(p.nats_url, "bench-steady-producer")
+    mon = await connect(p.nats_url, "bench-steady-monitor")
+    pub = await Publisher(pub_nc).start()
+    mjs = mon.jetstream(timeout=5)
+    maker = EventMaker(users, seed=rate)
+    samples: list[tuple[float, int | None]] = []
+    t0 = time.monotonic()
+    producing = True
+
+    async def producer() -> None:
+        total = int(rate * seconds)
+        while pub.sent < total:
+            el = time.monotonic() - t0
+            due = total if el >= seconds else min(int(rate * el), total)
+            now = datetime.now(UTC)
+            while pub.sent < due:
+                eid = f"{tag}-{pub.sent}"
+                subject, body = maker.make(eid, now)
+                await pub.publish(subject, body, eid)
+            await pub.nc.flush()
+            await asyncio.sleep(0.01)
+        await pub.wait()
+
+    async def sampler() -> None:
+        while producing:
+            tl = total_lag(await lag(mjs, p.prefix))
+            samples.append((round(time.monotonic() - t0, 2), tl))
+            await asyncio.sleep(1.0)
+
+    try:
+        s_task = asyncio.create_task(sampler())
+        await asyncio.wait_for(producer(), seconds + 60)
+        produced_s = time.monotonic() - t0
+        lag_at_stop = total_lag(await lag(mjs, p.prefix))
+        producing = False
+        await s_task
+        # Let the pipeline finish what was offered (bounded), then read the latencies from the rows.
+        drained_after = None
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline:
+            if not p.alive():
+                raise RuntimeError(f"dagster-daemon exited:\n{p.log_tail()}")
+            tl = total_lag(await lag(mjs, p.prefix))
+            if tl == 0 and p.staged() == 0:
+                drained_after = time.monotonic() - t0 - produced_s
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await pub_nc.close()
+        await mon.close()
+
+    like = f"{tag}-%"
+    rows = query(
+        p.db,
+        "WITH d AS (SELECT date_diff('microsecond', received_at, ingested_at) / 1e6 AS s FROM signal_events "
+        "WHERE event_id LIKE $p UNION ALL SELECT date_diff('microsecond', received_at, ingested_at) / 1e6 "
+        "FROM feedback_events WHERE event_id LIKE $p) "
+        "SELECT count(*), quantile_cont(s, 0.5), quantile_cont(s, 0.95), max(s) FROM d",
+        {"p": like},
+    )
+    stored, p50, p95, mx = rows[0] if rows else (0, None, None, None)
+    warm = min(10.0, seconds / 3)
+    pts = [(t, float(v)) for t, v in samples if v is not None and t >= warm]
+    lags = [v for _, v in samples if v is not None] + ([lag_at_stop] if lag_at_stop is not None else [])
+    k = slope(pts)
+    sent = pub.sent
+    achieved = sent / produced_s
+    bounded = drained_after is not None and (k is None or k <= 0.05 * achieved)
+    return {
+        "rate_target": rate,
+        "rate_achieved": round(achieved, 1),
+        "seconds": round(produced_s, 1),
+        "published": sent,
+        "stored": stored,
+        "latency_p50_s": _r(p50, 2),
+        "latency_p95_s": _r(p95, 2),
+        "latency_max_s": _r(mx, 2),
+        "lag_max": max(lags) if lags else None,
+        "lag_at_producer_stop": lag_at_stop,
+        "lag_slope_per_s": _r(k, 1),
+        "drained_seconds_after_stop": _r(drained_after, 1),
+        "lag_bounded": bounded,
+        "lag_samples": samples,
+    }
+
+
+def steady(p: Pipeline, rate: int, seconds: float, drain_timeout: float, users: int) -> dict[str, Any]:
+    tag = f"ss{rate}"
+    log(f"steady state: {rate} events/s for {seconds:.0f} s (then up to {drain_timeout:.0f} s to drain)")
+    r = asyncio.run(_steady(p, rate, seconds, drain_timeout, users, tag))
+    log(
+        f"  achieved {r['rate_achieved']:.0f}/s; stored {r['stored']}/{r['published']}; latency p50 {r['latency_p50_s']} "
+        f"p95 {r['latency_p95_s']} max {r['latency_max_s']} s; lag max {r['lag_max']} at stop {r['lag_at_producer_stop']} "
+        f"slope {r['lag_slope_per_s']}/s; drained after {r['drained_seconds_after_stop']} s"
+    )
+    return r
+
+
+def wait_idle(p: Pipeline, timeout: float) -> bool:
+    """Between phases: wait until lag is 0 and nothing is staged."""
+
+    async def go() -> bool:
+        nc = await connect(p.nats_url, "bench-idle")
+        js = nc.jetstream(timeout=5)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if total_lag(await lag(js, p.prefix)) == 0 and p.staged() == 0:
+                    return True
+                await asyncio.sleep(0.5)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    return asyncio.run(go())
