@@ -260,10 +260,12 @@ def _dagster_state() -> dict[str, Any] | None:
 
 
 async def _stream_health(cfg: settings.Settings) -> list[dict[str, Any]]:
-    from feature_pipeline.health import collect
+    from feature_pipeline.health import read_stream_stats
 
-    async with await Broker.connect(cfg.nats_url, "feature-pipeline-health", nats_auth(cfg)) as broker:
-        stats = await collect(broker, cfg.durable_prefix, Staging(cfg.staging_dir).batches())
+    batches = Staging(cfg.staging_dir).batches()
+    stats = await read_stream_stats(
+        cfg.nats_url, nats_auth(cfg), cfg.durable_prefix, batches, "feature-pipeline-health"
+    )
     return [s.as_dict() for s in stats]
 
 

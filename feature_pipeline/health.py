@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from nats.js.errors import NotFoundError
 
-from feature_pipeline.broker import DEADLETTER, STREAMS, Broker, StreamSpec, consumer_name, ts_from_nats
+from feature_pipeline.broker import DEADLETTER, STREAMS, Broker, NatsAuth, StreamSpec, consumer_name, ts_from_nats
 from feature_pipeline.staging import Manifest
 
 
@@ -51,6 +51,14 @@ async def _oldest_unacked_age(broker: Broker, spec: StreamSpec, info: Any) -> fl
         return 0.0
     stored = msg.time if isinstance(msg.time, datetime) else ts_from_nats(str(msg.time))
     return max(0.0, time.time() - stored.timestamp()) if stored else 0.0
+
+
+async def read_stream_stats(
+    url: str, auth: NatsAuth, prefix: str, in_flight: list[Manifest], client: str
+) -> list[StreamStats]:
+    """Connect, collect, close: for callers that have no connection of their own."""
+    async with await Broker.connect(url, client, auth) as broker:
+        return await collect(broker, prefix, in_flight)
 
 
 async def collect(broker: Broker, prefix: str, in_flight: list[Manifest]) -> list[StreamStats]:

@@ -11,10 +11,10 @@ from typing import Any
 
 import dagster as dg
 
-from feature_pipeline.broker import STREAMS, Broker
+from feature_pipeline.broker import STREAMS
 from feature_pipeline.defs.resources import IngestResource, MonitoringResource, NatsResource
 from feature_pipeline.defs.streams import stream_key
-from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, collect, stream_checks
+from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, read_stream_stats, stream_checks
 from feature_pipeline.store import StoreHealth
 
 _SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
@@ -51,19 +51,20 @@ def stream_events(
         if s.last_message_at:
             meta["last_message_at"] = dg.MetadataValue.timestamp(s.last_message_at)
         events.append(dg.AssetObservation(asset_key=stream_key(_STREAM_BY_NAME[s.stream]), metadata=meta))
-    events.extend(_evaluation(o) for o in stream_checks(stats, monitoring.thresholds))
+    events.extend(dg.AssetCheckEvaluation(**_graded(o)) for o in stream_checks(stats, monitoring.thresholds))
     return events
 
 
-def _evaluation(o: CheckOutcome) -> dg.AssetCheckEvaluation:
-    return dg.AssetCheckEvaluation(
-        asset_key=stream_key(_STREAM_BY_NAME[o.stream]),
-        check_name=o.check,
-        passed=o.grade == "pass",
-        severity=_SEVERITY.get(o.grade, dg.AssetCheckSeverity.WARN),
-        metadata={"value": o.value},
-        description=o.description,
-    )
+def _graded(o: CheckOutcome) -> dict[str, Any]:
+    """What an AssetCheckEvaluation (sensors) and an AssetCheckResult (on demand) share."""
+    return {
+        "asset_key": stream_key(_STREAM_BY_NAME[o.stream]),
+        "check_name": o.check,
+        "passed": o.grade == "pass",
+        "severity": _SEVERITY.get(o.grade, dg.AssetCheckSeverity.WARN),
+        "metadata": {"value": o.value},
+        "description": o.description,
+    }
 
 
 def unreachable_evaluations(problem: str) -> list[dg.AssetCheckEvaluation]:
@@ -86,19 +87,11 @@ def stream_checks_on_demand(
 ) -> Iterator[dg.AssetCheckResult]:
     """Run from the UI: the same evaluation the sensors make every tick."""
 
-    async def gather() -> list[StreamStats]:
-        async with await Broker.connect(nats.url, "feature-pipeline-checks", nats.auth) as broker:
-            return await collect(broker, nats.durable_prefix, ingest.staging.batches())
-
-    for o in stream_checks(asyncio.run(gather()), monitoring.thresholds):
-        yield dg.AssetCheckResult(
-            asset_key=stream_key(_STREAM_BY_NAME[o.stream]),
-            check_name=o.check,
-            passed=o.grade == "pass",
-            severity=_SEVERITY.get(o.grade, dg.AssetCheckSeverity.WARN),
-            metadata={"value": o.value},
-            description=o.description,
-        )
+    stats = asyncio.run(
+        read_stream_stats(nats.url, nats.auth, nats.durable_prefix, ingest.staging.batches(), "feature-pipeline-checks")
+    )
+    for o in stream_checks(stats, monitoring.thresholds):
+        yield dg.AssetCheckResult(**_graded(o))
 
 
 def store_check_results(health: StoreHealth, monitoring: MonitoringResource) -> list[dg.AssetCheckResult]:

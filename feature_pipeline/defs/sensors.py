@@ -29,7 +29,7 @@ from feature_pipeline.broker import (
 from feature_pipeline.defs.assets import BATCH_TAG, ingest_job
 from feature_pipeline.defs.checks import stream_events, unreachable_evaluations
 from feature_pipeline.defs.resources import IngestResource, MonitoringResource, NatsResource
-from feature_pipeline.health import StreamStats, collect
+from feature_pipeline.health import StreamStats, collect, read_stream_stats
 from feature_pipeline.settle import Kind, RunOutcome, decide, outcome_of
 from feature_pipeline.staging import Manifest, Staging, assemble, delivery_from_row
 
@@ -288,14 +288,14 @@ def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
 def stream_monitor(
     context: dg.SensorEvaluationContext, nats: NatsResource, ingest: IngestResource, monitoring: MonitoringResource
 ) -> dg.SensorResult:
-    async def gather() -> list[StreamStats]:
-        async with await Broker.connect(nats.url, "feature-pipeline-monitor", nats.auth) as broker:
-            return await collect(broker, nats.durable_prefix, ingest.staging.batches())
-
     problem = None
     stats: list[StreamStats] = []
     try:
-        stats = asyncio.run(gather())
+        stats = asyncio.run(
+            read_stream_stats(
+                nats.url, nats.auth, nats.durable_prefix, ingest.staging.batches(), "feature-pipeline-monitor"
+            )
+        )
     except BrokerUnavailable as exc:
         problem = str(exc)
     except (NatsError, TimeoutError, ConnectionError) as exc:
