@@ -110,10 +110,11 @@ async def _settle(
     report: TickReport,
 ) -> None:
     """Ack a succeeded batch; NAK (growing delay) or dead-letter a failed one; then drop its files."""
-    rows = staging.deliveries(manifest.batch_id).to_pylist()
     if outcome is RunOutcome.SUCCEEDED:
-        report.acked += await broker.ack(r["reply"] for r in rows)
+        replies = staging.deliveries(manifest.batch_id, ["reply"]).column("reply").to_pylist()
+        report.acked += await broker.ack(replies)
     else:
+        rows = staging.deliveries(manifest.batch_id).to_pylist()  # bodies too: some may be dead-lettered
         naks: list[tuple[str, float]] = []
         dead: list[tuple[Delivery, str]] = []
         for row in rows:
@@ -161,8 +162,6 @@ async def _fetch(broker: Broker, nats: NatsResource, ingest: IngestResource) -> 
                 return out  # the batch is full by bytes
             out.extend(got)
             used_bytes += sum(len(d.data) + len(d.subject) + len(d.reply) for d in got)
-            if not fair and len(got) < want:
-                continue
     return out
 
 
