@@ -149,11 +149,10 @@ def _rows(cur: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
 def inconsistent_users(con: duckdb.DuckDBPyConnection, sample: int) -> tuple[int, list[str]]:
     """Compare up to `sample` stored rows (all when the table is smaller) with a recomputation at
     each row's own updated_at. Returns (rows checked, user ids whose row differs)."""
-    _set_points(
-        con,
-        # SAMPLE takes only a literal; int() keeps it one.
-        f"SELECT user_id, updated_at AS as_of FROM user_features USING SAMPLE reservoir({int(sample)} ROWS)",
-    )
+    rows = con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
+    # SAMPLE takes only a literal (int() keeps it one) and reserves memory for all of it: cap it at the table.
+    n = max(1, min(int(sample), rows))
+    _set_points(con, f"SELECT user_id, updated_at AS as_of FROM user_features USING SAMPLE reservoir({n} ROWS)")
     checked = con.execute(f"SELECT count(*) FROM {POINTS}").fetchone()[0]  # type: ignore[index]
     cols = ", ".join(FEATURE_COLUMNS)
     diff = con.execute(
