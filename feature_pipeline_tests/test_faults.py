@@ -307,3 +307,49 @@ def test_any_input_is_stored_or_dead_lettered_and_the_rest_of_the_batch_survives
         assert _lag(res) == {"SIGNALS": 0, "FEEDBACK": 0, "DEADLETTER": 0}
     finally:
         server.kill()
+
+
+def test_named_bad_inputs_in_one_batch(resources: dict[str, Any], tmp_path: Path) -> None:
+    """Edge cases the property test is unlikely to draw: a payload at the server's max size, JSON nested
+    too deep to parse, SQL-looking ids and types, odd headers, far past and future timestamps."""
+    url = resources["nats"].url
+    now = "2026-11-27T05:00:00Z"
+    sql_type = "x');DROP_TABLE_feedback_events;--"
+
+    def envelope(event_id: str, user: str, data: Any = None, type_: str = "task.completed", ts: str = now) -> bytes:
+        body = {"id": event_id, "type": type_, "occurred_at": ts, "user_id": user, "schema_version": 1}
+        return json.dumps({**body, "data": {"task_id": "t-1"} if data is None else data}).encode()
+
+    async def publish() -> int:
+        async with await Broker.connect(url) as b:
+            await b.ensure_streams()
+            max_payload = b.nc.max_payload
+            big = envelope("evt-big", "u-big", {"task_id": "t", "blob": ""})
+            big = envelope("evt-big", "u-big", {"task_id": "t", "blob": "x" * (max_payload - len(big) - 300)})
+            items = [
+                ("signals.task.completed", big, None),
+                ("signals.task.completed", b"[" * 100_000 + b"]" * 100_000, None),
+                ("signals.task.completed", envelope("evt-sql", "'; DROP TABLE signal_events; --"), None),
+                # NATS subjects have no spaces; quotes, parentheses and semicolons are allowed.
+                (f"signals.{sql_type}", envelope("evt-sqltype", "u-1", type_=sql_type), None),
+                ("signals.task.completed", envelope("evt-headers", "u-ü✓"), {"X-Odd": "ünïcode ✓", "Status": "100"}),
+                ("signals.task.completed", envelope("evt-past", "u-1", ts="0001-01-02T00:00:00Z"), None),
+                ("signals.task.completed", envelope("evt-future", "u-1", ts="9999-12-30T00:00:00+00:00"), None),
+            ]
+            for subject, body, headers in items:
+                await b.js.publish(subject, body, headers=headers)
+            return max_payload
+
+    max_payload = run(publish())
+    with dg.instance_for_test() as inst:
+        _drain(inst, resources)
+    db = tmp_path / "store.duckdb"
+    stored = {r[0]: r[1] for r in query(db, "SELECT event_id, length(CAST(data AS VARCHAR)) FROM signal_events")}
+    assert set(stored) == {"evt-big", "evt-sql", "evt-sqltype", "evt-headers", "evt-past", "evt-future"}
+    assert stored["evt-big"] > max_payload - 1000, "the max-size payload is stored whole"
+    users = {r[0] for r in query(db, "SELECT user_id FROM user_features")}
+    assert "'; DROP TABLE signal_events; --" in users and "u-ü✓" in users
+    assert query(db, "SELECT count(*) FROM feedback_events") == [(0,)], "the SQL-looking type was stored as text"
+    (reason,) = query(db, "SELECT reason FROM dead_letters")
+    assert reason[0].startswith("not valid JSON") and "recursion" in reason[0].lower()
+    assert _lag(resources) == {"SIGNALS": 0, "FEEDBACK": 0, "DEADLETTER": 0}
