@@ -101,6 +101,13 @@ class NatsAuth:
         return opts
 
 
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+def advisory_stream(prefix: str) -> str:
+    return f"{prefix}-advisories"
+
+
 def consumer_name(prefix: str, spec: StreamSpec) -> str:
     return f"{prefix}-{spec.key}"
 
@@ -231,6 +238,52 @@ class Broker:
                     f"changed in place ({exc.description}); delete it or pick another NATS_DURABLE_PREFIX"
                 ) from None
 
+    async def ensure_advisory_capture(self, prefix: str) -> str:
+        """A stream and consumer that keep the server's MAX_DELIVERIES advisories for our consumers.
+
+        The server drops a message from a consumer once it has been delivered max_deliver times
+        without an ack, announcing it only by a core-NATS advisory. That happens without any failed
+        run when deliveries expire unacked (a sensor that keeps crashing between fetch and stage).
+        Captured, the sensor copies those messages to DEADLETTER instead of losing track of them.
+        """
+        name = advisory_stream(prefix)
+        subjects = [f"{MAX_DELIVERIES_ADVISORY}.{s.name}.{consumer_name(prefix, s)}" for s in (SIGNALS, FEEDBACK)]
+        try:
+            await self.js.stream_info(name)
+        except NotFoundError:
+            await self.js.add_stream(
+                StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, max_age=7 * 24 * 3600)
+            )
+        config = ConsumerConfig(durable_name=name, ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0, max_ack_pending=10_000)
+        await self.js.add_consumer(name, config)
+        return name
+
+    async def exhausted(self, prefix: str, limit: int = 1000) -> list[tuple[Delivery | None, dict[str, Any], str]]:
+        """Messages the server gave up on: (the original, or None if the stream no longer has it,
+        the advisory, the advisory's reply subject to ack once handled)."""
+        name = await self.ensure_advisory_capture(prefix)
+        out = []
+        for adv in await self.pull(name, name, batch=limit, max_bytes=8 * 1024 * 1024):
+            info = json.loads(adv.data)
+            original = None
+            try:
+                raw = await self.js.get_msg(info["stream"], seq=int(info["stream_seq"]))
+                stored = raw.time if isinstance(raw.time, datetime) else ts_from_nats(str(raw.time))
+                original = Delivery(
+                    stream=info["stream"],
+                    subject=raw.subject or "",
+                    reply="",
+                    data=raw.data or b"",
+                    headers=dict(raw.headers) if raw.headers else None,
+                    stream_seq=int(info["stream_seq"]),
+                    num_delivered=int(info.get("deliveries", 0)),
+                    stored_ns=int(stored.timestamp() * 1e9) if stored else 0,
+                )
+            except NotFoundError:
+                pass
+            out.append((original, info, adv.reply))
+        return out
+
     # -- fetching ---------------------------------------------------------------------------
 
     async def pull(
@@ -341,7 +394,8 @@ class Broker:
                     raise BrokerUnavailable(
                         f"could not copy {d.stream} #{d.stream_seq} to DEADLETTER: {result!r}"
                     ) from None
-                await self.nc.publish(d.reply, b"+TERM " + _header_safe(reason, 200).encode())
+                if d.reply:  # a message the server already gave up on has nothing left to TERM
+                    await self.nc.publish(d.reply, b"+TERM " + _header_safe(reason, 200).encode())
             await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return len(items)
 

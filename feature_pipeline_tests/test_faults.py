@@ -25,7 +25,7 @@ from feature_pipeline.envelopes import PoisonMessage, validate
 from feature_pipeline.localnats import LocalNats
 from feature_pipeline.testing import consumer_states, query, run
 from feature_pipeline_tests.conftest import build_resources
-from feature_pipeline_tests.test_sensor_tick import _execute, _lag, _publish, _synced, _tick, replace
+from feature_pipeline_tests.test_sensor_tick import _caught_up, _execute, _lag, _publish, _synced, _tick, replace
 
 SUBJECTS = ["signals.task.synced", "signals.task.completed", "feedback.recommendation.shown"]
 
@@ -304,7 +304,7 @@ def test_any_input_is_stored_or_dead_lettered_and_the_rest_of_the_batch_survives
         assert sorted(r[0] for r in query(db, "SELECT event_id FROM signal_events")) == sorted(first)
         reasons = [r[0] for r in query(db, "SELECT reason FROM dead_letters")]
         assert len(reasons) == poison + conflicts and all(reasons), "every other message has a dead-letter reason"
-        assert _lag(res) == {"SIGNALS": 0, "FEEDBACK": 0, "DEADLETTER": 0}
+        assert _caught_up(res)
     finally:
         server.kill()
 
@@ -352,4 +352,38 @@ def test_named_bad_inputs_in_one_batch(resources: dict[str, Any], tmp_path: Path
     assert query(db, "SELECT count(*) FROM feedback_events") == [(0,)], "the SQL-looking type was stored as text"
     (reason,) = query(db, "SELECT reason FROM dead_letters")
     assert reason[0].startswith("not valid JSON") and "recursion" in reason[0].lower()
-    assert _lag(resources) == {"SIGNALS": 0, "FEEDBACK": 0, "DEADLETTER": 0}
+    assert _caught_up(resources)
+
+
+def test_messages_the_server_gives_up_on_are_rescued_to_the_dead_letters(
+    nats_server: LocalNats, resources: dict[str, Any], tmp_path: Path
+) -> None:
+    """A sensor that keeps crashing between fetch and stage never settles anything: after max_deliver
+    expired deliveries the server drops the message with only an advisory. The captured advisory makes
+    the next healthy tick copy it to DEADLETTER (and so to dead_letters) instead of losing track of it."""
+    resources["nats"] = NatsResource(url=nats_server.url, durable_prefix="ex", max_deliver=2, ack_wait_seconds=1)
+    with dg.instance_for_test() as inst:
+        _tick(inst, resources)  # creates the streams, the consumers and the advisory capture
+        run(_publish(nats_server.url, [_synced("evt-orphan")]))
+
+        async def crashed_tick() -> int:
+            async with await Broker.connect(nats_server.url) as b:
+                got = await b.pull("SIGNALS", "ex-signals", batch=10, max_bytes=1 << 20)
+                return got[0].num_delivered if got else 0
+
+        assert run(crashed_tick()) == 1
+        time.sleep(1.5)
+        assert run(crashed_tick()) == 2
+        time.sleep(2.5)  # the second delivery expires too: on the next pull the server gives up on it
+        dead_lettered = 0
+        for _ in range(10):
+            requests, report = _tick(inst, resources)
+            dead_lettered += report.dead_lettered
+            for req in requests:
+                _execute(inst, resources, req)
+        assert dead_lettered == 1
+        _drain(inst, resources)
+    dead = query(tmp_path / "store.duckdb", "SELECT original_seq, delivery_count, reason FROM dead_letters")
+    assert len(dead) == 1 and dead[0][:2] == (1, 2)
+    assert dead[0][2].startswith("the server gave up after 2 deliveries that were never acked")
+    assert _stored(tmp_path) == []

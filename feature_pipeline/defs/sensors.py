@@ -138,6 +138,29 @@ async def _settle(
     report.settled_batches += 1
 
 
+async def _rescue_exhausted(broker: Broker, nats: NatsResource, report: TickReport) -> None:
+    """Copy to DEADLETTER what the server stopped delivering on its own (see ensure_advisory_capture)."""
+    found = await broker.exhausted(nats.durable_prefix)
+    rescue = [
+        (
+            d,
+            f"the server gave up after {d.num_delivered} deliveries that were never acked (NATS_MAX_DELIVER="
+            f"{nats.max_deliver}); the pipeline was not able to settle them",
+        )
+        for d, _, _ in found
+        if d is not None
+    ]
+    report.dead_lettered += await broker.dead_letter(rescue)
+    for d, info, _ in found:
+        if d is None:
+            report.problem = (
+                f"{info.get('stream')} #{info.get('stream_seq')} ran out of deliveries and is no longer in the "
+                "stream (removed by its retention), so it could not be copied to DEADLETTER"
+            )
+    if found:
+        await broker.ack(reply for _, _, reply in found)
+
+
 async def _fetch(broker: Broker, nats: NatsResource, ingest: IngestResource) -> list[Delivery]:
     """One micro-batch across the three consumers: a fair share each first, then what is left."""
     out: list[Delivery] = []
@@ -217,6 +240,8 @@ async def _exchange(
             if len(deliveries) < ingest.batch_max_messages:
                 break
 
+        # After fetching: the server announces a message it gives up on only when it is next asked for messages.
+        await _rescue_exhausted(broker, nats, report)
         report.stats = await collect(broker, nats.durable_prefix, remaining + report.staged)
 
 
