@@ -18,6 +18,16 @@ import nats.errors
 from common import DATA_STREAMS, add_pull_consumer, connect, log
 
 
+def _result(n: int, elapsed: float, batch: int, timed_out: bool) -> dict[str, Any]:
+    return {
+        "events": n,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(n / elapsed, 1),
+        "batch": batch,
+        "timed_out": timed_out,
+    }
+
+
 async def fetch_loop(url: str, batch: int, deadline: float) -> dict[str, Any]:
     nc = await connect(url, "bench-ceiling-fetch")
     js = nc.jetstream(timeout=10)
@@ -53,13 +63,7 @@ async def fetch_loop(url: str, batch: int, deadline: float) -> dict[str, Any]:
             await js.delete_consumer(s, durable)
     finally:
         await nc.close()
-    return {
-        "events": n,
-        "seconds": round(elapsed, 3),
-        "events_per_s": round(n / elapsed, 1),
-        "batch": batch,
-        "timed_out": timed_out,
-    }
+    return _result(n, elapsed, batch, timed_out)
 
 
 async def raw_loop(url: str, batch: int, deadline: float) -> dict[str, Any]:
@@ -111,13 +115,7 @@ async def raw_loop(url: str, batch: int, deadline: float) -> dict[str, Any]:
             await js.delete_consumer(s, durable)
     finally:
         await nc.close()
-    return {
-        "events": n,
-        "seconds": round(elapsed, 3),
-        "events_per_s": round(n / elapsed, 1),
-        "batch": batch,
-        "timed_out": timed_out,
-    }
+    return _result(n, elapsed, batch, timed_out)
 
 
 def run(url: str, fetch_batch: int, raw_batch: int, timeout: float) -> dict[str, Any]:

@@ -19,12 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from feature_pipeline.cli import sample_data
 from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.testing import query  # noqa: F401 - re-exported for the phases
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -259,27 +259,6 @@ def total_lag(lags: dict[str, int | None]) -> int | None:
 
 
 # -- DuckDB -------------------------------------------------------------------------------------
-
-
-def query(db: Path, sql: str, params: Any = None, timeout: float = 60.0) -> list[tuple[Any, ...]]:
-    """Read the store while runs may write it: read-only connection, retry while it is locked."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if not db.exists():
-            return []
-        try:
-            con = duckdb.connect(str(db), read_only=True)
-        except duckdb.IOException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-            continue
-        try:
-            return con.execute(sql, params or []).fetchall()
-        except duckdb.CatalogException:
-            return []
-        finally:
-            con.close()
 
 
 # -- /proc sampling -----------------------------------------------------------------------------

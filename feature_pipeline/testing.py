@@ -70,11 +70,12 @@ async def stream_messages(url: str, stream: str, subject: str = ">") -> list[Any
         return out
 
 
-def query(db: Path, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+def query(db: Path, sql: str, params: Any = None, timeout: float = 20.0) -> list[tuple[Any, ...]]:
     """Read the store while runs may be writing it: retry on the lock, read-only."""
     if not db.exists():
         return []
-    for _ in range(200):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             con = duckdb.connect(str(db), read_only=True)
         except duckdb.IOException:
