@@ -1,24 +1,32 @@
-"""The code location: assembles the asset graph, job, sensor and resources; nothing else."""
+"""The code location: assembles the asset graph, jobs, sensors, schedules and resources; nothing else."""
 
 import dagster as dg
 
 from feature_pipeline import settings
 from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshness
 from feature_pipeline.defs.checks import stream_checks_on_demand
+from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.defs.resources import build_resources
+from feature_pipeline.defs.schedules import refresh_feature_windows
 from feature_pipeline.defs.sensors import build_ingest_sensor, stream_monitor
+from feature_pipeline.defs.snapshots import build_snapshots
 from feature_pipeline.defs.streams import STREAM_ASSETS
 
 # Fails the code location load with every bad variable named, before anything runs.
 SETTINGS = settings.load()
+snapshots, snapshot_job, snapshot_schedule = build_snapshots(SETTINGS.snapshot_start)
 
 defs = dg.Definitions(
     assets=[
         *STREAM_ASSETS,
         with_freshness(ingest_batch, SETTINGS.freshness_warn_seconds, SETTINGS.freshness_fail_seconds),
+        snapshots,
     ],
     asset_checks=[stream_checks_on_demand],
-    jobs=[ingest_job],
+    jobs=[ingest_job, snapshot_job, replay_stream],
     sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
+    schedules=[refresh_feature_windows, snapshot_schedule],
     resources=build_resources(),
+    # Backfills and UI launches too: one process per run (the multiprocess executor adds seconds per run).
+    executor=dg.in_process_executor,
 )

@@ -1,162 +1,284 @@
-"""The feature SQL: `user_features` for (user, point in time) pairs, from the raw event tables.
+"""The feature SQL, generated from the registry: one query for every path.
 
-One query serves every path, so they cannot drift apart: the incremental update of the
-users a batch touched (their ids x the run's clock), the full recomputation (every user x
-now), and the consistency check (sampled rows x their own `updated_at`). Every feature of a
-row is computed as of its point in time `as_of` from events with `occurred_at <= as_of`;
-windows are `(as_of - window, as_of]`.
+The query computes every feature for a set of (user, point in time) pairs held in the temp
+table `feature_points(user_id, as_of)`, from the raw event tables, using the events with
+`occurred_at <= as_of` (and, for training sets that ask for it, `received_at <= as_of`);
+a window w covers `(as_of - w, as_of]`. The micro-batch update (touched users x the run's
+clock), the full rebuild (every user x now), the daily snapshot (every user x the day's end),
+the point-in-time training join (label rows x their ts) and the consistency check (sampled
+rows x their own updated_at) all run this same query, so they cannot drift apart.
+
+Windows slide with the wall clock: each run also recomputes the users who have an event that
+crossed a window edge since the previous run (`users_changed_by_time`), so the whole table is
+valid as of the run's clock without waiting for those users' next event.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import duckdb
 
-FEATURE_COLUMNS: tuple[str, ...] = (
-    "user_id",
-    "signal_count_total",
-    "signal_count_24h",
-    "signal_count_7d",
-    "task_synced_count_7d",
-    "latest_tasks_total",
-    "latest_tasks_completed",
-    "rec_shown_7d",
-    "rec_accepted_7d",
-    "rec_dismissed_7d",
-    "rec_acceptance_rate_7d",
-    "last_signal_at",
-    "last_feedback_at",
-    "updated_at",
-)
-
-USER_FEATURES_DDL = """
-CREATE TABLE IF NOT EXISTS user_features (
-    user_id VARCHAR PRIMARY KEY,
-    signal_count_total BIGINT NOT NULL,
-    signal_count_24h BIGINT NOT NULL,
-    signal_count_7d BIGINT NOT NULL,
-    task_synced_count_7d BIGINT NOT NULL,
-    latest_tasks_total BIGINT,
-    latest_tasks_completed BIGINT,
-    rec_shown_7d BIGINT NOT NULL,
-    rec_accepted_7d BIGINT NOT NULL,
-    rec_dismissed_7d BIGINT NOT NULL,
-    rec_acceptance_rate_7d DOUBLE,
-    last_signal_at TIMESTAMPTZ,
-    last_feedback_at TIMESTAMPTZ,
-    updated_at TIMESTAMPTZ NOT NULL
-)
-"""
+from feature_pipeline.registry import SOURCE_TABLES, FeatureDef, Registry, load_registry
 
 POINTS = "feature_points"  # temp table (user_id VARCHAR, as_of TIMESTAMPTZ): which rows to compute
-
-_FEATURE_SQL = f"""
-WITH s AS (
-    SELECT
-        p.user_id,
-        p.as_of,
-        count(e.event_id) AS signal_count_total,
-        count(e.event_id) FILTER (WHERE e.occurred_at > p.as_of - INTERVAL 24 HOUR) AS signal_count_24h,
-        count(e.event_id) FILTER (WHERE e.occurred_at > p.as_of - INTERVAL 7 DAY) AS signal_count_7d,
-        count(e.event_id) FILTER (WHERE e.type = 'task.synced' AND e.occurred_at > p.as_of - INTERVAL 7 DAY)
-            AS task_synced_count_7d,
-        arg_max(CAST(e.data->>'tasks_total' AS BIGINT), (e.occurred_at, e.event_id))
-            FILTER (WHERE e.type = 'task.synced') AS latest_tasks_total,
-        arg_max(CAST(e.data->>'tasks_completed' AS BIGINT), (e.occurred_at, e.event_id))
-            FILTER (WHERE e.type = 'task.synced') AS latest_tasks_completed,
-        max(e.occurred_at) AS last_signal_at
-    FROM {POINTS} p
-    LEFT JOIN signal_events e ON e.user_id = p.user_id AND e.occurred_at <= p.as_of
-    GROUP BY p.user_id, p.as_of
-),
-f AS (
-    SELECT
-        p.user_id,
-        p.as_of,
-        count(e.event_id) FILTER (
-            WHERE e.type = 'recommendation.shown' AND e.occurred_at > p.as_of - INTERVAL 7 DAY) AS rec_shown_7d,
-        count(e.event_id) FILTER (
-            WHERE e.type = 'recommendation.accepted' AND e.occurred_at > p.as_of - INTERVAL 7 DAY) AS rec_accepted_7d,
-        count(e.event_id) FILTER (
-            WHERE e.type = 'recommendation.dismissed' AND e.occurred_at > p.as_of - INTERVAL 7 DAY)
-            AS rec_dismissed_7d,
-        max(e.occurred_at) AS last_feedback_at
-    FROM {POINTS} p
-    LEFT JOIN feedback_events e ON e.user_id = p.user_id AND e.occurred_at <= p.as_of
-    GROUP BY p.user_id, p.as_of
+STATE_DDL = """
+CREATE TABLE IF NOT EXISTS feature_state (
+    id INTEGER PRIMARY KEY,
+    valid_as_of TIMESTAMPTZ,
+    fingerprint VARCHAR
 )
-SELECT
-    s.user_id,
-    s.signal_count_total,
-    s.signal_count_24h,
-    s.signal_count_7d,
-    s.task_synced_count_7d,
-    s.latest_tasks_total,
-    s.latest_tasks_completed,
-    f.rec_shown_7d,
-    f.rec_accepted_7d,
-    f.rec_dismissed_7d,
-    CASE WHEN f.rec_shown_7d > 0 THEN f.rec_accepted_7d / f.rec_shown_7d END AS rec_acceptance_rate_7d,
-    s.last_signal_at,
-    f.last_feedback_at,
-    s.as_of AS updated_at
-FROM s JOIN f ON s.user_id = f.user_id AND s.as_of = f.as_of
 """
+_ALL_USERS = "SELECT user_id FROM signal_events UNION SELECT user_id FROM feedback_events"
+_default: Registry | None = None
 
 
-def _set_points(con: duckdb.DuckDBPyConnection, select_sql: str, params: dict[str, Any] | None = None) -> None:
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {POINTS} AS {select_sql}", params or {})
+def default_registry() -> Registry:
+    """The packaged feature_defs.toml."""
+    global _default
+    if _default is None:
+        _default = load_registry()
+    return _default
 
 
-def upsert_features(con: duckdb.DuckDBPyConnection, as_of: datetime, users_table: str | None) -> int:
+def _interval(delta: timedelta) -> str:
+    return f"INTERVAL '{int(delta.total_seconds())} seconds'"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _value(f: FeatureDef) -> str:
+    assert f.field is not None
+    if f.field.startswith("data."):
+        path = "$." + f.field.removeprefix("data.")
+        return f"TRY_CAST(e.data->>{_quote(path)} AS {f.value_type})"
+    column = f"e.{f.field}"
+    return column if f.type is None else f"TRY_CAST({column} AS {f.type})"
+
+
+def _aggregate(f: FeatureDef) -> str:
+    conds = []
+    if f.event_types:
+        conds.append(f"e.type IN ({', '.join(_quote(t) for t in f.event_types)})")
+    if f.where:
+        conds.append(f"({f.where})")
+    if f.window_delta is not None:
+        conds.append(f"e.occurred_at > p.as_of - {_interval(f.window_delta)}")
+    flt = f" FILTER (WHERE {' AND '.join(conds)})" if conds else ""
+    agg = f.aggregation
+    if agg == "count":
+        return f"count(e.event_id){flt}"
+    value = _value(f)
+    if agg == "count_distinct":
+        return f"count(DISTINCT {value}){flt}"
+    if agg == "sum":
+        return f"CAST(coalesce(sum({value}){flt}, 0) AS {f.column_type})"
+    if agg == "mean":
+        return f"avg({value}){flt}"
+    if agg == "last":  # the newest event's value; ties on occurred_at broken by event id, not arrival order
+        return f"arg_max({value}, (e.occurred_at, e.event_id)){flt}"
+    return f"{agg}({value}){flt}"  # min, max
+
+
+def _column(f: FeatureDef) -> str:
+    if f.aggregation == "ratio":
+        return f"CASE WHEN {f.denominator} > 0 THEN CAST({f.numerator} AS DOUBLE) / {f.denominator} END"
+    return f.name
+
+
+def feature_sql(registry: Registry, *, received_cutoff: bool = False) -> str:
+    """SELECT user_id, <features...>, as_of AS updated_at for every row of feature_points."""
+    sources = [s for s in SOURCE_TABLES if any(f.source == s for f in registry.features)]
+    ctes = []
+    for source in sources:
+        cols = ",\n        ".join(f"{_aggregate(f)} AS {f.name}" for f in registry.features if f.source == source)
+        cutoff = " AND e.received_at <= p.as_of" if received_cutoff else ""
+        ctes.append(
+            f"src_{source} AS (\n    SELECT p.user_id, p.as_of,\n        {cols}\n"
+            f"    FROM {POINTS} p\n    LEFT JOIN {SOURCE_TABLES[source]} e\n"
+            f"        ON e.user_id = p.user_id AND e.occurred_at <= p.as_of{cutoff}\n"
+            "    GROUP BY p.user_id, p.as_of\n)"
+        )
+    joins = "".join(f" JOIN src_{s} USING (user_id, as_of)" for s in sources[1:])
+    cols = ",\n    ".join(f"{_column(f)} AS {f.name}" for f in registry.features)
+    select = f"SELECT\n    user_id,\n    {cols},\n    as_of AS updated_at\nFROM src_{sources[0]}{joins}"
+    return f"WITH {', '.join(ctes)}\n{select}"
+
+
+def user_features_ddl(registry: Registry) -> str:
+    cols = "".join(f"    {f.name} {f.column_type},\n" for f in registry.features)
+    return (
+        "CREATE TABLE IF NOT EXISTS user_features (\n    user_id VARCHAR PRIMARY KEY,\n"
+        f"{cols}    updated_at TIMESTAMPTZ NOT NULL\n)"
+    )
+
+
+def snapshots_ddl(registry: Registry) -> str:
+    cols = "".join(f"    {f.name} {f.column_type},\n" for f in registry.features)
+    # No primary key: a partition is replaced by DELETE + INSERT in one transaction.
+    return (
+        "CREATE TABLE IF NOT EXISTS user_feature_snapshots (\n    snapshot_date DATE NOT NULL,\n"
+        f"    user_id VARCHAR NOT NULL,\n{cols}    as_of TIMESTAMPTZ NOT NULL\n)"
+    )
+
+
+def sync_columns(con: duckdb.DuckDBPyConnection, registry: Registry, table: str, fixed: set[str]) -> list[str]:
+    """Add the registry's new columns to `table`, drop the removed ones, retype changed ones.
+
+    Returns what changed, in words, for the run log. Columns in `fixed` are not features.
+    """
+    have = {
+        name: typ
+        for name, typ in con.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = $t AND schema_name = 'main'",
+            {"t": table},
+        ).fetchall()
+    }
+    want = {f.name: f.column_type for f in registry.features}
+    changes: list[str] = []
+    retyped: set[str] = set()
+    for name, typ in list(have.items()):
+        if name in fixed or (name in want and _norm(typ) == want[name]):
+            continue
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
+        del have[name]
+        if name in want:
+            retyped.add(name)
+            changes.append(f"retyped {table}.{name} {typ} -> {want[name]}")
+        else:
+            changes.append(f"dropped {table}.{name}")
+    for name, typ in want.items():
+        if name not in have:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
+            if name not in retyped:
+                changes.append(f"added {table}.{name} {typ}")
+    return changes
+
+
+def _norm(sql_type: str) -> str:
+    return {"TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ"}.get(sql_type, sql_type)
+
+
+def set_points(con: duckdb.DuckDBPyConnection, select_sql: str, params: dict[str, Any] | None = None) -> None:
+    """Fill feature_points from a query returning (user_id, as_of)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {POINTS} AS SELECT DISTINCT * FROM ({select_sql})", params or {})
+
+
+def users_changed_by_time(
+    con: duckdb.DuckDBPyConnection, registry: Registry, since: datetime, until: datetime, into: str
+) -> None:
+    """Users whose features changed between `since` and `until` with no new event: an event left a
+    window (its occurred_at + window passed), or a future-dated event became current. Creates the temp
+    table `into(user_id)`. Row-group min/max on occurred_at keeps this from scanning old data."""
+    parts = []
+    for source, table in SOURCE_TABLES.items():
+        if not any(f.source == source for f in registry.features):
+            continue
+        edges = [timedelta(0), *registry.windows(source)]
+        conds = " OR ".join(
+            f"(occurred_at > CAST($since AS TIMESTAMPTZ) - {_interval(w)} "
+            f"AND occurred_at <= CAST($until AS TIMESTAMPTZ) - {_interval(w)})"
+            for w in edges
+        )
+        parts.append(f"SELECT user_id FROM {table} WHERE {conds}")
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {into} AS SELECT DISTINCT user_id FROM ({' UNION ALL '.join(parts)})",
+        {"since": since, "until": until},
+    )
+
+
+def upsert_features(
+    con: duckdb.DuckDBPyConnection, registry: Registry, as_of: datetime, users_table: str | None
+) -> int:
     """Recompute and replace the rows of the users in `users_table` (all users when None) as of `as_of`.
 
-    `users_table` is a fixed-name temp table with a `user_id` column; returns the table's row count.
+    `users_table` is a fixed-name temp table with a `user_id` column; returns the number of rows written.
     """
     if users_table is None:
         con.execute("DELETE FROM user_features")
-        source = "SELECT user_id FROM signal_events UNION SELECT user_id FROM feedback_events"
-    else:
-        source = f"SELECT DISTINCT user_id FROM {users_table}"
-    _set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({source})", {"as_of": as_of})
-    con.execute(f"INSERT OR REPLACE INTO user_features ({', '.join(FEATURE_COLUMNS)}) {_FEATURE_SQL}")
-    return con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
+    source = _ALL_USERS if users_table is None else f"SELECT user_id FROM {users_table}"
+    set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({source})", {"as_of": as_of})
+    cols = ", ".join(("user_id", *registry.names, "updated_at"))
+    row = con.execute(f"INSERT OR REPLACE INTO user_features ({cols}) {feature_sql(registry)}").fetchone()
+    return int(row[0]) if row else 0
 
 
 def compute_features(
-    con: duckdb.DuckDBPyConnection, as_of: datetime, user_ids: list[str] | None = None
+    con: duckdb.DuckDBPyConnection,
+    as_of: datetime,
+    user_ids: list[str] | None = None,
+    registry: Registry | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Recompute rows from the raw tables without writing: the reference for checks and tests."""
+    registry = registry or default_registry()
     if user_ids is None:
-        source = "SELECT user_id FROM signal_events UNION SELECT user_id FROM feedback_events"
-        _set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({source})", {"as_of": as_of})
+        set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({_ALL_USERS})", {"as_of": as_of})
     else:
-        _set_points(
+        set_points(
             con,
-            "SELECT DISTINCT unnest($users) AS user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of",
+            "SELECT unnest($users) AS user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of",
             {"users": user_ids, "as_of": as_of},
         )
-    return _rows(con.execute(_FEATURE_SQL))
-
-
-def _rows(cur: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
+    cur = con.execute(feature_sql(registry))
     names = [d[0] for d in cur.description]
     return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
 
 
-def inconsistent_users(con: duckdb.DuckDBPyConnection, sample: int) -> tuple[int, list[str]]:
+def inconsistent_users(con: duckdb.DuckDBPyConnection, sample: int, registry: Registry) -> tuple[int, list[str]]:
     """Compare up to `sample` stored rows (all when the table is smaller) with a recomputation at
     each row's own updated_at. Returns (rows checked, user ids whose row differs)."""
     rows = con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
     # SAMPLE takes only a literal (int() keeps it one) and reserves memory for all of it: cap it at the table.
     n = max(1, min(int(sample), rows))
-    _set_points(con, f"SELECT user_id, updated_at AS as_of FROM user_features USING SAMPLE reservoir({n} ROWS)")
+    set_points(con, f"SELECT user_id, updated_at AS as_of FROM user_features USING SAMPLE reservoir({n} ROWS)")
     checked = con.execute(f"SELECT count(*) FROM {POINTS}").fetchone()[0]  # type: ignore[index]
-    cols = ", ".join(FEATURE_COLUMNS)
+    cols = ", ".join(("user_id", *registry.names, "updated_at"))
     diff = con.execute(
         f"SELECT user_id FROM ((SELECT {cols} FROM user_features WHERE user_id IN (SELECT user_id FROM {POINTS})) "
-        f"EXCEPT ({_FEATURE_SQL})) ORDER BY user_id"
+        f"EXCEPT ({feature_sql(registry)})) ORDER BY user_id"
     ).fetchall()
     return checked, [r[0] for r in diff]
+
+
+def day_end(day: date) -> datetime:
+    """The last instant of a UTC day: a snapshot of `day` counts events with occurred_at <= this."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1, microseconds=-1)
+
+
+def write_snapshot(con: duckdb.DuckDBPyConnection, registry: Registry, day: date) -> int:
+    """Replace the snapshot of `day`: every user with an event by the day's end, as of the day's end."""
+    as_of = day_end(day)
+    con.execute("DELETE FROM user_feature_snapshots WHERE snapshot_date = $d", {"d": day})
+    set_points(
+        con,
+        "SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ("
+        "SELECT user_id FROM signal_events WHERE occurred_at <= $as_of "
+        "UNION SELECT user_id FROM feedback_events WHERE occurred_at <= $as_of)",
+        {"as_of": as_of},
+    )
+    cols = ", ".join(registry.names)
+    row = con.execute(
+        f"INSERT INTO user_feature_snapshots (snapshot_date, user_id, {cols}, as_of) "
+        f"SELECT $d, user_id, {cols}, updated_at FROM ({feature_sql(registry)})",
+        {"d": day},
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def point_in_time(
+    con: duckdb.DuckDBPyConnection, registry: Registry, labels: str, *, received_cutoff: bool = False
+) -> duckdb.DuckDBPyRelation:
+    """Every label row of the table `labels(user_id, ts, ...)`, in its order, with the features as they
+    were at its ts. The table needs a `__row` column giving the order."""
+    set_points(con, f"SELECT user_id, ts AS as_of FROM {labels}")
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE pit_features AS {feature_sql(registry, received_cutoff=received_cutoff)}"
+    )
+    cols = ", ".join(f"f.{n}" for n in registry.names)
+    return con.sql(
+        f"SELECT l.* EXCLUDE (__row), {cols} FROM {labels} l "
+        "LEFT JOIN pit_features f ON f.user_id = l.user_id AND f.updated_at = l.ts ORDER BY l.__row"
+    )

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -84,6 +85,24 @@ def _optional_file(raw: str) -> str:
     return str(path)
 
 
+def _features_file(raw: str) -> str:
+    from feature_pipeline.registry import RegistryError, load_registry  # pydantic + duckdb: only when needed
+
+    path = _optional_file(raw)
+    try:
+        load_registry(path or None)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+def _day(raw: str) -> str:
+    try:
+        return date.fromisoformat(raw.strip()).isoformat()
+    except ValueError:
+        raise ValueError(f"must be a date like 2026-01-01, got {raw!r}") from None
+
+
 def _text(raw: str) -> str:
     return raw
 
@@ -137,6 +156,33 @@ VARIABLES: tuple[Variable, ...] = (
         "./data/staging",
         "Where fetched batches are staged (Parquet + manifest) until their run is settled.",
         _path,
+    ),
+    Variable(
+        "FEATURE_PIPELINE_FEATURES_FILE",
+        "",
+        "A feature registry TOML file to use instead of the packaged feature_pipeline/feature_defs.toml "
+        "(checked when the code location loads).",
+        _features_file,
+    ),
+    Variable(
+        "FEATURE_PIPELINE_SERVING_PATH",
+        "./data/serving/user_features.parquet",
+        "The read-only Parquet copy of user_features that every successful run replaces atomically; "
+        "`feature_pipeline.get_features` reads it.",
+        _path,
+    ),
+    Variable(
+        "FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS",
+        "3600",
+        "An event stored more than this long after its occurred_at is counted as late in the run's metadata "
+        "(it is stored and counted in features all the same) (0-31536000).",
+        _int_between(0, 31_536_000),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_SNAPSHOT_START",
+        "2026-01-01",
+        "First day (UTC, YYYY-MM-DD) of the daily partitions of user_feature_snapshots.",
+        _day,
     ),
     Variable(
         "FEATURE_PIPELINE_BATCH_MAX_MESSAGES",
@@ -266,6 +312,10 @@ class Settings:
     ack_wait_seconds: int
     feature_store_path: str
     staging_dir: str
+    features_file: str
+    serving_path: str
+    allowed_lateness_seconds: int
+    snapshot_start: str
     batch_max_messages: int
     batch_max_bytes: int
     max_batches_in_flight: int
@@ -299,6 +349,10 @@ FIELDS = {
     "NATS_ACK_WAIT_SECONDS": "ack_wait_seconds",
     "FEATURE_STORE_PATH": "feature_store_path",
     "FEATURE_PIPELINE_STAGING_DIR": "staging_dir",
+    "FEATURE_PIPELINE_FEATURES_FILE": "features_file",
+    "FEATURE_PIPELINE_SERVING_PATH": "serving_path",
+    "FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS": "allowed_lateness_seconds",
+    "FEATURE_PIPELINE_SNAPSHOT_START": "snapshot_start",
     "FEATURE_PIPELINE_BATCH_MAX_MESSAGES": "batch_max_messages",
     "FEATURE_PIPELINE_BATCH_MAX_BYTES": "batch_max_bytes",
     "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "max_batches_in_flight",

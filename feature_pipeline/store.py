@@ -10,14 +10,25 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from feature_pipeline.features import USER_FEATURES_DDL, inconsistent_users, upsert_features
+from feature_pipeline.features import (
+    STATE_DDL,
+    default_registry,
+    inconsistent_users,
+    snapshots_ddl,
+    sync_columns,
+    upsert_features,
+    user_features_ddl,
+    users_changed_by_time,
+    write_snapshot,
+)
+from feature_pipeline.registry import Registry
 
 SLOW_COMMIT_SECONDS = 10
 RAW_TABLES = {"SIGNALS": "signal_events", "FEEDBACK": "feedback_events"}
@@ -41,7 +52,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 
 SCHEMA = [
     *(_RAW_DDL.format(table=t) for t in RAW_TABLES.values()),
-    USER_FEATURES_DDL,
+    STATE_DDL,
     """
     CREATE TABLE IF NOT EXISTS dead_letters (
         original_stream VARCHAR NOT NULL,
@@ -90,6 +101,17 @@ class StoreHealth:
 
 
 @dataclass(frozen=True)
+class Refresh:
+    """What a run did to user_features."""
+
+    valid_as_of: datetime  # every row is correct as of this instant (the run's clock)
+    rows_written: int  # rows recomputed: the batch's users and those whose windows moved
+    rebuilt: bool  # every row was recomputed (new store, or the feature definitions changed)
+    schema_changes: list[str] = field(default_factory=list)
+    serving_error: str | None = None  # the serving copy could not be replaced (the old one stays)
+
+
+@dataclass(frozen=True)
 class BatchResult:
     batch_id: str
     committed_at: datetime
@@ -108,12 +130,27 @@ class BatchResult:
     latency_p50_seconds: float | None
     latency_p95_seconds: float | None
     latency_max_seconds: float | None
+    # events that reached the store more than the allowed lateness after they occurred (stored all the same)
+    late_events: int
+    late_days: list[str]  # their UTC days: snapshots of these days taken earlier miss them
+    max_lateness_seconds: float | None
+    refresh: Refresh
     health: StoreHealth
 
 
 class FeatureStore:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        registry: Registry | None = None,
+        serving_path: str | os.PathLike[str] | None = None,
+        allowed_lateness: timedelta = timedelta(hours=1),
+    ) -> None:
         self.path = Path(path)
+        self.registry = registry or default_registry()
+        self.serving_path = Path(serving_path) if serving_path else None
+        self.allowed_lateness = allowed_lateness
 
     def connect(self, *, read_only: bool = False, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
         """Open the file, waiting while another process holds its lock."""
@@ -134,7 +171,7 @@ class FeatureStore:
                 pause = min(pause * 2, 1.0)
         if not read_only:
             os.chmod(self.path, 0o600)
-            for ddl in SCHEMA:
+            for ddl in (*SCHEMA, user_features_ddl(self.registry), snapshots_ddl(self.registry)):
                 con.execute(ddl)
         return con
 
@@ -145,6 +182,7 @@ class FeatureStore:
         *,
         faults: frozenset[str] = frozenset(),
         consistency_sample: int = 1000,
+        now: datetime | None = None,
     ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
 
@@ -154,7 +192,7 @@ class FeatureStore:
         """
         con = self.connect()
         try:
-            now = datetime.now(UTC)
+            now = now or datetime.now(UTC)
             con.execute("BEGIN")
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE batch_events AS SELECT * FROM read_parquet($p) "
@@ -183,7 +221,15 @@ class FeatureStore:
             touched = con.execute("SELECT count(*) FROM touched_users").fetchone()[0]  # type: ignore[index]
             in_batch = con.execute("SELECT count(*) FROM read_parquet($p)", {"p": str(batch_dir / "events.parquet")})
             events_in_batch = in_batch.fetchone()[0]  # type: ignore[index]
-            rows = upsert_features(con, now, "touched_users") if touched else self._count(con, "user_features")
+            refresh = self._refresh(con, now, "touched_users")
+            late, late_days, max_late = con.execute(
+                "SELECT count(*) FILTER (WHERE x > $allowed), "
+                "list(DISTINCT strftime(occurred_at, '%Y-%m-%d') ORDER BY strftime(occurred_at, '%Y-%m-%d')) "
+                "FILTER (WHERE x > $allowed), max(x) "
+                "FROM (SELECT occurred_at, epoch(CAST($now AS TIMESTAMPTZ)) - epoch(occurred_at) AS x "
+                "FROM batch_events)",
+                {"now": now, "allowed": self.allowed_lateness.total_seconds()},
+            ).fetchone()  # type: ignore[misc]
             ids = [r[0] for r in con.execute("SELECT event_id FROM batch_events ORDER BY stream_seq").fetchall()]
             con.execute(
                 "INSERT INTO ingested_batches VALUES ($batch, $now, $n, $ins, $dl, $users) ON CONFLICT DO NOTHING",
@@ -201,6 +247,7 @@ class FeatureStore:
             if "fail-run" in faults:
                 raise InjectedFault("FEATURE_PIPELINE_FAULTS=fail-run: failing before COMMIT (nothing is stored)")
             con.execute("COMMIT")
+            refresh = self._publish(con, refresh)
             committed = datetime.now(UTC)
             p50, p95, worst = con.execute(
                 "SELECT quantile_cont(x, 0.5), quantile_cont(x, 0.95), max(x) FROM "
@@ -217,13 +264,17 @@ class FeatureStore:
                 dead_letters_inserted=dead_inserted,
                 conflicting_duplicates=conflicts,
                 users_touched=touched,
-                user_features_rows=rows,
+                user_features_rows=self._count(con, "user_features"),
                 signal_events_rows=self._count(con, "signal_events"),
                 feedback_events_rows=self._count(con, "feedback_events"),
                 event_ids=ids,
                 latency_p50_seconds=p50,
                 latency_p95_seconds=p95,
                 latency_max_seconds=worst,
+                late_events=late,
+                late_days=(late_days or [])[:31],
+                max_lateness_seconds=max_late,
+                refresh=refresh,
                 health=self._health(con, consistency_sample),
             )
         except BaseException:
@@ -233,14 +284,104 @@ class FeatureStore:
         finally:
             con.close()
 
-    def recompute_all(self, consistency_sample: int = 1000) -> tuple[int, StoreHealth]:
+    def recompute_all(self, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
         """Rebuild every user_features row from the raw tables, as of now."""
+        return self._refresh_only(None, consistency_sample, rebuild=True)
+
+    def advance(self, now: datetime | None = None, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
+        """Move the clock to now without new events: the rows whose windows moved are recomputed."""
+        return self._refresh_only(now, consistency_sample, rebuild=False)
+
+    def _refresh_only(
+        self, now: datetime | None, consistency_sample: int, *, rebuild: bool
+    ) -> tuple[Refresh, StoreHealth]:
         con = self.connect()
         try:
             con.execute("BEGIN")
-            rows = upsert_features(con, datetime.now(UTC), None)
+            con.execute("CREATE OR REPLACE TEMP TABLE touched_users (user_id VARCHAR)")
+            refresh = self._refresh(con, now or datetime.now(UTC), "touched_users", rebuild=rebuild)
             con.execute("COMMIT")
-            return rows, self._health(con, consistency_sample)
+            return self._publish(con, refresh), self._health(con, consistency_sample)
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    def _refresh(
+        self, con: duckdb.DuckDBPyConnection, now: datetime, touched: str, *, rebuild: bool = False
+    ) -> Refresh:
+        """Bring user_features to the clock `now` inside the caller's transaction.
+
+        Recomputes the `touched` users and those whose windows moved since the last run; everything
+        when the store is new or the feature definitions changed (columns are added/dropped first).
+        """
+        state = con.execute("SELECT valid_as_of, fingerprint FROM feature_state WHERE id = 1").fetchone()
+        fixed = {"user_id", "updated_at"}
+        changes = sync_columns(con, self.registry, "user_features", fixed)
+        changes += sync_columns(con, self.registry, "user_feature_snapshots", {"snapshot_date", "user_id", "as_of"})
+        previous = state[0] if state else None
+        as_of = max(now, previous) if previous else now  # a clock that stepped back must not undo windows
+        rebuild = rebuild or previous is None or state[1] != self.registry.fingerprint or bool(changes)
+        if rebuild:
+            rows = upsert_features(con, self.registry, as_of, None)
+        else:
+            users_changed_by_time(con, self.registry, previous, as_of, "time_users")
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE refresh_users AS SELECT user_id FROM {touched} "
+                "UNION SELECT user_id FROM time_users"
+            )
+            rows = upsert_features(con, self.registry, as_of, "refresh_users")
+        con.execute(
+            "INSERT OR REPLACE INTO feature_state VALUES (1, $as_of, $fp)",
+            {"as_of": as_of, "fp": self.registry.fingerprint},
+        )
+        return Refresh(as_of, rows, rebuild, changes)
+
+    def _publish(self, con: duckdb.DuckDBPyConnection, refresh: Refresh) -> Refresh:
+        """Replace the serving copy atomically (write a temp file, rename over the old one).
+
+        A failure leaves the previous copy in place and is reported, not raised: the batch is
+        committed, and failing its run would only redeliver what is already stored.
+        """
+        if self.serving_path is None:
+            return refresh
+        tmp = self.serving_path.with_name(f".{self.serving_path.name}.{os.getpid()}.tmp")
+        try:
+            self.serving_path.parent.mkdir(parents=True, exist_ok=True)
+            stamp = refresh.valid_as_of.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+            target = str(tmp).replace("'", "''")
+            con.execute(
+                f"COPY (SELECT *, TIMESTAMPTZ '{stamp}' AS valid_as_of FROM user_features ORDER BY user_id) "
+                f"TO '{target}' (FORMAT parquet, COMPRESSION zstd)"
+            )
+            os.replace(tmp, self.serving_path)
+            return refresh
+        except (OSError, duckdb.Error) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return Refresh(
+                refresh.valid_as_of,
+                refresh.rows_written,
+                refresh.rebuilt,
+                refresh.schema_changes,
+                f"could not replace the serving copy {self.serving_path}: {exc}",
+            )
+
+    def snapshot(self, day: date) -> int:
+        """Replace the snapshot partition of `day` (idempotent: a re-run gives the same rows)."""
+        con = self.connect()
+        try:
+            con.execute("BEGIN")
+            sync_columns(con, self.registry, "user_feature_snapshots", {"snapshot_date", "user_id", "as_of"})
+            rows = write_snapshot(con, self.registry, day)
+            con.execute("COMMIT")
+            return rows
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
         finally:
             con.close()
 
@@ -279,8 +420,7 @@ class FeatureStore:
             total += row[0] if row else 0
         return total
 
-    @staticmethod
-    def _health(con: duckdb.DuckDBPyConnection, consistency_sample: int) -> StoreHealth:
+    def _health(self, con: duckdb.DuckDBPyConnection, consistency_sample: int) -> StoreHealth:
         hour = con.execute(
             "SELECT count(*) FROM dead_letters WHERE dead_lettered_at > now() - INTERVAL 1 HOUR"
         ).fetchone()[0]  # type: ignore[index]
@@ -291,7 +431,7 @@ class FeatureStore:
             "SELECT strftime(dead_lettered_at, '%Y-%m-%dT%H:%M:%SZ'), original_stream, original_seq, reason "
             "FROM dead_letters ORDER BY dead_lettered_at DESC, original_seq DESC LIMIT 5"
         ).fetchall()
-        checked, bad = inconsistent_users(con, consistency_sample)
+        checked, bad = inconsistent_users(con, consistency_sample, self.registry)
         return StoreHealth(hour, [tuple(r) for r in reasons], [tuple(r) for r in latest], checked, bad)  # type: ignore[misc]
 
     @staticmethod

@@ -99,6 +99,7 @@ class Pipeline:
         self.home = root / "dagster_home"
         self.db = root / "store.duckdb"
         self.staging = root / "staging"
+        self.serving = root / "serving" / "user_features.parquet"
         self.prefix = "e2e"
         self.extra_env = env or {}
         self.daemon: subprocess.Popen[bytes] | None = None
@@ -114,6 +115,7 @@ class Pipeline:
                 "NATS_DURABLE_PREFIX": self.prefix,
                 "FEATURE_STORE_PATH": str(self.db),
                 "FEATURE_PIPELINE_STAGING_DIR": str(self.staging),
+                "FEATURE_PIPELINE_SERVING_PATH": str(self.serving),
                 "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "1",
                 "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "1",
                 **self.extra_env,

@@ -37,7 +37,9 @@ def build_resources(tmp_path: Path, url: str) -> dict[str, Any]:
             max_batches_in_flight=4,
             nak_delay_seconds=1,
         ),
-        "feature_store": FeatureStoreResource(path=str(tmp_path / "store.duckdb")),
+        "feature_store": FeatureStoreResource(
+            path=str(tmp_path / "store.duckdb"), serving_path=str(tmp_path / "serving" / "user_features.parquet")
+        ),
         "monitoring": MonitoringResource(
             lag_warn=100,
             lag_error=1000,

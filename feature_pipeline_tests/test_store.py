@@ -425,8 +425,8 @@ def test_untouched_users_keep_their_row_and_still_match(env: Env) -> None:
     rows = assert_rows_match_reference(env)
     assert rows["u-1"]["updated_at"] == first.committed_at
     assert rows["u-2"]["updated_at"] == second.committed_at
-    rows, health = env.store.recompute_all()
-    assert rows == 2 and health.inconsistent_users == []
+    refresh, health = env.store.recompute_all()
+    assert refresh.rows_written == 2 and refresh.rebuilt and health.inconsistent_users == []
     assert_rows_match_reference(env)
 
 

@@ -45,7 +45,7 @@ from dagster import DagsterRunStatus
 from feature_pipeline.broker import STREAMS, Broker, consumer_name
 from feature_pipeline.cli import sample_data
 from feature_pipeline.envelopes import DATA_MODELS, make_envelope
-from feature_pipeline.features import inconsistent_users
+from feature_pipeline.features import default_registry, inconsistent_users
 from feature_pipeline.testing import Pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -634,7 +634,7 @@ def reconcile(
         feature_rows = con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
         # Every row. Not sample=10**9: DuckDB's `USING SAMPLE reservoir(N ROWS)` sizes its buffers by N, and
         # with the TIMESTAMPTZ column N=10**9 asks for 7.4 GiB and fails (features.py, inconsistent_users).
-        checked, bad_users = inconsistent_users(con, sample=max(1, feature_rows))
+        checked, bad_users = inconsistent_users(con, max(1, feature_rows), default_registry())
     finally:
         con.close()
 

@@ -16,9 +16,11 @@ from feature_pipeline.broker import DEADLETTER, FEEDBACK, SIGNALS
 from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, store_check_results
 from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource, MonitoringResource
 from feature_pipeline.defs.streams import stream_key
-from feature_pipeline.store import StoreHealth
+from feature_pipeline.store import Refresh, StoreHealth
 
 BATCH_TAG = "feature_pipeline/batch_id"
+# On a run without a batch: "windows" only moves the clock (the schedule's runs); absent = rebuild every row.
+REFRESH_TAG = "feature_pipeline/refresh"
 DUCKDB_POOL = "duckdb"
 LOGGED_IDS = 20
 
@@ -49,7 +51,8 @@ RAW_SPECS = {
     "user_features": dg.AssetSpec(
         "user_features",
         deps=["signal_events", "feedback_events"],
-        description="One row per user, recomputed from the raw tables as of updated_at.",
+        description="One row per user, every feature of the registry (feature_defs.toml), correct as of the last "
+        "run's clock (valid_as_of in the metadata); updated_at is when the row was last recomputed.",
         group_name="feature_store",
         kinds={"duckdb"},
     ),
@@ -78,6 +81,27 @@ def _dead_letter_metadata(health: StoreHealth) -> dict[str, Any]:
     }
 
 
+def _refresh_metadata(refresh: Refresh) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "valid_as_of": refresh.valid_as_of.isoformat(),
+        "rows_recomputed": refresh.rows_written,
+        "rebuilt_all_rows": refresh.rebuilt,
+        "serving_copy": "published" if refresh.serving_error is None else f"NOT replaced: {refresh.serving_error}",
+    }
+    if refresh.schema_changes:
+        meta["schema_changes"] = "; ".join(refresh.schema_changes)
+    return meta
+
+
+def _log_refresh(context: dg.AssetExecutionContext, refresh: Refresh) -> None:
+    if refresh.schema_changes:
+        context.log.info(
+            "feature definitions changed (" + "; ".join(refresh.schema_changes) + "): rebuilt every row"
+        )
+    if refresh.serving_error:
+        context.log.warning(refresh.serving_error + " (the previous copy stays; the batch is stored)")
+
+
 @dg.multi_asset(
     specs=list(RAW_SPECS.values()),
     check_specs=[DEAD_LETTERS_CHECK, CONSISTENCY_CHECK],
@@ -95,10 +119,20 @@ def ingest_batch(
     store = feature_store.store
     batch_id = context.run.tags.get(BATCH_TAG)
     if batch_id is None:
-        rows, health = store.recompute_all(monitoring.consistency_sample)
-        context.log.info(f"no batch tag on this run: rebuilt all {rows} user_features rows from the raw tables")
+        windows_only = context.run.tags.get(REFRESH_TAG) == "windows"
+        if windows_only:
+            refresh, health = store.advance(consistency_sample=monitoring.consistency_sample)
+        else:
+            refresh, health = store.recompute_all(monitoring.consistency_sample)
+        _log_refresh(context, refresh)
+        context.log.info(
+            f"{'moved the clock' if windows_only else 'rebuilt user_features'} to {refresh.valid_as_of.isoformat()}: "
+            f"{refresh.rows_written} rows recomputed from the raw tables"
+        )
         for key in RAW_SPECS:
-            meta: dict[str, Any] = {"recomputed": key == "user_features", "user_features_rows": rows}
+            meta: dict[str, Any] = {"refresh": "windows" if windows_only else "rebuild"}
+            if key == "user_features":
+                meta.update(_refresh_metadata(refresh))
             if key == "dead_letters":
                 meta.update(_dead_letter_metadata(health))
             yield dg.MaterializeResult(asset_key=key, metadata=meta)
@@ -120,6 +154,13 @@ def ingest_batch(
     )
     shown = ", ".join(result.event_ids[:LOGGED_IDS])
     more = len(result.event_ids) - LOGGED_IDS
+    _log_refresh(context, result.refresh)
+    if result.late_events:
+        context.log.warning(
+            f"{result.late_events} event(s) arrived more than {feature_store.allowed_lateness_seconds} s after they "
+            f"occurred (up to {result.max_lateness_seconds:.0f} s), on {', '.join(result.late_days)}: stored and "
+            "counted; snapshots of those days taken before now miss them until backfilled"
+        )
     context.log.info(
         f"stored batch {batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
         f"{result.feedback_inserted} new feedback, {result.duplicates_absorbed} duplicates absorbed), "
@@ -134,7 +175,11 @@ def ingest_batch(
         "dead_letters_stored": result.dead_letters_inserted,
         "conflicting_duplicates": result.conflicting_duplicates,
         "users_touched": result.users_touched,
+        "late_events": result.late_events,
     }
+    if result.late_events:
+        common["late_event_days"] = ", ".join(result.late_days)
+        common["max_lateness_seconds"] = round(result.max_lateness_seconds or 0.0, 3)
     for stream, (lo, hi) in manifest["seq_ranges"].items():
         common[f"{stream.lower()}_seq_range"] = f"{lo}-{hi}"
     if result.latency_max_seconds is not None:
@@ -145,7 +190,7 @@ def ingest_batch(
         "signal_events": {"events_stored": result.signals_inserted, "rows_total": result.signal_events_rows},
         "feedback_events": {"events_stored": result.feedback_inserted, "rows_total": result.feedback_events_rows},
         "dead_letters": _dead_letter_metadata(result.health),
-        "user_features": {"rows_total": result.user_features_rows},
+        "user_features": {"rows_total": result.user_features_rows, **_refresh_metadata(result.refresh)},
     }
     for key, extra in per_asset.items():
         yield dg.MaterializeResult(asset_key=key, metadata={**common, **extra})

@@ -6,6 +6,7 @@ value came from instead of the value; an unset one falls back to the default in
 """
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
@@ -13,6 +14,7 @@ import dagster as dg
 from feature_pipeline import settings
 from feature_pipeline.broker import NatsAuth
 from feature_pipeline.health import Thresholds
+from feature_pipeline.registry import Registry, load_registry
 from feature_pipeline.staging import Staging
 from feature_pipeline.store import FeatureStore
 
@@ -78,13 +80,26 @@ class IngestResource(dg.ConfigurableResource):
 
 
 class FeatureStoreResource(dg.ConfigurableResource):
-    """The DuckDB file."""
+    """The DuckDB file, the feature definitions and the serving copy."""
 
     path: str
+    features_file: str = ""
+    serving_path: str = ""
+    allowed_lateness_seconds: int = 3600
+
+    @property
+    def registry(self) -> Registry:
+        return load_registry(str(settings.parse("FEATURE_PIPELINE_FEATURES_FILE", self.features_file)) or None)
 
     @property
     def store(self) -> FeatureStore:
-        return FeatureStore(str(settings.parse("FEATURE_STORE_PATH", self.path)))
+        serving = settings.parse("FEATURE_PIPELINE_SERVING_PATH", self.serving_path) if self.serving_path else None
+        return FeatureStore(
+            str(settings.parse("FEATURE_STORE_PATH", self.path)),
+            registry=self.registry,
+            serving_path=str(serving) if serving else None,
+            allowed_lateness=timedelta(seconds=self.allowed_lateness_seconds),
+        )
 
 
 class MonitoringResource(dg.ConfigurableResource):
@@ -145,5 +160,10 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             dead_letters_hour_error=_env("FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR", integer=True),
             consistency_sample=_env("FEATURE_PIPELINE_CONSISTENCY_SAMPLE", integer=True),
         ),
-        "feature_store": FeatureStoreResource(path=_env("FEATURE_STORE_PATH")),
+        "feature_store": FeatureStoreResource(
+            path=_env("FEATURE_STORE_PATH"),
+            features_file=_env("FEATURE_PIPELINE_FEATURES_FILE"),
+            serving_path=_env("FEATURE_PIPELINE_SERVING_PATH"),
+            allowed_lateness_seconds=_env("FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS", integer=True),
+        ),
     }

@@ -1,0 +1,272 @@
+"""Feature definitions as data: one typed entry per `user_features` column.
+
+The registry is a TOML file (`feature_defs.toml` beside this module, or the file named by
+FEATURE_PIPELINE_FEATURES_FILE) checked by pydantic when it is loaded, so a mistake is reported
+with the feature's name before any run starts. `features.py` turns the registry into the one
+SQL query every path uses (micro-batch update, full rebuild, daily snapshot, point-in-time join).
+
+Pure: no Dagster, no NATS; DuckDB only to check `where` filters compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import duckdb
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_FILE = Path(__file__).with_name("feature_defs.toml")
+RESERVED = frozenset({"user_id", "updated_at", "valid_as_of", "as_of", "ts", "snapshot_date"})
+SOURCE_TABLES = {"signals": "signal_events", "feedback": "feedback_events"}
+VALUE_TYPES = ("BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN", "TIMESTAMPTZ")
+Aggregation = Literal["count", "sum", "min", "max", "mean", "last", "count_distinct", "ratio"]
+
+_WINDOW = re.compile(r"^(\d+)\s*(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+_FIELD = re.compile(r"^(occurred_at|received_at|event_id|type|subject|data(\.[A-Za-z_][A-Za-z0-9_]*)+)$")
+
+
+class RegistryError(ValueError):
+    """The feature definitions cannot be used; the text names the file and the feature."""
+
+
+def parse_window(raw: str) -> timedelta | None:
+    """'1h', '24h', '7d', '30d', '90m', '45s', or 'all' (no window)."""
+    text = raw.strip().lower()
+    if text in ("all", "all_time", ""):
+        return None
+    m = _WINDOW.match(text)
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f"window must look like 1h, 24h, 7d, 30d, 90m or 'all', got {raw!r}")
+    return timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+
+
+class FeatureDef(BaseModel):
+    """One column of user_features.
+
+    Aggregations run over the events of `source` (optionally only `event_types`, and rows matching
+    `where`) whose occurred_at lies in (as_of - window, as_of]; `ratio` divides two other features.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+    aggregation: Aggregation
+    description: str = ""
+    source: Literal["signals", "feedback"] | None = None
+    event_types: tuple[str, ...] = ()
+    where: str | None = None
+    field: str | None = None
+    type: Literal["BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN", "TIMESTAMPTZ"] | None = None
+    window: str = "all"
+    numerator: str | None = None
+    denominator: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED:
+            raise ValueError(f"{value!r} is a reserved column name ({', '.join(sorted(RESERVED))})")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        parse_window(value)
+        return value
+
+    @field_validator("event_types")
+    @classmethod
+    def _types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for t in value:
+            if t.startswith(("signals.", "feedback.")):
+                raise ValueError(f"write event types without the stream prefix: {t.partition('.')[2]!r}, not {t!r}")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", t):
+                raise ValueError(f"{t!r} is not an event type like 'task.synced'")
+        return value
+
+    @field_validator("field")
+    @classmethod
+    def _field(cls, value: str | None) -> str | None:
+        if value is not None and not _FIELD.match(value):
+            raise ValueError(
+                "field must be occurred_at, received_at, event_id, type, subject or a payload path like "
+                f"data.tasks_total, got {value!r}"
+            )
+        return value
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, value: str | None) -> str | None:
+        if value is not None and (";" in value or "--" in value):
+            raise ValueError("where must be a single SQL condition (no ';' or comments)")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> FeatureDef:
+        agg = self.aggregation
+        if agg == "ratio":
+            if not (self.numerator and self.denominator):
+                raise ValueError("a ratio needs numerator and denominator (names of other features)")
+            extra = [k for k in ("source", "field", "where", "type") if getattr(self, k) is not None]
+            if extra or self.event_types or self.window != "all":
+                raise ValueError("a ratio takes only numerator, denominator and description")
+            return self
+        if self.source is None:
+            raise ValueError("source must be 'signals' or 'feedback'")
+        if self.numerator or self.denominator:
+            raise ValueError("numerator/denominator belong to aggregation = 'ratio'")
+        if agg == "count":
+            if self.field is not None or self.type is not None:
+                raise ValueError("count counts events: leave out field and type (use count_distinct for a field)")
+            return self
+        if self.field is None:
+            raise ValueError(f"aggregation {agg!r} needs a field, e.g. data.tasks_total or occurred_at")
+        if self.field.startswith("data.") and self.type is None and agg != "count_distinct":
+            raise ValueError(f"a payload field needs a type, one of {', '.join(VALUE_TYPES)}")
+        if agg in ("sum", "mean") and self.value_type not in ("BIGINT", "DOUBLE"):
+            raise ValueError(f"{agg} needs a numeric value (type BIGINT or DOUBLE), got {self.value_type}")
+        return self
+
+    @property
+    def window_delta(self) -> timedelta | None:
+        return parse_window(self.window)
+
+    @property
+    def value_type(self) -> str:
+        """The SQL type of the aggregated field."""
+        if self.type is not None:
+            return self.type
+        if self.field in ("occurred_at", "received_at"):
+            return "TIMESTAMPTZ"
+        return "VARCHAR"
+
+    @property
+    def column_type(self) -> str:
+        """The SQL type of the feature column."""
+        if self.aggregation in ("count", "count_distinct"):
+            return "BIGINT"
+        if self.aggregation in ("mean", "ratio"):
+            return "DOUBLE"
+        return self.value_type
+
+
+class Registry(BaseModel):
+    """The ordered feature list; order = column order in user_features."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    features: tuple[FeatureDef, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> Registry:
+        seen: dict[str, FeatureDef] = {}
+        for f in self.features:
+            if f.name in seen:
+                raise ValueError(f"feature {f.name!r} is defined twice")
+            seen[f.name] = f
+        for f in self.features:
+            if f.aggregation != "ratio":
+                continue
+            for part in (f.numerator, f.denominator):
+                ref = seen.get(part or "")
+                if ref is None:
+                    raise ValueError(f"ratio {f.name!r} refers to {part!r}, which is not a feature")
+                if ref.aggregation == "ratio" or ref.column_type not in ("BIGINT", "DOUBLE"):
+                    raise ValueError(f"ratio {f.name!r}: {part!r} must be a numeric, non-ratio feature")
+        return self
+
+    def __getitem__(self, name: str) -> FeatureDef:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Changes when any definition changes: the store then rebuilds every row once."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def windows(self, source: str) -> list[timedelta]:
+        """The distinct windows of a source's features: where values change as time passes."""
+        found = {f.window_delta for f in self.features if f.source == source and f.window_delta is not None}
+        return sorted(found)  # type: ignore[type-var]
+
+
+def _check_sql(registry: Registry, origin: str) -> None:
+    """Compile every `where` filter and payload path against the raw table schema, once, at load time."""
+    from feature_pipeline.features import feature_sql  # features imports this module
+
+    con = duckdb.connect()
+    try:
+        for table in SOURCE_TABLES.values():
+            con.execute(
+                f"CREATE TABLE {table} (event_id VARCHAR, subject VARCHAR, stream_seq BIGINT, "
+                "occurred_at TIMESTAMPTZ, received_at TIMESTAMPTZ, ingested_at TIMESTAMPTZ, user_id VARCHAR, "
+                "type VARCHAR, schema_version INTEGER, data JSON, known_type BOOLEAN, batch_id VARCHAR)"
+            )
+        con.execute("CREATE TEMP TABLE feature_points (user_id VARCHAR, as_of TIMESTAMPTZ)")
+        for f in registry.features:
+            if f.aggregation == "ratio":
+                continue
+            single = Registry(features=(f,))
+            try:
+                con.execute(f"EXPLAIN {feature_sql(single)}")
+            except duckdb.Error as exc:
+                raise RegistryError(f"{origin}: feature {f.name!r} does not compile: {exc}") from None
+    finally:
+        con.close()
+
+
+_cache: dict[tuple[str, int, int], Registry] = {}
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """Read and check a registry file (the packaged one when `path` is empty); cached while unchanged."""
+    file = Path(path) if path else DEFAULT_FILE
+    try:
+        st = file.stat()
+    except OSError as exc:
+        raise RegistryError(f"cannot read feature definitions {file}: {exc.strerror or exc}") from None
+    key = (str(file.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _cache:
+        _cache[key] = _load(file)
+    return _cache[key]
+
+
+def _load(file: Path) -> Registry:
+    try:
+        raw = tomllib.loads(file.read_text())
+    except OSError as exc:
+        raise RegistryError(f"cannot read feature definitions {file}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{file} is not valid TOML: {exc}") from None
+    entries = raw.get("feature")
+    if not isinstance(entries, list):
+        raise RegistryError(f"{file} has no [[feature]] entries")
+    try:
+        registry = Registry(features=tuple(entries))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = list(err["loc"])
+            where = ""
+            if len(loc) >= 2 and loc[0] == "features" and isinstance(loc[1], int):
+                entry = entries[loc[1]] if loc[1] < len(entries) else {}
+                name = entry.get("name", "?") if isinstance(entry, dict) else "?"
+                field = ".".join(str(p) for p in loc[2:] if not str(p).startswith(("function-", "literal")))
+                where = f"feature #{loc[1] + 1} ({name!r}){f' {field}' if field else ''}: "
+            problems.append(where + err["msg"].removeprefix("Value error, "))
+        raise RegistryError(f"{file}: " + "; ".join(problems)) from None
+    _check_sql(registry, str(file))
+    return registry

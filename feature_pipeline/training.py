@@ -1,0 +1,113 @@
+"""Point-in-time training data: every feature as it was at each label's timestamp.
+
+Labels are rows of (user_id, ts, any label columns). Each row gets the registry's features
+computed by the same query as the live table, from events with occurred_at <= ts, so nothing
+that happened after ts leaks into its features. `received_cutoff=True` also drops events the
+stream received after ts (what a model serving at ts could really have seen: late arrivals
+are excluded). Naive timestamps are read as UTC.
+
+The store is opened read-only; an ingest run waiting for the file meanwhile waits (up to its
+lock timeout), it does not fail.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from feature_pipeline.features import point_in_time
+from feature_pipeline.registry import Registry
+from feature_pipeline.store import FeatureStore
+
+Labels = str | os.PathLike[str] | pd.DataFrame | pa.Table
+
+
+class LabelsError(ValueError):
+    """The labels cannot be used; the text says which column or row."""
+
+
+def read_labels(labels: Labels) -> pa.Table:
+    """Parquet or CSV file (by suffix), pandas DataFrame or Arrow table."""
+    if isinstance(labels, pa.Table):
+        return labels
+    if isinstance(labels, pd.DataFrame):
+        return pa.Table.from_pandas(labels, preserve_index=False)
+    path = Path(labels)
+    if not path.is_file():
+        raise LabelsError(f"labels file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if suffix in (".csv", ".tsv"):
+            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            return pacsv.read_csv(path, parse_options=opts)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LabelsError(f"cannot read labels {path}: {exc}") from None
+    raise LabelsError(f"labels {path}: expected a .parquet or .csv file")
+
+
+def _check(table: pa.Table, registry: Registry) -> None:
+    names = table.column_names
+    missing = [c for c in ("user_id", "ts") if c not in names]
+    if missing:
+        raise LabelsError(
+            f"labels need columns user_id and ts; missing {', '.join(missing)} (have: {', '.join(names)})"
+        )
+    clash = sorted(set(names) & {*registry.names, "__row"})
+    if clash:
+        raise LabelsError(f"label columns {', '.join(clash)} have the names of features; rename them")
+    for col in ("user_id", "ts"):
+        nulls = table.column(col).null_count
+        if nulls:
+            first = pc.index(pc.is_null(table.column(col)), True).as_py()
+            raise LabelsError(f"labels column {col} is empty in {nulls} row(s), the first at row {first + 1}")
+
+
+def training_set(
+    labels: Labels,
+    *,
+    store: FeatureStore | str | os.PathLike[str] | None = None,
+    received_cutoff: bool = False,
+    wait_seconds: float = 120.0,
+) -> pa.Table:
+    """The labels, in their order, with every feature as of each row's ts."""
+    if not isinstance(store, FeatureStore):
+        from feature_pipeline import settings
+
+        store = FeatureStore(str(store or settings.parse("FEATURE_STORE_PATH", os.environ.get("FEATURE_STORE_PATH"))))
+    table = read_labels(labels)
+    _check(table, store.registry)
+    table = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
+    con = store.connect(read_only=True, wait_seconds=wait_seconds)
+    try:
+        con.register("labels_in", table)
+        try:
+            con.execute(
+                "CREATE TEMP TABLE labels AS SELECT * REPLACE "
+                "(CAST(user_id AS VARCHAR) AS user_id, CAST(ts AS TIMESTAMPTZ) AS ts) FROM labels_in"
+            )
+        except duckdb.ConversionException as exc:
+            raise LabelsError(f"labels column ts must hold timestamps like 2026-11-27T12:00:00Z: {exc}") from None
+        con.unregister("labels_in")
+        return point_in_time(con, store.registry, "labels", received_cutoff=received_cutoff).to_arrow_table()
+    finally:
+        con.close()
+
+
+def write_table(table: pa.Table, out: str | os.PathLike[str]) -> None:
+    """Parquet, or CSV when `out` ends in .csv; written to a temp name, then renamed into place."""
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix.lower() == ".csv":
+        pacsv.write_csv(table, tmp)
+    else:
+        pq.write_table(table, tmp)
+    os.replace(tmp, path)

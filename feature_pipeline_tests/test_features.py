@@ -1,0 +1,375 @@
+"""One feature definition, every path: micro-batch updates, sliding windows, snapshots, point-in-time joins.
+
+Real DuckDB files and real staged batches; the clock is passed in so windows can be crossed exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from feature_pipeline import get_features, training_set
+from feature_pipeline.features import compute_features, day_end
+from feature_pipeline.registry import DEFAULT_FILE, load_registry
+from feature_pipeline.serving import FeatureReader, ServingCopyMissing
+from feature_pipeline.store import FeatureStore
+from feature_pipeline.training import LabelsError
+from feature_pipeline_tests.test_store import SUBJECTS, Env, Feed, data_for
+
+DAY = date(2026, 6, 1)
+END = day_end(DAY)
+
+
+def make_env(root: Path, registry_file: Path | None = None) -> Env:
+    from feature_pipeline.staging import Staging
+
+    store = FeatureStore(
+        root / "fs.duckdb",
+        registry=load_registry(registry_file),
+        serving_path=root / "serving" / "user_features.parquet",
+        allowed_lateness=timedelta(hours=1),
+    )
+    return Env(store, Staging(root / "staging"), Feed())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path)
+
+
+def table(env: Env, name: str = "user_features", where: str = "") -> dict[str, dict[str, Any]]:
+    with env.con() as con:
+        cur = con.execute(f"SELECT * FROM {name} {where}")
+        names = [d[0] for d in cur.description]
+        return {r[names.index("user_id")]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+
+def features_only(row: dict[str, Any], env: Env) -> dict[str, Any]:
+    return {k: row[k] for k in env.store.registry.names}
+
+
+# -- sliding windows --------------------------------------------------------------------------
+
+
+def test_windows_slide_with_the_clock_without_new_events(env: Env) -> None:
+    """A user who stops sending events sees the 24 h count fall to 0 when the clock passes, not at their next event."""
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    f = env.feed
+    env.apply([f.event("a", "signals.task.completed", "quiet", t0)], now=t0 + timedelta(minutes=1))
+    env.apply([f.event("b", "signals.task.completed", "busy", t0)], now=t0 + timedelta(hours=2))
+    assert table(env)["quiet"]["signal_count_24h"] == 1
+
+    # 24 h later: no event for "quiet", only a batch of someone else; quiet's row moves all the same.
+    later = t0 + timedelta(hours=24, seconds=1)
+    result = env.apply([f.event("c", "signals.task.completed", "other", later)], now=later)
+    rows = table(env)
+    assert rows["quiet"]["signal_count_24h"] == 0 and rows["quiet"]["signal_count_7d"] == 1
+    assert rows["quiet"]["updated_at"] == later
+    assert result.refresh.valid_as_of == later and result.refresh.rows_written == 3  # other + quiet + busy
+
+    # No batch at all: the clock moves by itself (the schedule's runs).
+    refresh, health = env.store.advance(now=t0 + timedelta(days=7, seconds=1))
+    rows = table(env)
+    assert all(r["signal_count_7d"] == 0 for u, r in rows.items() if u != "other")
+    assert rows["other"]["signal_count_7d"] == 1
+    assert rows["other"]["signal_count_24h"] == 0  # its own 24 h passed too
+    assert refresh.rows_written == 3 and not refresh.rebuilt and health.inconsistent_users == []
+    # ... and a move that crosses no window edge recomputes nothing.
+    refresh, _ = env.store.advance(now=t0 + timedelta(days=7, seconds=2))
+    assert refresh.rows_written == 0
+    assert table(env) == rows
+
+
+def test_future_dated_event_counts_once_its_time_comes(env: Env) -> None:
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event("f", "signals.task.completed", "u", t0 + timedelta(hours=1))], now=t0)
+    assert table(env)["u"]["signal_count_total"] == 0
+    env.store.advance(now=t0 + timedelta(hours=2))
+    assert table(env)["u"]["signal_count_total"] == 1
+
+
+def test_late_events_are_stored_and_counted_as_late(env: Env) -> None:
+    now = datetime(2026, 6, 10, 12, tzinfo=UTC)
+    f = env.feed
+    result = env.apply(
+        [
+            f.event("on-time", "signals.task.completed", "u", now - timedelta(minutes=59)),
+            f.event("late-1", "signals.task.completed", "u", now - timedelta(days=3)),
+            f.event("late-2", "feedback.recommendation.shown", "u", datetime(2026, 6, 1, 8, tzinfo=UTC)),
+        ],
+        now=now,
+    )
+    assert result.late_events == 2
+    assert result.late_days == ["2026-06-01", "2026-06-07"]
+    assert result.max_lateness_seconds == pytest.approx((now - datetime(2026, 6, 1, 8, tzinfo=UTC)).total_seconds())
+    assert result.signals_inserted == 2 and result.feedback_inserted == 1
+    with env.con() as con:
+        assert features_only(table(env)["u"], env) == features_only(compute_features(con, now)["u"], env)
+
+
+# -- every path equals every other -------------------------------------------------------------
+
+EVENT = st.tuples(
+    st.sampled_from(["u-1", "u-2", "u-3", "u-4"]),
+    st.sampled_from(SUBJECTS),
+    st.integers(0, 10 * 86_400_000),  # occurred this many ms before the end of DAY
+    st.integers(0, 50),
+)
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(events=st.lists(EVENT, min_size=1, max_size=14), draw=st.data())
+def test_incremental_equals_rebuild_equals_snapshot_equals_point_in_time(
+    events: list[tuple[str, str, int, int]], draw: st.DataObject
+) -> None:
+    """Random events, delivered in random batches, orders and duplicates, applied at random increasing clocks
+    (so windows are crossed between runs and some events are in the future when stored): the rows kept up
+    incrementally equal a full recomputation, the snapshot of the last day and the point-in-time join."""
+    copies = draw.draw(st.lists(st.integers(1, 3), min_size=len(events), max_size=len(events)), label="copies")
+    plan = draw.draw(st.permutations([i for i, c in enumerate(copies) for _ in range(c)]), label="order")
+    cuts = sorted(set(draw.draw(st.lists(st.integers(1, len(plan)), max_size=4), label="cuts")))
+    bounds = list(zip([0, *cuts], [*cuts, len(plan)], strict=True))
+    bounds = [(a, b) for a, b in bounds if b > a]
+    offsets = sorted(draw.draw(st.lists(st.integers(0, 12 * 86_400), min_size=len(bounds), max_size=len(bounds))))
+    clocks = [END - timedelta(seconds=s) for s in reversed(offsets)]  # increasing, the last ones may be END
+
+    with tempfile.TemporaryDirectory() as root:
+        env = make_env(Path(root))
+        first_seq: dict[int, int] = {}
+        deliveries = []
+        for i in plan:
+            user, subject, ms, n = events[i]
+            again = i in first_seq
+            d = env.feed.event(
+                f"evt-{i}",
+                subject,
+                user,
+                END - timedelta(milliseconds=ms),
+                data_for(subject, n),
+                seq=first_seq[i] if again else None,
+                num_delivered=2 if again else 1,
+            )
+            first_seq.setdefault(i, d.stream_seq)
+            deliveries.append(d)
+        for (a, b), clock in zip(bounds, clocks, strict=True):
+            env.apply(deliveries[a:b], now=clock)
+        env.store.advance(now=END)  # the schedule's run at the day's end
+
+        kept = {u: features_only(r, env) for u, r in table(env).items()}
+        with env.con() as con:
+            rebuilt = {u: features_only(r, env) for u, r in compute_features(con, END).items()}
+        assert kept == rebuilt
+
+        env.store.snapshot(DAY)
+        snap = {u: features_only(r, env) for u, r in table(env, "user_feature_snapshots").items()}
+        users_by_end = {e[0] for e in events}
+        assert set(snap) == users_by_end and snap == {u: kept[u] for u in users_by_end}
+
+        labels = pa.table({"user_id": sorted(kept), "ts": [END] * len(kept)})
+        pit = training_set(labels, store=env.store).to_pylist()
+        assert {r["user_id"]: features_only(r, env) for r in pit} == kept
+
+
+# -- point in time ---------------------------------------------------------------------------
+
+
+def test_no_leakage_an_event_one_microsecond_after_ts_is_excluded(env: Env) -> None:
+    ts = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    f = env.feed
+    env.apply(
+        [
+            f.event("at", "signals.task.synced", "u", ts, data_for("signals.task.synced", 1)),
+            f.event(
+                "after", "signals.task.synced", "u", ts + timedelta(microseconds=1), data_for("signals.task.synced", 9)
+            ),
+        ],
+        now=ts + timedelta(hours=1),
+    )
+    labels = pd.DataFrame({"user_id": ["u", "u"], "ts": [ts, ts + timedelta(microseconds=1)], "label": [0, 1]})
+    rows = training_set(labels, store=env.store).to_pylist()
+    assert [r["label"] for r in rows] == [0, 1]  # label columns kept, in order
+    assert [r["signal_count_total"] for r in rows] == [1, 2]
+    assert [r["latest_tasks_completed"] for r in rows] == [1, 9]
+    assert [r["last_signal_at"] for r in rows] == [ts, ts + timedelta(microseconds=1)]
+
+
+def test_received_cutoff_excludes_events_that_arrived_after_ts(env: Env) -> None:
+    """occurred before ts but stored by the stream after it: in the default join, out with received_cutoff."""
+    ts = datetime.now(UTC) - timedelta(minutes=5)  # the feed stamps received_at = now
+    env.apply([env.feed.event("late", "signals.task.completed", "u", ts - timedelta(hours=1))])
+    labels = pd.DataFrame({"user_id": ["u"], "ts": [ts]})
+    assert training_set(labels, store=env.store).to_pylist()[0]["signal_count_total"] == 1
+    assert training_set(labels, store=env.store, received_cutoff=True).to_pylist()[0]["signal_count_total"] == 0
+
+
+def test_labels_for_unknown_users_and_bad_labels(env: Env, tmp_path: Path) -> None:
+    ts = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event("a", "signals.task.completed", "u", ts)], now=ts)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("user_id,ts,clicked\nu,2026-06-01T13:00:00Z,1\nnobody,2026-06-01T13:00:00Z,0\n")
+    rows = training_set(csv, store=env.store).to_pylist()
+    # A user with no events by ts has counts of 0 and no last values, as in user_features.
+    assert [(r["user_id"], r["clicked"], r["signal_count_total"], r["last_signal_at"] is None) for r in rows] == [
+        ("u", 1, 1, False),
+        ("nobody", 0, 0, True),
+    ]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,ts\nu,2026-06-01T13:00:00Z\n")
+    with pytest.raises(LabelsError, match="missing user_id"):
+        training_set(bad, store=env.store)
+    with pytest.raises(LabelsError, match="column ts is empty in 1 row"):
+        training_set(pd.DataFrame({"user_id": ["u", "v"], "ts": [ts, None]}), store=env.store)
+    with pytest.raises(LabelsError, match="names of features"):
+        training_set(pd.DataFrame({"user_id": ["u"], "ts": [ts], "signal_count_7d": [1]}), store=env.store)
+    with pytest.raises(LabelsError, match="does not exist"):
+        training_set(tmp_path / "nope.parquet", store=env.store)
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def test_each_run_replaces_the_serving_copy_atomically(env: Env) -> None:
+    path = env.store.serving_path
+    assert path is not None
+    with pytest.raises(ServingCopyMissing, match="no serving copy"):
+        get_features(["u"], path=path)
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event("a", "signals.task.completed", "u", t0)], now=t0)
+    first_inode = os.stat(path).st_ino
+    got = get_features(["nobody", "u"], path=path)
+    assert list(got["user_id"]) == ["nobody", "u"]
+    assert pd.isna(got.loc[0, "signal_count_total"]) and got.loc[1, "signal_count_total"] == 1
+    assert got.loc[1, "valid_as_of"] == t0
+
+    env.apply([env.feed.event("b", "signals.task.completed", "u", t0)], now=t0 + timedelta(hours=25))
+    assert os.stat(path).st_ino != first_inode  # renamed into place, not rewritten in place
+    got = get_features(["u"], path=path)
+    assert got.loc[0, "signal_count_total"] == 2 and got.loc[0, "signal_count_24h"] == 0  # 25 h later
+    assert not list(path.parent.glob(".*tmp"))
+    assert list(got.columns) == ["user_id", *env.store.registry.names, "updated_at", "valid_as_of"]
+
+
+def test_serving_copy_failure_keeps_the_batch_and_the_old_copy(env: Env) -> None:
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event("a", "signals.task.completed", "u", t0)], now=t0)
+    path = env.store.serving_path
+    assert path is not None
+    # The temp file each publish writes first is blocked (a full or broken disk, as far as COPY can tell).
+    blocker = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    blocker.mkdir()
+    (blocker / "keep").write_text("x")
+    result = env.apply([env.feed.event("b", "signals.task.completed", "u", t0)], now=t0)
+    assert result.refresh.serving_error and "could not replace the serving copy" in result.refresh.serving_error
+    assert env.count("signal_events") == 2
+    assert FeatureReader(path).get(["u"]).loc[0, "signal_count_total"] == 1  # the previous copy
+
+
+# -- the registry drives the schema ----------------------------------------------------------
+
+
+def test_adding_a_feature_backfills_its_column_and_keeps_the_others(tmp_path: Path) -> None:
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env = make_env(tmp_path)
+    f = env.feed
+    env.apply(
+        [
+            f.event("a", "signals.task.synced", "u", t0 - timedelta(days=2), data_for("signals.task.synced", 4)),
+            f.event("b", "signals.task.synced", "u", t0 - timedelta(hours=1), data_for("signals.task.synced", 6)),
+            f.event("c", "signals.task.completed", "v", t0),
+        ],
+        now=t0,
+    )
+    before = table(env)
+    extended = tmp_path / "features.toml"
+    extended.write_text(
+        DEFAULT_FILE.read_text()
+        + '\n[[feature]]\nname = "tasks_completed_max_30d"\nsource = "signals"\nevent_types = ["task.synced"]\n'
+        'aggregation = "max"\nfield = "data.tasks_completed"\ntype = "BIGINT"\nwindow = "30d"\n'
+        '\n[[feature]]\nname = "providers_distinct"\nsource = "signals"\naggregation = "count_distinct"\n'
+        'field = "data.provider"\n'
+    )
+    env2 = Env(
+        FeatureStore(env.store.path, registry=load_registry(extended), serving_path=env.store.serving_path),
+        env.staging,
+        env.feed,
+    )
+    result = env2.apply([f.event("d", "feedback.recommendation.shown", "w", t0)], now=t0 + timedelta(minutes=1))
+    assert result.refresh.rebuilt
+    assert "added user_features.tasks_completed_max_30d BIGINT" in result.refresh.schema_changes
+    rows = table(env2)
+    assert rows["u"]["tasks_completed_max_30d"] == 6 and rows["v"]["tasks_completed_max_30d"] is None
+    assert rows["u"]["providers_distinct"] == 1 and rows["w"]["providers_distinct"] == 0
+    for user, old in before.items():  # the old columns are unchanged (windows did not move in that minute)
+        assert features_only(rows[user], env) == features_only(old, env)
+    assert result.health.inconsistent_users == []
+    # The next run is incremental again.
+    again = env2.apply([f.event("e", "signals.task.completed", "v", t0)], now=t0 + timedelta(minutes=2))
+    assert not again.refresh.rebuilt and again.refresh.rows_written == 1
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('name = "x"\nsource = "signals"\naggregation = "sum"\n', "needs a field"),
+        ('name = "x"\nsource = "signals"\naggregation = "sum"\nfield = "data.n"\n', "needs a type"),
+        ('name = "x"\nsource = "signals"\naggregation = "mean"\nfield = "data.n"\ntype = "VARCHAR"\n', "numeric"),
+        ('name = "x"\nsource = "signals"\naggregation = "count"\nwindow = "3 weeks"\n', "window must look like"),
+        ('name = "x"\nsource = "signals"\naggregation = "count"\nevent_types = ["signals.task.synced"]\n', "prefix"),
+        ('name = "user_id"\nsource = "signals"\naggregation = "count"\n', "reserved"),
+        ('name = "x"\naggregation = "ratio"\nnumerator = "nope"\ndenominator = "rec_shown_7d"\n', "not a feature"),
+        ('name = "x"\nsource = "signals"\naggregation = "count"\nwhere = "e.nope = 1"\n', "does not compile"),
+        ('name = "signal_count_7d"\nsource = "signals"\naggregation = "count"\n', "defined twice"),
+        ('name = "x"\nsource = "logs"\naggregation = "count"\n', r"feature #13 \('x'\) source: Input should be"),
+    ],
+)
+def test_bad_definitions_are_rejected_with_the_feature_named(tmp_path: Path, entry: str, message: str) -> None:
+    from feature_pipeline.registry import RegistryError
+
+    path = tmp_path / "features.toml"
+    path.write_text(DEFAULT_FILE.read_text() + "\n[[feature]]\n" + entry)
+    with pytest.raises(RegistryError, match=message) as info:
+        load_registry(path)
+    assert str(path) in str(info.value)
+
+
+def test_where_filters_and_other_aggregations(tmp_path: Path) -> None:
+    path = tmp_path / "features.toml"
+    path.write_text(
+        '[[feature]]\nname = "todoist_syncs"\nsource = "signals"\naggregation = "count"\n'
+        "where = \"e.data->>'provider' = 'todoist'\"\n"
+        '[[feature]]\nname = "tasks_sum"\nsource = "signals"\naggregation = "sum"\nfield = "data.tasks_total"\n'
+        'type = "BIGINT"\nevent_types = ["task.synced"]\n'
+        '[[feature]]\nname = "tasks_mean_1h"\nsource = "signals"\naggregation = "mean"\nfield = "data.tasks_total"\n'
+        'type = "DOUBLE"\nwindow = "1h"\n'
+        '[[feature]]\nname = "first_seen"\nsource = "feedback"\naggregation = "min"\nfield = "occurred_at"\n'
+    )
+    env = make_env(tmp_path / "s", path)
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    f = env.feed
+    other = {"provider": "asana", "tasks_total": 10, "tasks_completed": 0}
+    env.apply(
+        [
+            f.event("a", "signals.task.synced", "u", t0 - timedelta(hours=2), data_for("signals.task.synced", 1)),
+            f.event("b", "signals.task.synced", "u", t0 - timedelta(minutes=5), other),
+            f.event("c", "feedback.recommendation.shown", "u", t0 - timedelta(days=3)),
+        ],
+        now=t0,
+    )
+    row = table(env)["u"]
+    assert row["todoist_syncs"] == 1 and row["tasks_sum"] == 14 and row["tasks_mean_1h"] == 10.0
+    assert row["first_seen"] == t0 - timedelta(days=3)
