@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -157,6 +157,7 @@ async def publish_events(
     rate: float | None,
     seed: int | None = None,
     auth: NatsAuth | None = None,
+    spread: timedelta = timedelta(0),
 ) -> list[str]:
     """Publish `count` contract-conforming events; returns their ids. Each id is also the Nats-Msg-Id."""
     rng = random.Random(seed)
@@ -168,8 +169,9 @@ async def publish_events(
         for i in range(count):
             subject = rng.choice(subjects)
             event_id = f"evt-{uuid.uuid4().hex}"
+            occurred = datetime.now(UTC) - spread * rng.random()
             body = make_envelope(
-                event_id, subject.split(".", 1)[1], rng.choice(users), datetime.now(UTC), sample_data(subject, rng)
+                event_id, subject.split(".", 1)[1], rng.choice(users), occurred, sample_data(subject, rng)
             )
             pending.append(await broker.js.publish_async(subject, body, headers={"Nats-Msg-Id": event_id}))
             ids.append(event_id)
@@ -193,7 +195,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     try:
         ids = asyncio.run(
             publish_events(
-                cfg.nats_url, subjects=subjects, users=users, count=args.count, rate=args.rate, auth=nats_auth(cfg)
+                cfg.nats_url,
+                subjects=subjects,
+                users=users,
+                count=args.count,
+                rate=args.rate,
+                auth=nats_auth(cfg),
+                spread=timedelta(days=args.spread_days),
             )
         )
     except BrokerUnavailable as exc:
@@ -214,6 +222,85 @@ def cmd_features(args: argparse.Namespace) -> int:
     if row is None:
         return _fail(f"no features for user {args.user_id!r} in {cfg.feature_store_path}", 1)
     print(json.dumps(row, default=str, indent=2))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from feature_pipeline.serving import ServingCopyMissing, get_features
+
+    cfg = _settings()
+    try:
+        frame = get_features(args.user_ids, path=cfg.serving_path)
+    except ServingCopyMissing as exc:
+        return _fail(str(exc))
+    print(frame.to_json(orient="records", date_format="iso", indent=2))
+    return EXIT_OK
+
+
+def cmd_training_set(args: argparse.Namespace) -> int:
+    from feature_pipeline.training import LabelsError, training_set, write_table
+
+    cfg = _settings()
+    store = FeatureStore(cfg.feature_store_path, registry=_registry(cfg))
+    started = time.monotonic()
+    try:
+        table = training_set(args.labels, store=store, received_cutoff=args.received_cutoff)
+        write_table(table, args.out)
+    except (LabelsError, FileNotFoundError, StoreBusy, OSError) as exc:
+        return _fail(str(exc))
+    cutoff = " (events received after each ts excluded)" if args.received_cutoff else ""
+    print(
+        f"wrote {table.num_rows} rows x {table.num_columns} columns to {args.out} "
+        f"in {time.monotonic() - started:.1f} s{cutoff}"
+    )
+    return EXIT_OK
+
+
+def _registry(cfg: settings.Settings) -> Any:
+    from feature_pipeline.registry import load_registry
+
+    return load_registry(cfg.features_file or None)
+
+
+def cmd_backfill_snapshots(args: argparse.Namespace) -> int:
+    """Ask the daemon for an asset backfill of user_feature_snapshots, exactly as the UI's Materialize does."""
+    import dagster as dg
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+
+    from feature_pipeline.definitions import defs, snapshots
+
+    start, end = args.start, args.end or args.start
+    partitions = snapshots.partitions_def
+    assert partitions is not None
+    try:
+        keys = partitions.get_partition_keys_in_range(dg.PartitionKeyRange(start.isoformat(), end.isoformat()))
+    except Exception as exc:
+        return _fail(f"{start}..{end} is not a range of user_feature_snapshots partitions: {exc}")
+    home = _dagster_home()
+    if not (home / "dagster.yaml").is_file():
+        return _fail(f"no Dagster instance at {home}: run `feature-pipeline up` first (or set DAGSTER_HOME)")
+    os.environ["DAGSTER_HOME"] = str(home)
+    backfill_id = make_new_backfill_id()
+    with dg.DagsterInstance.get() as instance:
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id=backfill_id,
+            asset_graph=defs.resolve_asset_graph(),
+            partition_names=keys,
+            asset_selection=[snapshots.key],
+            backfill_timestamp=time.time(),
+            tags={},
+            dynamic_partitions_store=instance,
+            all_partitions=False,
+            title=f"user_feature_snapshots {keys[0]}..{keys[-1]}",
+            description="requested with feature-pipeline backfill-snapshots",
+            run_config=None,
+        )
+        instance.add_backfill(backfill)
+    print(
+        f"backfill {backfill_id}: {len(keys)} day(s) {keys[0]}..{keys[-1]}; the daemon runs it "
+        f"(follow it in the UI under Runs > Backfills)"
+    )
     return EXIT_OK
 
 
@@ -358,11 +445,31 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--subject", help=f"one subject (default: a mix of {', '.join(sorted(DATA_MODELS))})")
     pub.add_argument("--count", type=int, default=1)
     pub.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    pub.add_argument(
+        "--spread-days", type=float, default=0.0, help="occurred_at spread at random over the last N days (default 0)"
+    )
     pub.set_defaults(func=cmd_publish)
 
     feat = sub.add_parser("features", help="print one user's feature row")
     feat.add_argument("user_id")
     feat.set_defaults(func=cmd_features)
+
+    serve = sub.add_parser("serve", help="current features from the serving copy (what get_features returns)")
+    serve.add_argument("user_ids", nargs="+")
+    serve.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser("training-set", help="point-in-time features for labels (user_id, ts, ...)")
+    train.add_argument("labels", help="a .parquet or .csv file with columns user_id, ts and any label columns")
+    train.add_argument("--out", required=True, help="output .parquet (or .csv)")
+    train.add_argument(
+        "--received-cutoff", action="store_true", help="also exclude events the stream received after each ts"
+    )
+    train.set_defaults(func=cmd_training_set)
+
+    back = sub.add_parser("backfill-snapshots", help="backfill daily user_feature_snapshots (the daemon runs it)")
+    back.add_argument("start", type=date.fromisoformat, help="first day, YYYY-MM-DD")
+    back.add_argument("end", type=date.fromisoformat, nargs="?", help="last day (default: start)")
+    back.set_defaults(func=cmd_backfill_snapshots)
 
     health = sub.add_parser("health", help="lag, last message, in-flight batches, dead letters, last run")
     health.add_argument("--json", action="store_true")

@@ -10,13 +10,17 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
+from dagster._core.execution.backfill import BulkActionStatus
 
 from feature_pipeline.cli import publish_events
+from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.features import day_end
 from feature_pipeline.store import FeatureStore
 from feature_pipeline.testing import BIN, REPO, Pipeline, run, stream_messages, wait_for
 from feature_pipeline_tests.test_sensor_tick import _publish, _synced
@@ -287,3 +291,53 @@ def test_killed_run_worker_and_killed_daemon_lose_and_double_nothing(make_pipeli
     assert p.query("SELECT sum(signal_count_total) FROM user_features") == [(len(published),)]
     assert p.instance().get_run_by_id(second.run_id).status == dg.DagsterRunStatus.FAILURE
     assert not p.staged()
+
+
+def test_snapshot_backfill_through_the_daemon_while_ingest_keeps_running(make_pipeline: Any) -> None:
+    """`feature-pipeline backfill-snapshots` asks the daemon for an asset backfill as the UI does; it builds
+    exactly the requested days from the raw tables, while live batches keep being stored (no failed run)."""
+    today = datetime.now(UTC).date()
+    days = [today - timedelta(days=k) for k in (4, 3, 2)]
+    p = make_pipeline({"FEATURE_PIPELINE_SNAPSHOT_START": (today - timedelta(days=30)).isoformat()})
+
+    def noon(day: date) -> datetime:
+        return datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+
+    history = [_completed(f"a-{d}", "alice", noon(d)) for d in days]  # one event a day
+    history += [_completed("b-last", "bob", noon(days[-1])), _completed("b-after", "bob", noon(today))]
+    run(_publish(p.nats.url, history))
+    wait_for(lambda: len(p.stored_ids()) == len(history), 90, "the history to be stored")
+
+    out = p.cli("backfill-snapshots", days[0].isoformat(), days[-1].isoformat())
+    assert out.returncode == 0, out.stderr
+    backfill_id = out.stdout.split()[1].rstrip(":")
+    live = [_synced(f"live-{i}", "carol") for i in range(3)]
+    run(_publish(p.nats.url, live))  # ingest goes on during the backfill
+
+    def backfill_done() -> bool:
+        with p.instance() as inst:
+            backfill = inst.get_backfill(backfill_id)
+        assert backfill is not None and backfill.status not in (
+            BulkActionStatus.FAILED,
+            BulkActionStatus.CANCELED,
+        ), backfill
+        return backfill.status == BulkActionStatus.COMPLETED_SUCCESS
+
+    wait_for(backfill_done, 150, "the backfill to complete")
+    wait_for(lambda: len(p.stored_ids()) == len(history) + len(live), 60, "the live events to be stored")
+    assert not p.runs(dg.DagsterRunStatus.FAILURE), "a backfill must not make an ingest run fail"
+
+    rows = p.query(
+        "SELECT snapshot_date, user_id, signal_count_total, signal_count_24h, as_of FROM user_feature_snapshots "
+        "ORDER BY 1, 2"
+    )
+    expected = [(days[0], "alice", 1, 1), (days[1], "alice", 2, 1), (days[2], "alice", 3, 1), (days[2], "bob", 1, 1)]
+    assert [r[:4] for r in rows] == expected
+    assert all(r[4] == day_end(r[0]) for r in rows)
+    with p.instance() as inst:
+        done = inst.get_materialized_partitions(dg.AssetKey("user_feature_snapshots"))
+    assert done == {d.isoformat() for d in days}
+
+
+def _completed(event_id: str, user: str, when: datetime) -> tuple[str, bytes]:
+    return "signals.task.completed", make_envelope(event_id, "task.completed", user, when, {"task_id": "t-1"})
