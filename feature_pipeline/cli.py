@@ -93,6 +93,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Absolute paths, so the code server and run workers agree whatever their working directory.
     env["FEATURE_STORE_PATH"] = cfg.feature_store_path
     env["FEATURE_PIPELINE_STAGING_DIR"] = cfg.staging_dir
+    env["FEATURE_PIPELINE_SERVING_PATH"] = cfg.serving_path
+    if cfg.features_file:
+        env["FEATURE_PIPELINE_FEATURES_FILE"] = cfg.features_file
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
     cmd = [
         str(Path(sys.executable).parent / "dagster"),

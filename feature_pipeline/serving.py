@@ -44,7 +44,8 @@ class FeatureReader:
         with self._lock:
             if key != self._key or self._frame is None:
                 # The inode changes on every publish (rename), so an open handle never sees a mix.
-                self._frame = pq.read_table(self.path).to_pandas().set_index("user_id")
+                # Arrow-backed dtypes: integer features stay integers when unknown users add empty rows.
+                self._frame = pq.read_table(self.path).to_pandas(types_mapper=pd.ArrowDtype).set_index("user_id")
                 self._key = key
             return self._frame
 
