@@ -8,7 +8,7 @@ deterministically; test_e2e.py covers the same promises through the real daemon.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -250,3 +250,44 @@ def test_orphan_batch_gets_its_run_requested_again(resources: dict[str, Any]) ->
         (req,), _ = _tick(inst, resources)
         (again,), _ = _tick(inst, resources)
         assert again.run_key == req.run_key
+
+
+def test_window_refresh_run_observes_user_features_and_materializes_nothing(
+    resources: dict[str, Any], tmp_path: Path
+) -> None:
+    """The schedule's run moves the clock (rows whose windows moved) and republishes the serving copy, but
+    records an observation: user_features' freshness keeps saying whether ingest itself is alive."""
+    from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
+    from feature_pipeline.defs.schedules import refresh_feature_windows
+
+    url = resources["nats"].url
+    run(_publish(url, [_synced("evt-r", "u-r")]))
+    job = dg.Definitions(assets=[ingest_batch], jobs=[ingest_job], resources=resources).resolve_job_def("ingest")
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        assert job.execute_in_process(instance=inst, tags=req.tags).success  # as the daemon runs it: job "ingest"
+        _tick(inst, resources)
+
+        ctx = dg.build_schedule_context(instance=inst, resources=resources, scheduled_execution_time=datetime.now(UTC))
+        skipped = refresh_feature_windows(ctx)
+        assert isinstance(skipped, dg.SkipReason) and "less than a refresh period ago" in str(skipped.skip_message)
+        later = dg.build_schedule_context(
+            instance=inst, resources=resources, scheduled_execution_time=datetime.now(UTC) + timedelta(minutes=10)
+        )
+        request = refresh_feature_windows(later)
+        assert isinstance(request, dg.RunRequest) and request.tags[REFRESH_TAG] == "windows"
+
+        before = inst.get_latest_materialization_event(dg.AssetKey("user_features"))
+        result = job.execute_in_process(instance=inst, tags=request.tags)
+        assert result.success
+        assert result.get_asset_materialization_events() == []
+        (obs,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        assert obs.asset_key == dg.AssetKey("user_features")
+        assert "valid_as_of" in obs.event_specific_data.asset_observation.metadata  # type: ignore[union-attr]
+        after = inst.get_latest_materialization_event(dg.AssetKey("user_features"))
+        assert before is not None and after is not None and after.run_id == before.run_id  # still the ingest run
+        checks = result.get_asset_check_evaluations()
+        assert sorted((c.asset_key.to_user_string(), c.passed) for c in checks) == [
+            ("dead_letters", True),
+            ("user_features", True),
+        ]
