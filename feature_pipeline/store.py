@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -292,22 +293,28 @@ class FeatureStore:
         """Move the clock to now without new events: the rows whose windows moved are recomputed."""
         return self._refresh_only(now, consistency_sample, rebuild=False)
 
-    def _refresh_only(
-        self, now: datetime | None, consistency_sample: int, *, rebuild: bool
-    ) -> tuple[Refresh, StoreHealth]:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write connection inside BEGIN; rolled back on any error, closed always. The caller COMMITs."""
         con = self.connect()
         try:
             con.execute("BEGIN")
-            con.execute("CREATE OR REPLACE TEMP TABLE touched_users (user_id VARCHAR)")
-            refresh = self._refresh(con, now or datetime.now(UTC), "touched_users", rebuild=rebuild)
-            con.execute("COMMIT")
-            return self._publish(con, refresh), self._health(con, consistency_sample)
+            yield con
         except BaseException:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
         finally:
             con.close()
+
+    def _refresh_only(
+        self, now: datetime | None, consistency_sample: int, *, rebuild: bool
+    ) -> tuple[Refresh, StoreHealth]:
+        with self._transaction() as con:
+            con.execute("CREATE OR REPLACE TEMP TABLE touched_users (user_id VARCHAR)")
+            refresh = self._refresh(con, now or datetime.now(UTC), "touched_users", rebuild=rebuild)
+            con.execute("COMMIT")
+            return self._publish(con, refresh), self._health(con, consistency_sample)
 
     def _refresh(
         self, con: duckdb.DuckDBPyConnection, now: datetime, touched: str, *, rebuild: bool = False
@@ -371,19 +378,11 @@ class FeatureStore:
 
     def snapshot(self, day: date) -> int:
         """Replace the snapshot partition of `day` (idempotent: a re-run gives the same rows)."""
-        con = self.connect()
-        try:
-            con.execute("BEGIN")
+        with self._transaction() as con:
             sync_columns(con, self.registry, "user_feature_snapshots", {"snapshot_date", "user_id", "as_of"})
             rows = write_snapshot(con, self.registry, day)
             con.execute("COMMIT")
             return rows
-        except BaseException:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
 
     @staticmethod
     def _record_conflicting_duplicates(

@@ -23,7 +23,7 @@ from feature_pipeline.registry import DEFAULT_FILE, load_registry
 from feature_pipeline.serving import FeatureReader, ServingCopyMissing
 from feature_pipeline.store import FeatureStore
 from feature_pipeline.training import LabelsError
-from feature_pipeline_tests.test_store import SUBJECTS, Env, Feed, data_for
+from feature_pipeline_tests.test_store import SUBJECTS, Env, Feed, data_for, deliveries_for
 
 DAY = date(2026, 6, 1)
 END = day_end(DAY)
@@ -139,32 +139,12 @@ def test_incremental_equals_rebuild_equals_snapshot_equals_point_in_time(
     """Random events, delivered in random batches, orders and duplicates, applied at random increasing clocks
     (so windows are crossed between runs and some events are in the future when stored): the rows kept up
     incrementally equal a full recomputation, the snapshot of the last day and the point-in-time join."""
-    copies = draw.draw(st.lists(st.integers(1, 3), min_size=len(events), max_size=len(events)), label="copies")
-    plan = draw.draw(st.permutations([i for i, c in enumerate(copies) for _ in range(c)]), label="order")
-    cuts = sorted(set(draw.draw(st.lists(st.integers(1, len(plan)), max_size=4), label="cuts")))
-    bounds = list(zip([0, *cuts], [*cuts, len(plan)], strict=True))
-    bounds = [(a, b) for a, b in bounds if b > a]
-    offsets = sorted(draw.draw(st.lists(st.integers(0, 12 * 86_400), min_size=len(bounds), max_size=len(bounds))))
-    clocks = [END - timedelta(seconds=s) for s in reversed(offsets)]  # increasing, the last ones may be END
-
     with tempfile.TemporaryDirectory() as root:
         env = make_env(Path(root))
-        first_seq: dict[int, int] = {}
-        deliveries = []
-        for i in plan:
-            user, subject, ms, n = events[i]
-            again = i in first_seq
-            d = env.feed.event(
-                f"evt-{i}",
-                subject,
-                user,
-                END - timedelta(milliseconds=ms),
-                data_for(subject, n),
-                seq=first_seq[i] if again else None,
-                num_delivered=2 if again else 1,
-            )
-            first_seq.setdefault(i, d.stream_seq)
-            deliveries.append(d)
+        deliveries, cuts = deliveries_for(env.feed, events, draw, END)
+        bounds = [(a, b) for a, b in zip([0, *cuts], [*cuts, len(deliveries)], strict=True) if b > a]
+        offsets = draw.draw(st.lists(st.integers(0, 12 * 86_400), min_size=len(bounds), max_size=len(bounds)))
+        clocks = [END - timedelta(seconds=s) for s in sorted(offsets, reverse=True)]  # increasing, up to END
         for (a, b), clock in zip(bounds, clocks, strict=True):
             env.apply(deliveries[a:b], now=clock)
         env.store.advance(now=END)  # the schedule's run at the day's end

@@ -440,6 +440,35 @@ EVENT = st.tuples(
 )
 
 
+def deliveries_for(
+    feed: Feed, events: list[tuple[str, str, int, int]], draw: st.DataObject, end: datetime
+) -> tuple[list[Delivery], list[int]]:
+    """The events (user, subject, ms before `end`, n) as NATS might deliver them: each 1-3 times, in any
+    order, a repeat either a redelivery (same sequence) or a republish (new sequence); and batch cuts."""
+    copies = draw.draw(st.lists(st.integers(1, 3), min_size=len(events), max_size=len(events)), label="copies")
+    plan = draw.draw(st.permutations([i for i, c in enumerate(copies) for _ in range(c)]), label="order")
+    cuts = sorted(set(draw.draw(st.lists(st.integers(0, len(plan)), max_size=4), label="cuts")))
+    first_seq: dict[int, int] = {}
+    times_sent: dict[int, int] = {}
+    deliveries = []
+    for i in plan:
+        user, subject, ms_ago, n = events[i]
+        times_sent[i] = times_sent.get(i, 0) + 1
+        redelivery = i in first_seq and draw.draw(st.booleans(), label="redelivery")
+        d = feed.event(
+            f"evt-{i}",
+            subject,
+            user,
+            end - timedelta(milliseconds=ms_ago),
+            data_for(subject, n),
+            seq=first_seq[i] if redelivery else None,
+            num_delivered=times_sent[i] if redelivery else 1,
+        )
+        first_seq.setdefault(i, d.stream_seq)
+        deliveries.append(d)
+    return deliveries, cuts
+
+
 @settings(
     max_examples=25,
     deadline=None,
@@ -452,30 +481,9 @@ def test_any_batching_with_duplicates_gives_the_reference_features(
 ) -> None:
     """Whatever NATS does (redelivery, duplicates, reordering, batch boundaries), the store ends up exact."""
     now = datetime.now(UTC)
-    copies = draw.draw(st.lists(st.integers(1, 3), min_size=len(events), max_size=len(events)), label="copies")
-    plan = draw.draw(st.permutations([i for i, c in enumerate(copies) for _ in range(c)]), label="order")
-    cuts = sorted(set(draw.draw(st.lists(st.integers(0, len(plan)), max_size=4), label="cuts")))
-
     with tempfile.TemporaryDirectory() as root:
         env = make_env(Path(root))
-        first_seq: dict[int, int] = {}
-        times_sent: dict[int, int] = {}
-        deliveries = []
-        for i in plan:
-            user, subject, ms_ago, n = events[i]
-            times_sent[i] = times_sent.get(i, 0) + 1
-            redelivery = i in first_seq and draw.draw(st.booleans(), label="redelivery")
-            d = env.feed.event(
-                f"evt-{i}",
-                subject,
-                user,
-                now - timedelta(milliseconds=ms_ago),
-                data_for(subject, n),
-                seq=first_seq[i] if redelivery else None,
-                num_delivered=times_sent[i] if redelivery else 1,
-            )
-            first_seq.setdefault(i, d.stream_seq)
-            deliveries.append(d)
+        deliveries, cuts = deliveries_for(env.feed, events, draw, now)
 
         results = [env.apply(deliveries[a:b]) for a, b in zip([0, *cuts], [*cuts, len(deliveries)], strict=True)]
 
