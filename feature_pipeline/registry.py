@@ -194,8 +194,10 @@ class Registry(BaseModel):
 
     @cached_property
     def fingerprint(self) -> str:
-        """Changes when any definition changes: the store then rebuilds every row once."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Changes when what a feature computes changes (not its description): the store then rebuilds
+        every row once."""
+        semantic = self.model_dump_json(exclude={"features": {"__all__": {"description"}}})
+        return hashlib.sha256(semantic.encode()).hexdigest()[:16]
 
     def windows(self, source: str) -> list[timedelta]:
         """The distinct windows of a source's features: where values change as time passes."""

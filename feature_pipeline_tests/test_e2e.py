@@ -59,16 +59,24 @@ def _latest_materialization(p: Pipeline, asset: str) -> dict[str, Any]:
 def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> None:
     """publish → run succeeds → row bumped → acked (lag 0), the run log names the event; the UI's
     figures and checks are there; poison is dead-lettered with its reason while its batch-mates are
-    stored and turns the dead-letter check red; a hand-corrupted row turns the consistency check red."""
-    p = make_pipeline({"FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1"})
+    stored and turns the dead-letter check red; a hand-corrupted row turns the consistency check red.
+    Meanwhile a snapshot backfill requested through the daemon completes, without failing an ingest run."""
+    today = datetime.now(UTC).date()
+    p = make_pipeline(
+        {
+            "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1",
+            "FEATURE_PIPELINE_SNAPSHOT_START": (today - timedelta(days=30)).isoformat(),
+        }
+    )
+    # A backfill of a few days of (feedback) history runs while the rest of this test keeps ingest busy.
+    backfill_id, days = _request_snapshot_backfill(p)
     run(_publish(p.nats.url, [_synced("evt-e2e-1", "u-42", total=12)]))
     row = wait_for(lambda: _features(p, "u-42"), 90, "u-42's feature row")
     assert row["signal_count_total"] == 1 and row["latest_tasks_total"] == 12
     wait_for(p.settled, 30, "the batch to be acked and unstaged")
 
-    (success,) = p.runs(dg.DagsterRunStatus.SUCCESS)
     with p.instance() as inst:
-        messages = [e.message for e in inst.all_logs(success.run_id)]
+        messages = [e.message for r in p.runs(dg.DagsterRunStatus.SUCCESS) for e in inst.all_logs(r.run_id)]
     assert any("evt-e2e-1" in m for m in messages), "the run log names the event it stored"
 
     run(_publish(p.nats.url, [_synced("evt-e2e-2", "u-42", total=20)]))
@@ -148,6 +156,8 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     )
     assert consistency["severity"] == dg.AssetCheckSeverity.ERROR
     assert "u-42" in consistency["description"] and "u-8" not in consistency["description"]
+
+    _assert_snapshot_backfill(p, backfill_id, days)
     degraded = p.cli("health", "--json")
     assert degraded.returncode == 1, degraded.stdout + degraded.stderr
     problems = " ".join(json.loads(degraded.stdout)["problems"])
@@ -293,51 +303,54 @@ def test_killed_run_worker_and_killed_daemon_lose_and_double_nothing(make_pipeli
     assert not p.staged()
 
 
-def test_snapshot_backfill_through_the_daemon_while_ingest_keeps_running(make_pipeline: Any) -> None:
-    """`feature-pipeline backfill-snapshots` asks the daemon for an asset backfill as the UI does; it builds
-    exactly the requested days from the raw tables, while live batches keep being stored (no failed run)."""
+
+def _request_snapshot_backfill(p: Pipeline) -> tuple[str, list[date]]:
+    """Store a few days of history, then ask the daemon for a backfill of those days' snapshots with
+    `feature-pipeline backfill-snapshots`, which creates the same asset backfill as the UI's Materialize."""
     today = datetime.now(UTC).date()
     days = [today - timedelta(days=k) for k in (4, 3, 2)]
-    p = make_pipeline({"FEATURE_PIPELINE_SNAPSHOT_START": (today - timedelta(days=30)).isoformat()})
 
     def noon(day: date) -> datetime:
         return datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
 
-    history = [_completed(f"a-{d}", "alice", noon(d)) for d in days]  # one event a day
-    history += [_completed("b-last", "bob", noon(days[-1])), _completed("b-after", "bob", noon(today))]
+    history = [_shown(f"a-{d}", "alice", noon(d)) for d in days]  # one a day
+    history += [_shown("b-last", "bob", noon(days[-1])), _shown("b-after", "bob", noon(today))]
+    stored = len(p.stored_ids())
     run(_publish(p.nats.url, history))
-    wait_for(lambda: len(p.stored_ids()) == len(history), 90, "the history to be stored")
-
+    wait_for(lambda: len(p.stored_ids()) == stored + len(history), 90, "the history to be stored")
     out = p.cli("backfill-snapshots", days[0].isoformat(), days[-1].isoformat())
     assert out.returncode == 0, out.stderr
-    backfill_id = out.stdout.split()[1].rstrip(":")
-    live = [_synced(f"live-{i}", "carol") for i in range(3)]
-    run(_publish(p.nats.url, live))  # ingest goes on during the backfill
+    return out.stdout.split()[1].rstrip(":"), days
 
-    def backfill_done() -> bool:
+
+def _assert_snapshot_backfill(p: Pipeline, backfill_id: str, days: list[date]) -> None:
+    """The backfill built exactly the requested days from the raw tables, and no ingest run failed meanwhile."""
+
+    def done() -> bool:
         with p.instance() as inst:
             backfill = inst.get_backfill(backfill_id)
-        assert backfill is not None and backfill.status not in (
-            BulkActionStatus.FAILED,
-            BulkActionStatus.CANCELED,
-        ), backfill
+        assert backfill is not None
+        assert backfill.status not in (BulkActionStatus.FAILED, BulkActionStatus.CANCELED), backfill
         return backfill.status == BulkActionStatus.COMPLETED_SUCCESS
 
-    wait_for(backfill_done, 150, "the backfill to complete")
-    wait_for(lambda: len(p.stored_ids()) == len(history) + len(live), 60, "the live events to be stored")
+    wait_for(done, 150, "the snapshot backfill to complete")
     assert not p.runs(dg.DagsterRunStatus.FAILURE), "a backfill must not make an ingest run fail"
-
     rows = p.query(
-        "SELECT snapshot_date, user_id, signal_count_total, signal_count_24h, as_of FROM user_feature_snapshots "
-        "ORDER BY 1, 2"
+        "SELECT snapshot_date, user_id, rec_shown_7d, last_feedback_at, as_of FROM user_feature_snapshots "
+        "WHERE user_id IN ('alice', 'bob') ORDER BY 1, 2"
     )
-    expected = [(days[0], "alice", 1, 1), (days[1], "alice", 2, 1), (days[2], "alice", 3, 1), (days[2], "bob", 1, 1)]
+    noon = [datetime(d.year, d.month, d.day, 12, tzinfo=UTC) for d in days]
+    expected = [
+        (days[0], "alice", 1, noon[0]),
+        (days[1], "alice", 2, noon[1]),
+        (days[2], "alice", 3, noon[2]),
+        (days[2], "bob", 1, noon[2]),  # bob's event of today is after each snapshot's day
+    ]
     assert [r[:4] for r in rows] == expected
     assert all(r[4] == day_end(r[0]) for r in rows)
     with p.instance() as inst:
-        done = inst.get_materialized_partitions(dg.AssetKey("user_feature_snapshots"))
-    assert done == {d.isoformat() for d in days}
+        assert inst.get_materialized_partitions(dg.AssetKey("user_feature_snapshots")) == {d.isoformat() for d in days}
 
-
-def _completed(event_id: str, user: str, when: datetime) -> tuple[str, bytes]:
-    return "signals.task.completed", make_envelope(event_id, "task.completed", user, when, {"task_id": "t-1"})
+def _shown(event_id: str, user: str, when: datetime) -> tuple[str, bytes]:
+    data = {"recommendation_id": "r-1", "item_id": "i-1"}
+    return "feedback.recommendation.shown", make_envelope(event_id, "recommendation.shown", user, when, data)

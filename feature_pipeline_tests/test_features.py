@@ -353,3 +353,14 @@ def test_where_filters_and_other_aggregations(tmp_path: Path) -> None:
     row = table(env)["u"]
     assert row["todoist_syncs"] == 1 and row["tasks_sum"] == 14 and row["tasks_mean_1h"] == 10.0
     assert row["first_seen"] == t0 - timedelta(days=3)
+
+
+def test_fingerprint_ignores_descriptions(tmp_path: Path) -> None:
+    """Rewording a description must not rebuild every row; changing a window must."""
+    base = load_registry()
+    reworded = tmp_path / "a.toml"
+    reworded.write_text(DEFAULT_FILE.read_text().replace("Signals of any type, all time.", "All signals."))
+    rewindowed = tmp_path / "b.toml"
+    rewindowed.write_text(DEFAULT_FILE.read_text().replace('window = "24h"', 'window = "12h"', 1))
+    assert load_registry(reworded).fingerprint == base.fingerprint
+    assert load_registry(rewindowed).fingerprint != base.fingerprint
