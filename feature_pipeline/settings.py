@@ -166,9 +166,10 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "FEATURE_PIPELINE_FETCH_SECONDS",
-        "4",
-        "A sensor tick stops starting pulls this many seconds after it began (settling included), so it ends "
-        "inside the daemon's 5 s loop and its runs are requested early; the next tick goes on (1-50).",
+        "8",
+        "A sensor tick starts no pull that would end later than this many seconds after the tick began (settling "
+        "included), so it ends before the daemon's second 5 s loop and its runs are requested; the next tick goes "
+        "on (1-50).",
         _int_between(1, 50),
     ),
     Variable(

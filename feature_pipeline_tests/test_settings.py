@@ -35,7 +35,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         batch_max_bytes=128 * MIB,
         max_batches_in_flight=4,
         sensor_interval_seconds=1,
-        fetch_seconds=4,
+        fetch_seconds=8,
         nak_delay_seconds=2,
         run_timeout_seconds=600,
         lag_warn=100_000,

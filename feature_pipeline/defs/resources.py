@@ -60,7 +60,7 @@ class IngestResource(dg.ConfigurableResource):
     max_batches_in_flight: int
     nak_delay_seconds: int
     run_timeout_seconds: int = 600
-    fetch_seconds: int = 4
+    fetch_seconds: int = 8
     faults: str = ""
 
     @property

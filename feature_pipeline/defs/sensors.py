@@ -224,11 +224,16 @@ async def _stage_one(
     broker: Broker, nats: NatsResource, ingest: IngestResource, deadline: float, report: TickReport
 ) -> tuple[Manifest | None, bool]:
     """Fetch, validate and stage one batch chunk by chunk until it is full, the consumers are
-    drained or the tick's fetch time is up. Returns (its manifest or None, drained)."""
+    drained or the tick's fetch time is up. Returns (its manifest or None, whether to stop fetching)."""
     writer = ingest.staging.writer()
-    drained = False
+    stop = False
+    chunk_seconds = 0.0
     try:
         while writer.size < ingest.batch_max_messages:
+            started = time.monotonic()
+            if started + chunk_seconds >= deadline:  # the next chunk would end past the deadline
+                stop = True
+                break
             want = min(FETCH_CHUNK, ingest.batch_max_messages - writer.size)
             room = ingest.batch_max_bytes - writer.bytes
             if room <= 0:
@@ -246,14 +251,13 @@ async def _stage_one(
                 report.poison += await broker.dead_letter(assembled.poison)
             writer.add(assembled)
             if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
-                drained = True
+                stop = True
                 break
-            if time.monotonic() >= deadline:
-                break
+            chunk_seconds = time.monotonic() - started
         if writer.size == 0:
             writer.abort()
-            return None, drained
-        return writer.close(), drained
+            return None, True
+        return writer.close(), stop
     except BaseException:
         writer.abort()
         raise
@@ -302,11 +306,11 @@ async def _exchange(
             except OSError as exc:
                 report.problem = f"not fetching: staging folder {staging.root} is not writable ({exc})"
                 break
-            manifest, drained = await _stage_one(broker, nats, ingest, deadline, report)
+            manifest, stop = await _stage_one(broker, nats, ingest, deadline, report)
             if manifest is not None:
                 report.staged.append(manifest)
                 report.in_flight += 1
-            if drained or manifest is None:
+            if stop:
                 break
 
         t = report.lap("fetch", t)
