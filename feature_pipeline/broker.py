@@ -22,6 +22,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -174,6 +175,29 @@ class _Client(Client):
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         await sink(subject, reply, data, headers)
+
+    async def fp_publish_many(self, subjects: Iterable[str], payload: bytes, chunk: int = 10_000) -> int:
+        """The same small payload to many subjects (acks, keep-alives), as one PUB buffer per chunk
+        instead of a publish() call each, which cost about 15 us a message here."""
+        if self.is_closed:
+            raise ConnectionClosedError
+        if not self.is_connected:
+            raise OutboundBufferLimitError
+        tail = b" %d\r\n" % len(payload) + payload + b"\r\n"
+        parts: list[bytes] = []
+        n = 0
+        for subject in subjects:
+            if not subject or not subject.isprintable() or " " in subject:
+                raise ValueError(f"not a subject: {subject!r}")
+            parts.append(b"PUB " + subject.encode() + tail)
+            if len(parts) >= chunk:
+                await self._send_command(b"".join(parts))
+                n += len(parts)
+                parts = []
+        if parts:
+            await self._send_command(b"".join(parts))
+            n += len(parts)
+        return n
 
     async def fp_headers(self, raw: bytes | None) -> dict[str, str] | None:
         """A message's headers; the one a producer usually sets (Nats-Msg-Id) without the generic parser."""
@@ -392,9 +416,12 @@ class Broker:
 
     async def _send(self, replies: Iterable[str], payload: bytes) -> int:
         n = 0
-        for reply in replies:
-            await self.nc.publish(reply, payload)
-            n += 1
+        if isinstance(self.nc, _Client):
+            n = await self.nc.fp_publish_many(replies, payload)
+        else:
+            for reply in replies:
+                await self.nc.publish(reply, payload)
+                n += 1
         # A PING/PONG round trip: the server has read every ack before this returns.
         await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return n
