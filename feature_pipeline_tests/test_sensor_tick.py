@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
+import pytest
 
 from feature_pipeline.broker import Broker
+from feature_pipeline.defs import sensors
 from feature_pipeline.defs.assets import BATCH_TAG, ingest_batch
 from feature_pipeline.defs.resources import NatsResource
 from feature_pipeline.defs.sensors import run_tick
@@ -250,3 +252,49 @@ def test_orphan_batch_gets_its_run_requested_again(resources: dict[str, Any]) ->
         (req,), _ = _tick(inst, resources)
         (again,), _ = _tick(inst, resources)
         assert again.run_key == req.run_key
+
+
+def test_batch_staged_from_several_pulls_is_settled_as_one(
+    resources: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch grows over several pulls (FETCH_CHUNK) into one run: a failed run NAKs every message
+    of it, from every pull; the redelivered batch's successful run acks them all, stored once."""
+    monkeypatch.setattr(sensors, "FETCH_CHUNK", 2)
+    url = resources["nats"].url
+    run(_publish(url, [_synced(f"evt-{i}", f"u-{i % 2}") for i in range(5)]))
+    with dg.instance_for_test() as inst:
+        (req,), report = _tick(inst, resources)
+        assert report.fetched == {"SIGNALS": 5} and [m.size for m in report.staged] == [5]
+        assert not _execute(inst, resources, req, fail=True)
+        _, report = _tick(inst, resources)
+        assert (report.nacked, report.acked, report.settled_batches) == (5, 0, 1)
+        (req2,), report = _tick_until_request(inst, resources)
+        assert report.fetched == {"SIGNALS": 5} and req2.run_key != req.run_key
+        assert _execute(inst, resources, req2)
+        _, report = _tick(inst, resources)
+        assert (report.acked, report.nacked) == (5, 0)
+    assert _caught_up(resources)
+    assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(5,)]
+    assert query(tmp_path / "store.duckdb", "SELECT user_id, signal_count_total FROM user_features ORDER BY 1") == [
+        ("u-0", 3),
+        ("u-1", 2),
+    ]
+
+
+def test_fetch_time_ends_the_batch_and_the_tick(resources: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the tick's fetch time no further pull starts: the batch so far is staged and the rest waits."""
+    monkeypatch.setattr(sensors, "FETCH_CHUNK", 2)
+    resources["ingest"] = replace(resources["ingest"], fetch_seconds=1)
+    run(_publish(resources["nats"].url, [_synced(f"evt-{i}") for i in range(6)]))
+    real_assemble = sensors.assemble
+
+    def slow_assemble(deliveries: Any) -> Any:
+        time.sleep(0.6)  # two pulls take longer than the second of fetch time
+        return real_assemble(deliveries)
+
+    monkeypatch.setattr(sensors, "assemble", slow_assemble)
+    with dg.instance_for_test() as inst:
+        (_,), report = _tick(inst, resources)
+        assert report.fetched == {"SIGNALS": 2}, "a pull that would end past the fetch time is not started"
+        assert len(report.staged) == 1
+        assert _lag(resources)["SIGNALS"] == 6, "the rest is still pending"
