@@ -122,7 +122,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "NATS_ACK_WAIT_SECONDS",
         "60",
-        "Consumer ack_wait. In-flight batches are kept alive with +WPI every sensor tick, so this only "
+        "Consumer ack_wait. In-flight batches are kept alive with +WPI every quarter of it, so this only "
         "matters when the sensor is down (10-3600).",
         _int_between(10, 3600),
     ),
