@@ -298,3 +298,22 @@ def test_fetch_time_ends_the_batch_and_the_tick(resources: dict[str, Any], monke
         assert report.fetched == {"SIGNALS": 2}, "a pull that would end past the fetch time is not started"
         assert len(report.staged) == 1
         assert _lag(resources)["SIGNALS"] == 6, "the rest is still pending"
+
+
+def test_no_new_batch_while_one_waits_for_its_run(resources: dict[str, Any]) -> None:
+    """A second batch behind one whose run has not started would only add a run's start-up: the new
+    messages wait in the stream and join the next batch once the run has started or ended."""
+    url = resources["nats"].url
+    run(_publish(url, [_synced("evt-1")]))
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        run(_publish(url, [_synced("evt-2"), _synced("evt-3")]))
+        requests, report = _tick(inst, resources)
+        assert [r.run_key for r in requests] == [req.run_key] and not report.fetched
+        assert report.holding == req.run_key and "waits for its run to start" in report.summary()
+        assert _execute(inst, resources, req)
+        (req2,), report = _tick(inst, resources)
+        assert report.acked == 1 and report.fetched == {"SIGNALS": 2} and report.staged[0].size == 2
+        assert _execute(inst, resources, req2)
+        _tick(inst, resources)
+    assert _caught_up(resources)

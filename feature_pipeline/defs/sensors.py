@@ -61,6 +61,7 @@ class TickReport:
     stats: list[StreamStats] = field(default_factory=list)
     # Seconds spent per phase of the tick, in the log line: where a slow tick went.
     seconds: dict[str, float] = field(default_factory=dict)
+    holding: str | None = None  # a batch still waiting for its run to start: no new batch this tick
 
     def lap(self, phase: str, since: float) -> float:
         now = time.monotonic()
@@ -71,6 +72,8 @@ class TickReport:
         parts = []
         if self.fetched:
             parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
+        elif self.holding:
+            parts.append(f"not fetching while batch {self.holding} waits for its run to start")
         elif not self.problem:
             parts.append("no new messages")
         if self.staged:
@@ -156,6 +159,11 @@ async def _settle(
     staging.remove(manifest.batch_id)
     _kept_alive_at.pop(manifest.batch_id, None)
     report.settled_batches += 1
+
+
+def _not_started(run: dg.DagsterRun | None) -> bool:
+    """No run yet, or one still in the queue (a STARTING or STARTED run has left it)."""
+    return run is None or run.status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED)
 
 
 def _keep_alive_due(manifest: Manifest, ack_wait_seconds: int, now: float) -> bool:
@@ -300,7 +308,12 @@ async def _exchange(
 
         report.in_flight = len(remaining)
         t = report.lap("settle", t)
-        while report.in_flight < ingest.max_batches_in_flight and time.monotonic() < deadline:
+        # One batch waiting for its run to start is enough: staging another behind it would only add a
+        # run (seconds of start-up each); held back, the messages join the next batch instead.
+        waiting = [m.batch_id for m in remaining if _not_started(runs.get(m.batch_id))]
+        if waiting:
+            report.holding = waiting[0]
+        while not waiting and report.in_flight < ingest.max_batches_in_flight and time.monotonic() < deadline:
             try:
                 staging.check_writable()
             except OSError as exc:
