@@ -42,6 +42,7 @@ KNOBS = (
     "FEATURE_PIPELINE_BATCH_MAX_BYTES",
     "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT",
     "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS",
+    "FEATURE_PIPELINE_FETCH_SECONDS",
     "FEATURE_PIPELINE_NAK_DELAY_SECONDS",
     "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS",
     "NATS_MAX_DELIVER",
@@ -73,6 +74,7 @@ class Pipeline:
                 "NATS_DURABLE_PREFIX": self.prefix,
                 "FEATURE_STORE_PATH": str(self.db),
                 "FEATURE_PIPELINE_STAGING_DIR": str(self.staging),
+                "FEATURE_PIPELINE_SERVING_PATH": str(self.staging.parent / "serving" / "user_features.parquet"),
             }
         )
         return env

@@ -96,7 +96,8 @@ def make_batch(n: int, users: int, first_seq: int, tag: str) -> list[Delivery]:
 
 def one_size(root: Path, events: int, batch: int, users: int, reps: int) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(root / "store.duckdb")
+    # With the serving copy, as in the pipeline: every apply_batch also republishes it.
+    store = FeatureStore(root / "store.duckdb", serving_path=root / "serving" / "user_features.parquet")
     log(f"growth: pre-filling {events} events over {users} users")
     pre = prefill(store, events, users)
     log(f"  raw insert {pre['raw_insert_s']} s, features rebuild {pre['features_rebuild_s']} s")

@@ -29,6 +29,8 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 from common import VENV_BIN, log, on_cleanup, run_cleanups  # noqa: E402
 
+from feature_pipeline.defs.sensors import FETCH_CHUNK  # noqa: E402
+
 PHASES = ("ceiling", "baseline", "drain", "steady", "growth")
 GIB_MIB = 1024.0
 
@@ -47,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--baseline-events", type=int, default=5000)
     ap.add_argument("--fetch-batch", type=int, default=5000, help="ceiling (a): PullSubscription.fetch batch")
-    ap.add_argument("--raw-batch", type=int, help="ceiling (b): raw pull batch (default: the pipeline's batch size)")
+    ap.add_argument(
+        "--raw-batch", type=int, help="ceiling (b): raw pull batch (default: the pipeline's pull size, 20 000)"
+    )
     ap.add_argument("--drain-timeout", type=float, help="backlog drain hard timeout (default 180 + events/500 s)")
     ap.add_argument("--growth-small", type=int, help="stored events, small case (default 1M; --quick 100k)")
     ap.add_argument("--growth-large", type=int, help="stored events, large case (default 10M; --quick 1M)")
@@ -362,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         p = drain.Pipeline(tmp / "pipeline", nats_srv.url)
         r["knobs"] = p.settings()
         log("pipeline settings: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
-        raw_batch = a.raw_batch or p.batch_max()
+        # The pipeline's own pull size: one 250 000-message pull overflows the server's per-client
+        # pending limit on a 1 M backlog (it closes the connection as a slow consumer).
+        raw_batch = a.raw_batch or min(p.batch_max(), FETCH_CHUNK)
         import asyncio
 
         asyncio.run(common.ensure_streams(nats_srv.url))

@@ -15,14 +15,14 @@ import contextlib
 import json
 import re
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -150,6 +150,64 @@ def _header_safe(text: str, limit: int = 1000) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+_MSG_ID_HEADER = b"NATS/1.0\r\nNats-Msg-Id:"
+RawSink = Callable[[bytes, bytes, bytes, bytes | None], Awaitable[None]]
+
+
+class _Client(Client):
+    """nats-py's client with a short path for pull replies.
+
+    A message for an inbox registered in `fp_sinks` goes straight to the pull's sink instead of
+    becoming a Msg that passes through the subscription's queue, a task switch and an awaited
+    callback, with every header block parsed on the way: that path cost more per message here
+    than validating and staging it. Everything else takes nats-py's own path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fp_sinks: dict[int, RawSink] = {}
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        sink = self.fp_sinks.get(sid)
+        if sink is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        await sink(subject, reply, data, headers)
+
+    async def fp_publish_many(self, subjects: Iterable[str], payload: bytes, chunk: int = 10_000) -> int:
+        """The same small payload to many subjects (acks, keep-alives), as one PUB buffer per chunk
+        instead of a publish() call each, which cost about 15 us a message here."""
+        if self.is_closed:
+            raise ConnectionClosedError
+        if not self.is_connected:
+            raise OutboundBufferLimitError
+        tail = b" %d\r\n" % len(payload) + payload + b"\r\n"
+        parts: list[bytes] = []
+        n = 0
+        for subject in subjects:
+            if not subject or not subject.isprintable() or " " in subject:
+                raise ValueError(f"not a subject: {subject!r}")
+            parts.append(b"PUB " + subject.encode() + tail)
+            if len(parts) >= chunk:
+                await self._send_command(b"".join(parts))
+                n += len(parts)
+                parts = []
+        if parts:
+            await self._send_command(b"".join(parts))
+            n += len(parts)
+        return n
+
+    async def fp_headers(self, raw: bytes | None) -> dict[str, str] | None:
+        """A message's headers; the one a producer usually sets (Nats-Msg-Id) without the generic parser."""
+        if not raw:
+            return None
+        if raw.startswith(_MSG_ID_HEADER) and raw.endswith(b"\r\n\r\n") and raw.count(b"\r\n") == 3:
+            return {"Nats-Msg-Id": raw[len(_MSG_ID_HEADER) : -4].decode(errors="replace").strip()}
+        return await self._process_headers(raw)
+
+
 class Broker:
     """One connection for one sensor tick or CLI call; connect, use, close."""
 
@@ -171,8 +229,9 @@ class Broker:
             raise BrokerUnavailable(f"cannot load the TLS files for NATS at {redact(url)}: {exc}") from None
         try:
             # nats-py's connect_timeout does not cover a hanging DNS lookup: bound the whole attempt.
-            nc = await asyncio.wait_for(
-                nats.connect(
+            nc = _Client()
+            await asyncio.wait_for(
+                nc.connect(
                     servers=servers,
                     name=name,
                     connect_timeout=CONNECT_TIMEOUT_SECONDS,
@@ -294,25 +353,44 @@ class Broker:
         done = asyncio.Event()
         status: dict[str, str] = {}
 
-        async def on_msg(msg: Msg) -> None:
-            hdrs = msg.headers
-            if not msg.reply and hdrs and "Status" in hdrs:
+        def on_status(hdrs: dict[str, str] | None) -> None:
+            if hdrs and "Status" in hdrs:
                 status.update(code=hdrs["Status"], text=hdrs.get("Description", ""))
                 if hdrs["Status"] != "100":  # 100 = heartbeat; 404/408/409 end the request
                     done.set()
-                return
-            _, delivered, seq, stored = parse_reply(msg.reply)
-            got.append(Delivery(stream, msg.subject, msg.reply, msg.data, hdrs, seq, delivered, stored))
+
+        def on_delivery(subject: str, reply: str, data: bytes, hdrs: dict[str, str] | None) -> None:
+            _, delivered, seq, stored = parse_reply(reply)
+            got.append(Delivery(stream, subject, reply, data, hdrs, seq, delivered, stored))
             if len(got) >= batch:
                 done.set()
 
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(
-            inbox, cb=on_msg, pending_msgs_limit=batch + 100, pending_bytes_limit=max_bytes * 2 + 1024 * 1024
+        async def on_raw(subject: bytes, reply: bytes, data: bytes, raw_headers: bytes | None) -> None:
+            if not reply:
+                on_status(await nc.fp_headers(raw_headers))
+            else:
+                on_delivery(subject.decode(), reply.decode(), data, await nc.fp_headers(raw_headers))
+
+        async def on_msg(msg: Msg) -> None:
+            if not msg.reply:
+                on_status(msg.headers)
+            else:
+                on_delivery(msg.subject, msg.reply, msg.data, msg.headers)
+
+        nc = self.nc
+        fast = isinstance(nc, _Client)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(
+            inbox,
+            cb=None if fast else on_msg,
+            pending_msgs_limit=batch + 100,
+            pending_bytes_limit=max_bytes * 2 + 1024 * 1024,
         )
+        if isinstance(nc, _Client):
+            nc.fp_sinks[sub._id] = on_raw
         try:
             request = {"batch": batch, "max_bytes": max_bytes, "no_wait": True}
-            await self.nc.publish(
+            await nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", json.dumps(request).encode(), reply=inbox
             )
             try:
@@ -323,6 +401,8 @@ class Broker:
                         f"NATS at {redact(self.url)} did not answer a pull on {stream}/{consumer} in {timeout:.0f} s"
                     ) from None
         finally:
+            if isinstance(nc, _Client):
+                nc.fp_sinks.pop(sub._id, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         if not got and status.get("code") == "409" and "MaxBytes" in status.get("text", ""):
@@ -336,9 +416,12 @@ class Broker:
 
     async def _send(self, replies: Iterable[str], payload: bytes) -> int:
         n = 0
-        for reply in replies:
-            await self.nc.publish(reply, payload)
-            n += 1
+        if isinstance(self.nc, _Client):
+            n = await self.nc.fp_publish_many(replies, payload)
+        else:
+            for reply in replies:
+                await self.nc.publish(reply, payload)
+                n += 1
         # A PING/PONG round trip: the server has read every ack before this returns.
         await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return n

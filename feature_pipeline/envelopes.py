@@ -10,9 +10,11 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+import pydantic_core
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 # Ids and names are printed in logs, the CLI and the Dagster UI: no control characters.
 _Name = Annotated[
@@ -117,8 +119,91 @@ def expected_type(subject: str) -> str:
     return rest
 
 
+class _FastEnvelope(TypedDict):
+    """The envelope's fields as the fast path reads them (same constraints as Envelope)."""
+
+    __pydantic_config__ = ConfigDict(strict=True, extra="ignore")  # type: ignore[misc]
+    id: _Name
+    type: _Name
+    occurred_at: str
+    user_id: _Name
+    schema_version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    data: NotRequired[dict[str, Any]]
+
+
+def _fast_data(model: type[_Data]) -> TypeAdapter[Any]:
+    """A TypedDict twin of a data model: validates the dict without building a model instance."""
+    fields = {name: info.rebuild_annotation() for name, info in model.model_fields.items()}
+    typed = TypedDict(f"_Fast{model.__name__}", fields)  # type: ignore[operator]
+    typed.__pydantic_config__ = ConfigDict(strict=True, extra="ignore")  # type: ignore[attr-defined]
+    return TypeAdapter(typed)
+
+
+_FAST_ENVELOPE = TypeAdapter(_FastEnvelope)
+_FAST_DATA = {subject: _fast_data(model) for subject, model in DATA_MODELS.items()}
+# The common shapes only; any other RFC 3339 spelling takes the full path.
+_FAST_TIME = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+_NOT_CANONICAL = re.compile(rb"[0-9][eE]|NaN|Infinity")
+
+
+def _canonical_json(data: dict[str, Any]) -> str:
+    """The full path's `json.dumps(..., separators=(",", ":"), ensure_ascii=False)`, about 10x cheaper.
+
+    pydantic_core writes the same text except for floats in exponent form (1e16 vs 1e+16) and
+    NaN/Infinity; a number with an exponent or those words anywhere sends it to json.dumps.
+    """
+    if not data:
+        return "{}"
+    out = pydantic_core.to_json(data, inf_nan_mode="constants")
+    if _NOT_CANONICAL.search(out):
+        return json.dumps(data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    return out.decode()
+
+
+def _fast(subject: str, body: bytes) -> Event | None:
+    """One validate_json pass and no model instances, for messages that are valid (nearly all).
+
+    Returns None (or raises) whenever it is not sure; `validate` then runs the full models,
+    which decide and word the reason. It must never accept what the full path rejects.
+    """
+    env = _FAST_ENVELOPE.validate_json(body)
+    type_ = env["type"]
+    if type_ != expected_type(subject):
+        return None
+    at = env["occurred_at"]
+    if not _FAST_TIME.match(at):
+        return None
+    data = env.get("data", {})
+    checker = _FAST_DATA.get(subject)
+    if checker is not None:
+        checker.validate_python(data)
+    return Event(
+        event_id=env["id"],
+        type=type_,
+        user_id=env["user_id"],
+        occurred_at=datetime.fromisoformat(at).astimezone(UTC),
+        schema_version=env["schema_version"],
+        data_json=_canonical_json(data),
+        known_type=checker is not None,
+    )
+
+
 def validate(subject: str, body: bytes) -> Event:
     """Check one message against the contract."""
+    if body:
+        try:
+            event = _fast(subject, body)
+        except Exception:  # the full path below decides, and says why
+            event = None
+        if event is not None:
+            return event
+    return validate_full(subject, body)
+
+
+def validate_full(subject: str, body: bytes) -> Event:
+    """The contract through the pydantic models: the reference `_fast` must agree with, and the reasons."""
     if not body:
         raise PoisonMessage("empty body: expected a JSON envelope")
     try:

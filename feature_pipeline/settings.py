@@ -141,7 +141,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "NATS_ACK_WAIT_SECONDS",
         "60",
-        "Consumer ack_wait. In-flight batches are kept alive with +WPI every sensor tick, so this only "
+        "Consumer ack_wait. In-flight batches are kept alive with +WPI every quarter of it, so this only "
         "matters when the sensor is down (10-3600).",
         _int_between(10, 3600),
     ),
@@ -186,13 +186,14 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "FEATURE_PIPELINE_BATCH_MAX_MESSAGES",
-        "20000",
-        "Most messages in one micro-batch (one Dagster run) (1-1000000).",
+        "250000",
+        "Most messages in one micro-batch (one Dagster run), staged in pulls of 20 000, so the sensor holds one "
+        "pull in memory (1-1000000).",
         _int_between(1, 1_000_000),
     ),
     Variable(
         "FEATURE_PIPELINE_BATCH_MAX_BYTES",
-        str(32 * MIB),
+        str(128 * MIB),
         "Most payload bytes in one micro-batch; must exceed the server's max_payload (2 MiB-1 GiB).",
         _int_between(2 * MIB, 1024 * MIB),
     ),
@@ -208,6 +209,14 @@ VARIABLES: tuple[Variable, ...] = (
         "Minimum seconds from the end of one sensor tick to the start of the next. The daemon checks every 5 s, "
         "so 1 means a tick every 5 s; 5 would mean every 10 s (1-3600).",
         _int_between(1, 3600),
+    ),
+    Variable(
+        "FEATURE_PIPELINE_FETCH_SECONDS",
+        "8",
+        "A sensor tick starts no pull that would end later than this many seconds after the tick began (settling "
+        "included), so it ends before the daemon's second 5 s loop and its runs are requested; the next tick goes "
+        "on (1-50).",
+        _int_between(1, 50),
     ),
     Variable(
         "FEATURE_PIPELINE_NAK_DELAY_SECONDS",
@@ -320,6 +329,7 @@ class Settings:
     batch_max_bytes: int
     max_batches_in_flight: int
     sensor_interval_seconds: int
+    fetch_seconds: int
     nak_delay_seconds: int
     run_timeout_seconds: int
     lag_warn: int
@@ -357,6 +367,7 @@ FIELDS = {
     "FEATURE_PIPELINE_BATCH_MAX_BYTES": "batch_max_bytes",
     "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "max_batches_in_flight",
     "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "sensor_interval_seconds",
+    "FEATURE_PIPELINE_FETCH_SECONDS": "fetch_seconds",
     "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "nak_delay_seconds",
     "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "run_timeout_seconds",
     "FEATURE_PIPELINE_LAG_WARN": "lag_warn",

@@ -12,12 +12,13 @@ exists is complete. The folder is removed only once every message in it is settl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,14 +74,35 @@ DELIVERIES_SCHEMA = pa.schema(
 STALE_TEMP_SECONDS = 600
 
 
+EVENT_COLUMNS = tuple(EVENTS_SCHEMA.names)
+
+
+def _empty_columns() -> dict[str, list[Any]]:
+    return {name: [] for name in EVENT_COLUMNS}
+
+
 @dataclass
 class Assembled:
-    """One fetch, sorted: what to stage and what is poison (dead-lettered at once)."""
+    """One fetch, sorted: what to stage and what is poison (dead-lettered at once).
 
-    events: list[dict[str, Any]] = field(default_factory=list)
+    Events are kept column-wise (one list per EVENTS_SCHEMA column, `received_at` in epoch
+    microseconds) so staging builds Arrow arrays directly instead of a dict per row.
+    """
+
+    event_columns: dict[str, list[Any]] = field(default_factory=_empty_columns)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     staged: list[Delivery] = field(default_factory=list)
     poison: list[tuple[Delivery, str]] = field(default_factory=list)
+
+    def events_table(self) -> pa.Table:
+        return pa.Table.from_arrays(
+            [pa.array(self.event_columns[f.name], type=f.type) for f in EVENTS_SCHEMA], schema=EVENTS_SCHEMA
+        )
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Row view of the events (tests, diagnostics); the sensor never builds it."""
+        return self.events_table().to_pylist()
 
 
 def _micros(ns: int) -> datetime:
@@ -118,10 +140,28 @@ def _dead_letter_row(d: Delivery) -> dict[str, Any]:
 def assemble(deliveries: Iterable[Delivery]) -> Assembled:
     """Validate fetched messages; poison ones are set aside with their reason."""
     out = Assembled()
+    cols = out.event_columns
+    c_stream, c_subject, c_seq, c_delivered, c_received = (
+        cols["stream"],
+        cols["subject"],
+        cols["stream_seq"],
+        cols["num_delivered"],
+        cols["received_at"],
+    )
+    c_id, c_type, c_user, c_at, c_version, c_data, c_known = (
+        cols["event_id"],
+        cols["type"],
+        cols["user_id"],
+        cols["occurred_at"],
+        cols["schema_version"],
+        cols["data"],
+        cols["known_type"],
+    )
+    staged = out.staged
     for d in deliveries:
         if d.stream == broker.DEADLETTER.name:
             out.dead_letters.append(_dead_letter_row(d))
-            out.staged.append(d)
+            staged.append(d)
             continue
         try:
             ev = validate(d.subject, d.data)
@@ -131,23 +171,19 @@ def assemble(deliveries: Iterable[Delivery]) -> Assembled:
         except Exception as exc:  # a validator bug must not wedge the consumer; the copy in DEADLETTER keeps it
             out.poison.append((d, f"unexpected validation error {exc!r}"))
             continue
-        out.events.append(
-            {
-                "stream": d.stream,
-                "subject": d.subject,
-                "stream_seq": d.stream_seq,
-                "num_delivered": d.num_delivered,
-                "received_at": _micros(d.stored_ns),
-                "event_id": ev.event_id,
-                "type": ev.type,
-                "user_id": ev.user_id,
-                "occurred_at": ev.occurred_at,
-                "schema_version": ev.schema_version,
-                "data": ev.data_json,
-                "known_type": ev.known_type,
-            }
-        )
-        out.staged.append(d)
+        c_stream.append(d.stream)
+        c_subject.append(d.subject)
+        c_seq.append(d.stream_seq)
+        c_delivered.append(d.num_delivered)
+        c_received.append(d.stored_ns // 1000)
+        c_id.append(ev.event_id)
+        c_type.append(ev.type)
+        c_user.append(ev.user_id)
+        c_at.append(ev.occurred_at)
+        c_version.append(ev.schema_version)
+        c_data.append(ev.data_json)
+        c_known.append(ev.known_type)
+        staged.append(d)
     return out
 
 
@@ -163,10 +199,35 @@ class Manifest:
         return sum(self.counts.values())
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, compression="zstd")
+def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _headers_json(headers: dict[str, str] | None) -> str | None:
+    """Headers worth keeping for a later dead-letter copy: `Nats-*` ones are dropped there anyway."""
+    if not headers or (len(headers) == 1 and "Nats-Msg-Id" in headers):  # the usual case, cheaply
+        return None
+    kept = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
+    return json.dumps(kept) if kept else None
+
+
+def _deliveries_table(staged: Sequence[Delivery]) -> pa.Table:
+    columns: list[list[Any]] = [[], [], [], [], [], [], [], []]
+    c_stream, c_subject, c_reply, c_seq, c_delivered, c_stored, c_headers, c_body = columns
+    for d in staged:
+        c_stream.append(d.stream)
+        c_subject.append(d.subject)
+        c_reply.append(d.reply)
+        c_seq.append(d.stream_seq)
+        c_delivered.append(d.num_delivered)
+        c_stored.append(d.stored_ns)
+        c_headers.append(_headers_json(d.headers))
+        c_body.append(d.data)
+    return pa.Table.from_arrays(
+        [pa.array(col, type=f.type) for col, f in zip(columns, DELIVERIES_SCHEMA, strict=True)],
+        schema=DELIVERIES_SCHEMA,
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -175,6 +236,76 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class BatchWriter:
+    """One batch being staged, possibly from several fetches.
+
+    Each `add` appends the fetch's rows as Parquet row groups under `.tmp-<batch_id>/`, so the
+    sensor holds one fetch in memory however large the batch (and so the run) grows. `close`
+    fsyncs, writes the manifest and renames: a batch folder that exists is complete. `abort`
+    removes the temp folder; its messages were never acked and come back after ack_wait.
+    """
+
+    def __init__(self, staging: Staging, batch_id: str) -> None:
+        self.staging = staging
+        self.batch_id = batch_id
+        # When the first message was fetched: ack_wait runs from there (keep-alives are timed from it).
+        self.created_at = datetime.now(UTC).isoformat()
+        self.tmp = staging.root / f".tmp-{batch_id}"
+        self.tmp.mkdir(mode=0o700)
+        self.counts: dict[str, int] = {}
+        self.ranges: dict[str, list[int]] = {}
+        self.bytes = 0
+        self._writers = {
+            name: pq.ParquetWriter(self.tmp / f"{name}.parquet", schema, compression="zstd")
+            for name, schema in (
+                ("events", EVENTS_SCHEMA),
+                ("dead_letters", DEAD_LETTERS_SCHEMA),
+                ("deliveries", DELIVERIES_SCHEMA),
+            )
+        }
+
+    @property
+    def size(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, assembled: Assembled) -> None:
+        if assembled.event_columns["event_id"]:
+            self._writers["events"].write_table(assembled.events_table())
+        if assembled.dead_letters:
+            self._writers["dead_letters"].write_table(
+                pa.Table.from_pylist(assembled.dead_letters, schema=DEAD_LETTERS_SCHEMA)
+            )
+        if assembled.staged:
+            self._writers["deliveries"].write_table(_deliveries_table(assembled.staged))
+        for d in assembled.staged:
+            self.counts[d.stream] = self.counts.get(d.stream, 0) + 1
+            rng = self.ranges.get(d.stream)
+            if rng is None:
+                self.ranges[d.stream] = [d.stream_seq, d.stream_seq]
+            elif d.stream_seq < rng[0]:
+                rng[0] = d.stream_seq
+            elif d.stream_seq > rng[1]:
+                rng[1] = d.stream_seq
+            self.bytes += len(d.data) + len(d.subject) + len(d.reply)
+
+    def close(self) -> Manifest:
+        for name, writer in self._writers.items():
+            writer.close()
+            _fsync_file(self.tmp / f"{name}.parquet")
+        manifest = Manifest(self.batch_id, self.created_at, self.counts, self.ranges)
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
+        _fsync_dir(self.tmp)
+        os.rename(self.tmp, self.staging.path(self.batch_id))
+        _fsync_dir(self.staging.root)
+        return manifest
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def new_batch_id() -> str:
@@ -202,43 +333,20 @@ class Staging:
     def path(self, batch_id: str) -> Path:
         return self.root / batch_id
 
-    def stage(self, assembled: Assembled, batch_id: str | None = None) -> Manifest:
-        """Write a batch durably; returns once it is complete on disk."""
+    def writer(self, batch_id: str | None = None) -> BatchWriter:
+        """A batch staged from several fetches, appended chunk by chunk (see BatchWriter)."""
         self._ensure_root()
-        batch_id = batch_id or new_batch_id()
-        tmp = self.root / f".tmp-{batch_id}"
-        tmp.mkdir(mode=0o700)
-        _write_parquet(pa.Table.from_pylist(assembled.events, schema=EVENTS_SCHEMA), tmp / "events.parquet")
-        _write_parquet(
-            pa.Table.from_pylist(assembled.dead_letters, schema=DEAD_LETTERS_SCHEMA),
-            tmp / "dead_letters.parquet",
-        )
-        rows = [
-            {
-                "stream": d.stream,
-                "subject": d.subject,
-                "reply": d.reply,
-                "stream_seq": d.stream_seq,
-                "num_delivered": d.num_delivered,
-                "stored_ns": d.stored_ns,
-                "headers": json.dumps(d.headers) if d.headers else None,
-                "body": d.data,
-            }
-            for d in assembled.staged
-        ]
-        _write_parquet(pa.Table.from_pylist(rows, schema=DELIVERIES_SCHEMA), tmp / "deliveries.parquet")
-        counts: dict[str, int] = {}
-        ranges: dict[str, list[int]] = {}
-        for d in assembled.staged:
-            counts[d.stream] = counts.get(d.stream, 0) + 1
-            lo, hi = ranges.get(d.stream, [d.stream_seq, d.stream_seq])
-            ranges[d.stream] = [min(lo, d.stream_seq), max(hi, d.stream_seq)]
-        manifest = Manifest(batch_id, datetime.now(UTC).isoformat(), counts, ranges)
-        (tmp / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
-        _fsync_dir(tmp)
-        os.rename(tmp, self.path(batch_id))
-        _fsync_dir(self.root)
-        return manifest
+        return BatchWriter(self, batch_id or new_batch_id())
+
+    def stage(self, assembled: Assembled, batch_id: str | None = None) -> Manifest:
+        """Write a batch of one fetch durably; returns once it is complete on disk."""
+        writer = self.writer(batch_id)
+        try:
+            writer.add(assembled)
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
     def batches(self) -> list[Manifest]:
         """Complete batches, oldest first. Temp folders of a crashed tick are removed once stale:
@@ -259,6 +367,14 @@ class Staging:
 
     def deliveries(self, batch_id: str, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(batch_id) / "deliveries.parquet", columns=list(columns) if columns else None)
+
+    def iter_deliveries(
+        self, batch_id: str, columns: Sequence[str] | None = None, chunk: int = 20_000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The deliveries in chunks of rows, so settling a large batch never holds all its bodies at once."""
+        pf = pq.ParquetFile(self.path(batch_id) / "deliveries.parquet")
+        for rb in pf.iter_batches(batch_size=chunk, columns=list(columns) if columns else None):
+            yield rb.to_pylist()
 
     def remove(self, batch_id: str) -> None:
         shutil.rmtree(self.path(batch_id), ignore_errors=True)

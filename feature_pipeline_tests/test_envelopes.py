@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feature_pipeline.envelopes import Event, PoisonMessage, make_envelope, validate
+from feature_pipeline.envelopes import Event, PoisonMessage, make_envelope, validate, validate_full
 
 SUBJECT = "signals.task.synced"
 DOC_BODY = (
@@ -266,3 +266,66 @@ def test_arbitrary_bytes_give_an_event_or_poison(subject: str, body: bytes) -> N
     else:
         assert isinstance(result, Event)
         assert result.occurred_at.utcoffset() == timedelta(0)
+
+
+# -- the fast path agrees with the models ----------------------------------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    subject=st.sampled_from([SUBJECT, "signals.task.completed", "feedback.recommendation.shown", "signals.new.kind"]),
+    fields=st.fixed_dictionaries(
+        {},
+        optional={
+            "id": st.sampled_from(["evt-1", "", " ", "a\tb", 7]),
+            "occurred_at": st.sampled_from(
+                [
+                    "2026-11-27T05:00:00Z",
+                    "2026-11-27T05:00:00.123456+01:30",
+                    "2026-11-27t05:00:00z",
+                    "2026-11-27 05:00:00Z",
+                    "2026-11-27T05:00:00.1234567Z",
+                    "2026-02-30T05:00:00Z",
+                    "9999-12-31T23:59:59-23:59",
+                    "2026-11-27T05:00:00",
+                ]
+            ),
+            "user_id": st.sampled_from(["u-1", "", "u\x00"]),
+            "schema_version": st.sampled_from([1, 0, 2**31, True, "1"]),
+            "data": st.dictionaries(
+                st.sampled_from(
+                    ["provider", "tasks_total", "tasks_completed", "task_id", "recommendation_id", "item_id", "extra"]
+                ),
+                _JSON_VALUES,
+                max_size=4,
+            ),
+        },
+    ),
+)
+def test_fast_path_never_disagrees_with_the_models(subject: str, fields: dict[str, Any]) -> None:
+    """`validate` takes a shortcut for valid messages; it must return exactly what the pydantic models
+    return, and send everything it is unsure of to them (so poison keeps the models' reasons)."""
+    doc = {
+        "id": "evt-1",
+        "type": subject.split(".", 1)[1],
+        "occurred_at": "2026-11-27T05:00:00Z",
+        "user_id": "u-1",
+        "schema_version": 1,
+        **fields,
+    }
+    body = json.dumps(doc).encode()
+    try:
+        expected: Event | str = validate_full(subject, body)
+    except PoisonMessage as exc:
+        expected = str(exc)
+    try:
+        got: Event | str = validate(subject, body)
+    except PoisonMessage as exc:
+        got = str(exc)
+    assert got == expected

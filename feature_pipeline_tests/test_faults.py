@@ -82,8 +82,9 @@ def test_nats_killed_at_random_moments_during_fetch_run_and_acks(
 def test_ack_wait_expiry_while_queued_is_deduplicated(
     nats_server: LocalNats, resources: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Keep-alive off, ack_wait 10 s, run waits 12 s: the server redelivers into a second batch; both runs
-    succeed and both batches are acked, and the event is stored once."""
+    """Keep-alive off, ack_wait 10 s, run waits 12 s: the server redelivers the message, but no second
+    batch is staged while the first still waits for its run; the run succeeds, its (late) ack settles
+    the message, and the event is stored once with nothing left pending."""
     resources["nats"] = NatsResource(url=nats_server.url, durable_prefix="aw", max_deliver=5, ack_wait_seconds=10)
     resources["ingest"] = replace(resources["ingest"], faults="no-keepalive")
     run(_publish(nats_server.url, [_synced("evt-slowpoke")]))
@@ -91,11 +92,16 @@ def test_ack_wait_expiry_while_queued_is_deduplicated(
         (first,), _ = _tick(inst, resources)
         time.sleep(12)
         requests, report = _tick(inst, resources)
-        assert report.fetched == {"SIGNALS": 1} and report.kept_alive == 0, "ack_wait did not expire"
-        (second,) = [r for r in requests if r.run_key != first.run_key]
-        assert _execute(inst, resources, first) and _execute(inst, resources, second)
-        _, report = _tick(inst, resources)
-        assert report.acked == 2
+        assert report.kept_alive == 0 and report.holding == first.run_key and not report.fetched
+        assert [r.run_key for r in requests] == [first.run_key]
+        assert _execute(inst, resources, first)
+        acked = 0
+        for _ in range(3):  # a copy redelivered before the ack landed is staged, stored again (absorbed), acked
+            requests, report = _tick(inst, resources)
+            acked += report.acked
+            for again in requests:
+                assert _execute(inst, resources, again)
+        assert acked >= 1
     assert _stored(tmp_path) == ["evt-slowpoke"]
     assert query(tmp_path / "store.duckdb", "SELECT signal_count_total FROM user_features") == [(1,)]
     info = run(consumer_states(nats_server.url, "aw"))["SIGNALS"]

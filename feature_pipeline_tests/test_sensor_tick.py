@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
+import pytest
 
 from feature_pipeline.broker import Broker
+from feature_pipeline.defs import sensors
 from feature_pipeline.defs.assets import BATCH_TAG, ingest_batch
 from feature_pipeline.defs.resources import NatsResource
 from feature_pipeline.defs.sensors import run_tick
@@ -103,9 +105,9 @@ def test_success_acks_only_after_the_run(resources: dict[str, Any], tmp_path: Pa
         assert report.fetched == {"SIGNALS": 2}
         assert _lag(resources)["SIGNALS"] == 2, "nothing may be acked before the run has run"
 
-        requests, report = _tick(inst, resources)  # run not there yet: asked again, kept alive
+        requests, report = _tick(inst, resources)  # run not there yet: asked again
         assert [r.run_key for r in requests] == [req.run_key]
-        assert report.kept_alive == 2
+        assert report.kept_alive == 0, "+WPI is due only once ack_wait/4 has passed (see the keep-alive test)"
 
         assert _execute(inst, resources, req)
         assert _lag(resources)["SIGNALS"] == 2, "a succeeded run alone acks nothing; the sensor settles"
@@ -291,3 +293,68 @@ def test_window_refresh_run_observes_user_features_and_materializes_nothing(
             ("dead_letters", True),
             ("user_features", True),
         ]
+
+
+def test_batch_staged_from_several_pulls_is_settled_as_one(
+    resources: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch grows over several pulls (FETCH_CHUNK) into one run: a failed run NAKs every message
+    of it, from every pull; the redelivered batch's successful run acks them all, stored once."""
+    monkeypatch.setattr(sensors, "FETCH_CHUNK", 2)
+    url = resources["nats"].url
+    run(_publish(url, [_synced(f"evt-{i}", f"u-{i % 2}") for i in range(5)]))
+    with dg.instance_for_test() as inst:
+        (req,), report = _tick(inst, resources)
+        assert report.fetched == {"SIGNALS": 5} and [m.size for m in report.staged] == [5]
+        assert not _execute(inst, resources, req, fail=True)
+        _, report = _tick(inst, resources)
+        assert (report.nacked, report.acked, report.settled_batches) == (5, 0, 1)
+        (req2,), report = _tick_until_request(inst, resources)
+        assert report.fetched == {"SIGNALS": 5} and req2.run_key != req.run_key
+        assert _execute(inst, resources, req2)
+        _, report = _tick(inst, resources)
+        assert (report.acked, report.nacked) == (5, 0)
+    assert _caught_up(resources)
+    assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(5,)]
+    assert query(tmp_path / "store.duckdb", "SELECT user_id, signal_count_total FROM user_features ORDER BY 1") == [
+        ("u-0", 3),
+        ("u-1", 2),
+    ]
+
+
+def test_fetch_time_ends_the_batch_and_the_tick(resources: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the tick's fetch time no further pull starts: the batch so far is staged and the rest waits."""
+    monkeypatch.setattr(sensors, "FETCH_CHUNK", 2)
+    resources["ingest"] = replace(resources["ingest"], fetch_seconds=1)
+    run(_publish(resources["nats"].url, [_synced(f"evt-{i}") for i in range(6)]))
+    real_assemble = sensors.assemble
+
+    def slow_assemble(deliveries: Any) -> Any:
+        time.sleep(0.6)  # two pulls take longer than the second of fetch time
+        return real_assemble(deliveries)
+
+    monkeypatch.setattr(sensors, "assemble", slow_assemble)
+    with dg.instance_for_test() as inst:
+        (_,), report = _tick(inst, resources)
+        assert report.fetched == {"SIGNALS": 2}, "a pull that would end past the fetch time is not started"
+        assert len(report.staged) == 1
+        assert _lag(resources)["SIGNALS"] == 6, "the rest is still pending"
+
+
+def test_no_new_batch_while_one_waits_for_its_run(resources: dict[str, Any]) -> None:
+    """A second batch behind one whose run has not started would only add a run's start-up: the new
+    messages wait in the stream and join the next batch once the run has started or ended."""
+    url = resources["nats"].url
+    run(_publish(url, [_synced("evt-1")]))
+    with dg.instance_for_test() as inst:
+        (req,), _ = _tick(inst, resources)
+        run(_publish(url, [_synced("evt-2"), _synced("evt-3")]))
+        requests, report = _tick(inst, resources)
+        assert [r.run_key for r in requests] == [req.run_key] and not report.fetched
+        assert report.holding == req.run_key and "waits for its run to start" in report.summary()
+        assert _execute(inst, resources, req)
+        (req2,), report = _tick(inst, resources)
+        assert report.acked == 1 and report.fetched == {"SIGNALS": 2} and report.staged[0].size == 2
+        assert _execute(inst, resources, req2)
+        _tick(inst, resources)
+    assert _caught_up(resources)

@@ -62,6 +62,7 @@ class IngestResource(dg.ConfigurableResource):
     max_batches_in_flight: int
     nak_delay_seconds: int
     run_timeout_seconds: int = 600
+    fetch_seconds: int = 8
     faults: str = ""
 
     @property
@@ -149,6 +150,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             max_batches_in_flight=_env("FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT", integer=True),
             nak_delay_seconds=_env("FEATURE_PIPELINE_NAK_DELAY_SECONDS", integer=True),
             run_timeout_seconds=_env("FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS", integer=True),
+            fetch_seconds=_env("FEATURE_PIPELINE_FETCH_SECONDS", integer=True),
             faults=_env("FEATURE_PIPELINE_FAULTS"),
         ),
         "monitoring": MonitoringResource(

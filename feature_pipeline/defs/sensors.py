@@ -10,6 +10,7 @@ whose cursor moves on even when its handler fails (shared/notes/dagster-facts.md
 import asyncio
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import dagster as dg
 from nats.errors import Error as NatsError
@@ -36,8 +37,13 @@ from feature_pipeline.staging import Manifest, Staging, assemble, delivery_from_
 SENSOR_NAME = "ingest_sensor"
 # The default run launcher cannot see a killed run worker; run monitoring fails runs past this tag.
 MAX_RUNTIME_TAG = "dagster/max_runtime"
-# Stop fetching new batches this long into a tick: a tick must end well inside Dagster's 60 s.
-FETCH_BUDGET_SECONDS = 20.0
+# Messages per pull round: what the sensor holds in memory at once, however large the batch.
+FETCH_CHUNK = 20_000
+# Rows per chunk when acking, keeping alive or NAKing a staged batch.
+SETTLE_CHUNK = 50_000
+# batch id -> when this process last sent +WPI for it (time.time()); lost on restart, which only
+# means one early keep-alive.
+_kept_alive_at: dict[str, float] = {}
 
 
 @dataclass
@@ -53,11 +59,21 @@ class TickReport:
     in_flight: int = 0
     problem: str | None = None
     stats: list[StreamStats] = field(default_factory=list)
+    # Seconds spent per phase of the tick, in the log line: where a slow tick went.
+    seconds: dict[str, float] = field(default_factory=dict)
+    holding: str | None = None  # a batch still waiting for its run to start: no new batch this tick
+
+    def lap(self, phase: str, since: float) -> float:
+        now = time.monotonic()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - since, 2)
+        return now
 
     def summary(self) -> str:
         parts = []
         if self.fetched:
             parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
+        elif self.holding:
+            parts.append(f"not fetching while batch {self.holding} waits for its run to start")
         elif not self.problem:
             parts.append("no new messages")
         if self.staged:
@@ -72,6 +88,8 @@ class TickReport:
         if self.kept_alive:
             parts.append(f"kept {self.kept_alive} in-flight messages alive")
         parts.append(f"{self.in_flight} batch(es) in flight")
+        if self.seconds:
+            parts.append("took " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()))
         text = "; ".join(parts)
         return f"{self.problem}; {text}" if self.problem else text
 
@@ -109,33 +127,55 @@ async def _settle(
     ingest: IngestResource,
     report: TickReport,
 ) -> None:
-    """Ack a succeeded batch; NAK (growing delay) or dead-letter a failed one; then drop its files."""
+    """Ack a succeeded batch; NAK (growing delay) or dead-letter a failed one; then drop its files.
+
+    Read in chunks: a batch can hold hundreds of thousands of messages, and their bodies are
+    needed only for the few that are dead-lettered.
+    """
     if outcome is RunOutcome.SUCCEEDED:
-        replies = staging.deliveries(manifest.batch_id, ["reply"]).column("reply").to_pylist()
-        report.acked += await broker.ack(replies)
+        for rows in staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=SETTLE_CHUNK):
+            report.acked += await broker.ack(row["reply"] for row in rows)
     else:
-        rows = staging.deliveries(manifest.batch_id).to_pylist()  # bodies too: some may be dead-lettered
-        naks: list[tuple[str, float]] = []
-        dead: list[tuple[Delivery, str]] = []
-        for row in rows:
-            action = decide(
-                outcome,
-                num_delivered=row["num_delivered"],
-                max_deliver=nats.max_deliver,
-                nak_base_seconds=ingest.nak_delay_seconds,
-                failure=failure,
-                may_dead_letter=row["stream"] != DEADLETTER.name,
-            )
-            if action is None:  # pragma: no cover - outcome is not PENDING here
-                continue
-            if action.kind is Kind.DEAD_LETTER:
-                dead.append((delivery_from_row(row), action.reason))
-            else:
-                naks.append((row["reply"], action.delay_seconds))
-        report.dead_lettered += await broker.dead_letter(dead)
-        report.nacked += await broker.nak(naks)
+        for rows in staging.iter_deliveries(manifest.batch_id, chunk=SETTLE_CHUNK):
+            naks: list[tuple[str, float]] = []
+            dead: list[tuple[Delivery, str]] = []
+            for row in rows:
+                action = decide(
+                    outcome,
+                    num_delivered=row["num_delivered"],
+                    max_deliver=nats.max_deliver,
+                    nak_base_seconds=ingest.nak_delay_seconds,
+                    failure=failure,
+                    may_dead_letter=row["stream"] != DEADLETTER.name,
+                )
+                if action is None:  # pragma: no cover - outcome is not PENDING here
+                    continue
+                if action.kind is Kind.DEAD_LETTER:
+                    dead.append((delivery_from_row(row), action.reason))
+                else:
+                    naks.append((row["reply"], action.delay_seconds))
+            report.dead_lettered += await broker.dead_letter(dead)
+            report.nacked += await broker.nak(naks)
     staging.remove(manifest.batch_id)
+    _kept_alive_at.pop(manifest.batch_id, None)
     report.settled_batches += 1
+
+
+def _not_started(run: dg.DagsterRun | None) -> bool:
+    """No run yet, or one still in the queue (a STARTING or STARTED run has left it)."""
+    return run is None or run.status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED)
+
+
+def _keep_alive_due(manifest: Manifest, ack_wait_seconds: int, now: float) -> bool:
+    """+WPI only once a quarter of ack_wait has passed since the fetch or the last +WPI.
+
+    Re-arming every message of every waiting batch on every tick cost more than the fetch itself
+    on large batches; a quarter of ack_wait leaves three more ticks' worth of margin.
+    """
+    last = _kept_alive_at.get(manifest.batch_id)
+    if last is None:  # not kept alive by this process yet: time it from the batch's first fetch
+        last = datetime.fromisoformat(manifest.created_at).timestamp()
+    return now - last >= ack_wait_seconds / 4
 
 
 async def _rescue_exhausted(broker: Broker, nats: NatsResource, report: TickReport) -> None:
@@ -161,23 +201,23 @@ async def _rescue_exhausted(broker: Broker, nats: NatsResource, report: TickRepo
         await broker.ack(reply for _, _, reply in found)
 
 
-async def _fetch(broker: Broker, nats: NatsResource, ingest: IngestResource) -> list[Delivery]:
-    """One micro-batch across the three consumers: a fair share each first, then what is left."""
+async def _fetch(broker: Broker, nats: NatsResource, want: int, max_bytes: int) -> list[Delivery]:
+    """One chunk of a micro-batch across the three consumers: a fair share each first, then what is left."""
     out: list[Delivery] = []
     used_bytes = 0
-    share = max(1, ingest.batch_max_messages // len(STREAMS))
+    share = max(1, want // len(STREAMS))
     for fair in (True, False):
         for spec in STREAMS:
-            room = ingest.batch_max_messages - len(out)
-            want = min(share, room) if fair else room
-            if want <= 0:
+            room = want - len(out)
+            ask = min(share, room) if fair else room
+            if ask <= 0:
                 return out
             try:
                 got = await broker.pull(
                     spec.name,
                     consumer_name(nats.durable_prefix, spec),
-                    batch=want,
-                    max_bytes=ingest.batch_max_bytes - used_bytes,
+                    batch=ask,
+                    max_bytes=max_bytes - used_bytes,
                 )
             except MessageTooLarge:
                 if used_bytes == 0:
@@ -188,6 +228,49 @@ async def _fetch(broker: Broker, nats: NatsResource, ingest: IngestResource) -> 
     return out
 
 
+async def _stage_one(
+    broker: Broker, nats: NatsResource, ingest: IngestResource, deadline: float, report: TickReport
+) -> tuple[Manifest | None, bool]:
+    """Fetch, validate and stage one batch chunk by chunk until it is full, the consumers are
+    drained or the tick's fetch time is up. Returns (its manifest or None, whether to stop fetching)."""
+    writer = ingest.staging.writer()
+    stop = False
+    chunk_seconds = 0.0
+    try:
+        while writer.size < ingest.batch_max_messages:
+            started = time.monotonic()
+            if started + chunk_seconds >= deadline:  # the next chunk would end past the deadline
+                stop = True
+                break
+            want = min(FETCH_CHUNK, ingest.batch_max_messages - writer.size)
+            room = ingest.batch_max_bytes - writer.bytes
+            if room <= 0:
+                break
+            try:
+                deliveries = await _fetch(broker, nats, want, room)
+            except MessageTooLarge:
+                if writer.size == 0:
+                    raise
+                break  # full by bytes
+            for d in deliveries:
+                report.fetched[d.stream] = report.fetched.get(d.stream, 0) + 1
+            assembled = assemble(deliveries)
+            if assembled.poison:
+                report.poison += await broker.dead_letter(assembled.poison)
+            writer.add(assembled)
+            if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
+                stop = True
+                break
+            chunk_seconds = time.monotonic() - started
+        if writer.size == 0:
+            writer.abort()
+            return None, True
+        return writer.close(), stop
+    except BaseException:
+        writer.abort()
+        raise
+
+
 async def _exchange(
     instance: dg.DagsterInstance,
     nats: NatsResource,
@@ -195,8 +278,10 @@ async def _exchange(
     batches: list[Manifest],
     runs: dict[str, dg.DagsterRun | None],
     report: TickReport,
+    deadline: float,
 ) -> None:
     staging = ingest.staging
+    t = time.monotonic()
     async with await Broker.connect(nats.url, "feature-pipeline-sensor", nats.auth) as broker:
         await broker.ensure_streams()
         await broker.ensure_consumers(
@@ -205,56 +290,63 @@ async def _exchange(
             ack_wait_seconds=nats.ack_wait_seconds,
             max_ack_pending=ingest.max_ack_pending,
         )
+        t = report.lap("connect", t)
         remaining: list[Manifest] = []
+        now = time.time()
         for manifest in batches:
             run = runs[manifest.batch_id]
             outcome = outcome_of(run.status.value if run else None)
             if outcome is RunOutcome.PENDING:
-                if "no-keepalive" not in ingest.fault_set:
-                    replies = staging.deliveries(manifest.batch_id, ["reply"]).column("reply").to_pylist()
-                    report.kept_alive += await broker.keep_alive(replies)
+                if "no-keepalive" not in ingest.fault_set and _keep_alive_due(manifest, nats.ack_wait_seconds, now):
+                    for rows in staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=SETTLE_CHUNK):
+                        report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)
+                    _kept_alive_at[manifest.batch_id] = now
                 remaining.append(manifest)
                 continue
             failure = _failure_text(instance, run) if outcome is RunOutcome.FAILED and run else ""
             await _settle(broker, staging, manifest, outcome, failure, nats, ingest, report)
 
         report.in_flight = len(remaining)
-        deadline = time.monotonic() + FETCH_BUDGET_SECONDS
-        while report.in_flight < ingest.max_batches_in_flight and time.monotonic() < deadline:
+        t = report.lap("settle", t)
+        # One batch waiting for its run to start is enough: staging another behind it would only add a
+        # run (seconds of start-up each); held back, the messages join the next batch instead.
+        waiting = [m.batch_id for m in remaining if _not_started(runs.get(m.batch_id))]
+        if waiting:
+            report.holding = waiting[0]
+        while not waiting and report.in_flight < ingest.max_batches_in_flight and time.monotonic() < deadline:
             try:
                 staging.check_writable()
             except OSError as exc:
                 report.problem = f"not fetching: staging folder {staging.root} is not writable ({exc})"
                 break
-            deliveries = await _fetch(broker, nats, ingest)
-            if not deliveries:
-                break
-            for d in deliveries:
-                report.fetched[d.stream] = report.fetched.get(d.stream, 0) + 1
-            assembled = assemble(deliveries)
-            if assembled.poison:
-                report.poison += await broker.dead_letter(assembled.poison)
-            if assembled.staged:
-                report.staged.append(staging.stage(assembled))
+            manifest, stop = await _stage_one(broker, nats, ingest, deadline, report)
+            if manifest is not None:
+                report.staged.append(manifest)
                 report.in_flight += 1
-            if len(deliveries) < ingest.batch_max_messages:
+            if stop:
                 break
 
+        t = report.lap("fetch", t)
         # After fetching: the server announces a message it gives up on only when it is next asked for messages.
         await _rescue_exhausted(broker, nats, report)
         report.stats = await collect(broker, nats.durable_prefix, remaining + report.staged)
+        report.lap("observe", t)
 
 
 def run_tick(
     instance: dg.DagsterInstance, nats: NatsResource, ingest: IngestResource
 ) -> tuple[list[dg.RunRequest], TickReport]:
     """One tick, usable without the daemon (tests call it with a test instance)."""
+    started = time.monotonic()
+    # Settling counts against the fetch time too: the tick should end inside the daemon's 5 s loop.
+    deadline = started + ingest.fetch_seconds
     staging = ingest.staging
     batches = staging.batches()
     runs = {m.batch_id: _run_for(instance, m.batch_id) for m in batches}
     report = TickReport(in_flight=len(batches))
+    report.lap("runs", started)
     try:
-        asyncio.run(_exchange(instance, nats, ingest, batches, runs, report))
+        asyncio.run(_exchange(instance, nats, ingest, batches, runs, report, deadline))
     except BrokerUnavailable as exc:
         report.problem = str(exc)
     except (NatsError, TimeoutError, ConnectionError) as exc:
