@@ -182,12 +182,6 @@ class Registry(BaseModel):
                     raise ValueError(f"ratio {f.name!r}: {part!r} must be a numeric, non-ratio feature")
         return self
 
-    def __getitem__(self, name: str) -> FeatureDef:
-        for f in self.features:
-            if f.name == name:
-                return f
-        raise KeyError(name)
-
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
