@@ -134,7 +134,8 @@ def ingest_batch(
     ingest: IngestResource,
     monitoring: MonitoringResource,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """Store the staged batch named by the run's batch tag; without one, rebuild user_features."""
+    """Store the staged batch named by the run's batch tag. Without one: move the window clock (tag
+    feature_pipeline/refresh=windows, the schedule's runs) or, launched by hand, rebuild user_features."""
     store = feature_store.store
     batch_id = context.run.tags.get(BATCH_TAG)
     if batch_id is None:

@@ -10,9 +10,9 @@ import dagster as dg
 
 from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
 from feature_pipeline.defs.resources import IngestResource
+from feature_pipeline.defs.sensors import MAX_RUNTIME_TAG
 
 REFRESH_MINUTES = 5
-MAX_RUNTIME_TAG = "dagster/max_runtime"
 
 
 @dg.schedule(
