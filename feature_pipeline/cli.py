@@ -244,7 +244,9 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     from feature_pipeline.training import LabelsError, training_set, write_table
 
     cfg = _settings()
-    store = FeatureStore(cfg.feature_store_path, registry=_registry(cfg))
+    from feature_pipeline.registry import load_registry
+
+    store = FeatureStore(cfg.feature_store_path, registry=load_registry(cfg.features_file or None))
     started = time.monotonic()
     try:
         table = training_set(args.labels, store=store, received_cutoff=args.received_cutoff)
@@ -259,10 +261,6 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _registry(cfg: settings.Settings) -> Any:
-    from feature_pipeline.registry import load_registry
-
-    return load_registry(cfg.features_file or None)
 
 
 def cmd_backfill_snapshots(args: argparse.Namespace) -> int:

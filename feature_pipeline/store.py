@@ -8,6 +8,7 @@ is waited for rather than failing the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -191,10 +192,8 @@ class FeatureStore:
         dead letters by original stream and sequence, and feature rows are recomputed
         from the raw tables rather than incremented.
         """
-        con = self.connect()
-        try:
-            now = now or datetime.now(UTC)
-            con.execute("BEGIN")
+        now = now or datetime.now(UTC)
+        with self._transaction() as con:
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE batch_events AS SELECT * FROM read_parquet($p) "
                 "QUALIFY row_number() OVER (PARTITION BY stream, event_id ORDER BY stream_seq) = 1",
@@ -278,12 +277,6 @@ class FeatureStore:
                 refresh=refresh,
                 health=self._health(con, consistency_sample),
             )
-        except BaseException:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
 
     def recompute_all(self, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
         """Rebuild every user_features row from the raw tables, as of now."""
@@ -368,12 +361,8 @@ class FeatureStore:
         except (OSError, duckdb.Error) as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            return Refresh(
-                refresh.valid_as_of,
-                refresh.rows_written,
-                refresh.rebuilt,
-                refresh.schema_changes,
-                f"could not replace the serving copy {self.serving_path}: {exc}",
+            return dataclasses.replace(
+                refresh, serving_error=f"could not replace the serving copy {self.serving_path}: {exc}"
             )
 
     def snapshot(self, day: date) -> int:
