@@ -11,11 +11,11 @@ __all__ = ["get_features", "training_set"]
 
 def __getattr__(name: str) -> Any:
     if name == "get_features":
-        from feature_pipeline.serving import get_features
+        from feature_pipeline.read.serving import get_features
 
         return get_features
     if name == "training_set":
-        from feature_pipeline.training import training_set
+        from feature_pipeline.read.training import training_set
 
         return training_set
     raise AttributeError(name)

@@ -9,12 +9,12 @@ from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.defs.resources import build_resources
 from feature_pipeline.defs.schedules import refresh_feature_windows
 from feature_pipeline.defs.sensors import build_ingest_sensor, stream_monitor
-from feature_pipeline.defs.snapshots import build_snapshots
+from feature_pipeline.defs.snapshots import build_snapshot_asset, snapshot_job, snapshot_schedule
 from feature_pipeline.defs.streams import STREAM_ASSETS
 
 # Fails the code location load with every bad variable named, before anything runs.
 SETTINGS = settings.load()
-snapshots, snapshot_job, snapshot_schedule = build_snapshots(SETTINGS.snapshot_start)
+snapshots = build_snapshot_asset(SETTINGS.snapshot_start)
 
 defs = dg.Definitions(
     assets=[

@@ -134,7 +134,7 @@ class _FastEnvelope(TypedDict):
 def _fast_data(model: type[_Data]) -> TypeAdapter[Any]:
     """A TypedDict twin of a data model: validates the dict without building a model instance."""
     fields = {name: info.rebuild_annotation() for name, info in model.model_fields.items()}
-    typed = TypedDict(f"_Fast{model.__name__}", fields)  # type: ignore[operator]
+    typed = TypedDict(f"_Fast{model.__name__}", fields)  # type: ignore[misc]
     typed.__pydantic_config__ = ConfigDict(strict=True, extra="ignore")  # type: ignore[attr-defined]
     return TypeAdapter(typed)
 

@@ -1,8 +1,7 @@
-"""Per-stream figures for the sensor's observations and `feature-pipeline health`.
+"""Per-stream figures and how they are graded: the lag and oldest-unacked checks, pure.
 
-Lag is `num_pending + num_ack_pending` of the durable consumer (not a sequence
-difference, which is wrong when the stream holds other subjects or after
-max-deliver drops).
+The figures are read from JetStream by `broker.stats`; the sensors, the on-demand check and
+`feature-pipeline health` all grade them here, against the same thresholds.
 """
 
 from __future__ import annotations
@@ -10,12 +9,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from nats.js.errors import NotFoundError
-
-from feature_pipeline.broker import DEADLETTER, STREAMS, Broker, NatsAuth, StreamSpec, consumer_name, ts_from_nats
-from feature_pipeline.staging import Manifest
+from feature_pipeline.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -40,57 +36,6 @@ class StreamStats:
             round(time.time() - self.last_message_at.timestamp(), 3) if self.last_message_at else None
         )
         return out
-
-
-async def _oldest_unacked_age(broker: Broker, spec: StreamSpec, info: Any) -> float:
-    """Age of the first message after the consumer's ack floor (the oldest one not yet acked)."""
-    floor = info.ack_floor.stream_seq if info.ack_floor else 0
-    try:
-        msg = await broker.js.get_msg(spec.name, seq=floor + 1, subject=spec.subject, next=True)
-    except NotFoundError:
-        return 0.0
-    stored = msg.time if isinstance(msg.time, datetime) else ts_from_nats(str(msg.time))
-    return max(0.0, time.time() - stored.timestamp()) if stored else 0.0
-
-
-async def read_stream_stats(
-    url: str, auth: NatsAuth, prefix: str, in_flight: list[Manifest], client: str
-) -> list[StreamStats]:
-    """Connect, collect, close: for callers that have no connection of their own."""
-    async with await Broker.connect(url, client, auth) as broker:
-        return await collect(broker, prefix, in_flight)
-
-
-async def collect(broker: Broker, prefix: str, in_flight: list[Manifest]) -> list[StreamStats]:
-    dead = {}
-    for spec in STREAMS:
-        if spec is not DEADLETTER:
-            counts = await broker.subject_counts(DEADLETTER.name, f"deadletter.{spec.key}.>")
-            dead[spec.name] = sum(counts.values())
-    out = []
-    for spec in STREAMS:
-        name = consumer_name(prefix, spec)
-        info = await broker.consumer_info(spec.name, name)
-        state = await broker.stream_state(spec.name)
-        batches = [m for m in in_flight if m.counts.get(spec.name)]
-        lag = (info.num_pending or 0) + (info.num_ack_pending or 0)
-        out.append(
-            StreamStats(
-                stream=spec.name,
-                consumer=name,
-                consumer_lag=lag,
-                num_pending=info.num_pending or 0,
-                num_ack_pending=info.num_ack_pending or 0,
-                num_redelivered=info.num_redelivered or 0,
-                stream_messages=int(state.get("messages", 0)),
-                last_message_at=ts_from_nats(state.get("last_ts")),
-                in_flight_batches=len(batches),
-                in_flight_messages=sum(m.counts.get(spec.name, 0) for m in batches),
-                dead_letters=dead.get(spec.name, 0),
-                oldest_unacked_age_seconds=await _oldest_unacked_age(broker, spec, info) if lag else 0.0,
-            )
-        )
-    return out
 
 
 Grade = Literal["pass", "warn", "error"]
@@ -147,3 +92,12 @@ def stream_checks(stats: list[StreamStats], t: Thresholds) -> list[CheckOutcome]
             )
         )
     return out
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    return Thresholds(
+        settings.lag_warn,
+        settings.lag_error,
+        settings.oldest_unacked_warn_seconds,
+        settings.oldest_unacked_error_seconds,
+    )

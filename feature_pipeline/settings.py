@@ -1,9 +1,10 @@
-"""Every environment variable the pipeline reads, in one place.
+"""The configuration table: every variable the pipeline reads, defined once.
 
-The code location, the run workers and the CLI all go through `load()`, so a bad
-value fails at start-up with a message that names the variable instead of
-surfacing later as a stack trace inside a sensor tick. The README's
-configuration table is checked against `VARIABLES` by a test.
+Each field of `Settings` carries its environment variable, default, help text and parser. From
+this one table come the Dagster resource (one config field per variable, wired to `EnvVar`s),
+the CLI, the Python read API (`get_features`, `training_set`), `feature-pipeline settings` and
+the README check. A bad value fails at start-up with a message that names the variable instead
+of surfacing later as a stack trace inside a sensor tick; every problem is reported at once.
 """
 
 from __future__ import annotations
@@ -11,24 +12,33 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
+from typing import Any
+
+from feature_pipeline import faults
+from feature_pipeline.broker.auth import NatsAuth, redact
 
 MIB = 1024 * 1024
+_META = "feature_pipeline.variable"
 
 
 class SettingsError(ValueError):
-    """One or more environment variables hold values the pipeline cannot use."""
+    """One or more variables hold values the pipeline cannot use."""
 
 
 @dataclass(frozen=True)
 class Variable:
-    name: str
+    name: str  # the environment variable
+    field: str  # the Settings attribute, resource config field and CLI key
     default: str
     help: str
     parse: Callable[[str], object]
     secret: bool = False  # never printed, logged or shown in the UI
+
+
+# -- parsers ---------------------------------------------------------------------------------
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -69,13 +79,6 @@ def _path(raw: str) -> str:
     return str(Path(raw.strip()).expanduser().resolve())
 
 
-FAULTS = {
-    "fail-run": "every ingest run fails just before COMMIT",
-    "slow-commit": "every ingest run waits 10 s inside its transaction before COMMIT (to kill or cancel it there)",
-    "no-keepalive": "the sensor sends no +WPI, so ack_wait can expire under a waiting batch",
-}
-
-
 def _optional_file(raw: str) -> str:
     if not raw.strip():
         return ""
@@ -86,7 +89,7 @@ def _optional_file(raw: str) -> str:
 
 
 def _features_file(raw: str) -> str:
-    from feature_pipeline.registry import RegistryError, load_registry  # pydantic + duckdb: only when needed
+    from feature_pipeline.store.loader import RegistryError, load_registry  # pydantic + duckdb: only when needed
 
     path = _optional_file(raw)
     try:
@@ -108,306 +111,269 @@ def _text(raw: str) -> str:
 
 
 def _faults(raw: str) -> str:
-    known = set(FAULTS)
-    names = {f.strip() for f in raw.split(",") if f.strip()}
-    unknown = names - known
-    if unknown:
-        raise ValueError(f"unknown fault(s) {sorted(unknown)}; known: {sorted(known)}")
-    return ",".join(sorted(names))
+    return ",".join(sorted(faults.parse(raw)))
 
 
-VARIABLES: tuple[Variable, ...] = (
-    Variable("NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated.", _nats_url),
-    Variable("NATS_USER", "", "User name for NATS user/password authentication.", _text),
-    Variable("NATS_PASSWORD", "", "Password for NATS user/password authentication.", _text, secret=True),
-    Variable("NATS_TOKEN", "", "Token for NATS token authentication.", _text, secret=True),
-    Variable("NATS_CREDS", "", "Path of a NATS credentials file (JWT + NKey seed).", _optional_file),
-    Variable("NATS_NKEY_SEED", "", "Path of a file holding an NKey seed.", _optional_file),
-    Variable("NATS_TLS_CA", "", "Path of the CA certificate(s) that signed the server's certificate.", _optional_file),
-    Variable("NATS_TLS_CERT", "", "Path of a client certificate, for servers that verify clients.", _optional_file),
-    Variable("NATS_TLS_KEY", "", "Path of the client certificate's private key.", _optional_file),
-    Variable(
+def _var(name: str, default: str, help: str, parse: Callable[[str], object], *, secret: bool = False) -> Any:
+    return field(metadata={_META: (name, default, help, parse, secret)})
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, parsed and checked; build it with `load()`."""
+
+    nats_url: str = _var("NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated.", _nats_url)
+    nats_user: str = _var("NATS_USER", "", "User name for NATS user/password authentication.", _text)
+    nats_password: str = _var(
+        "NATS_PASSWORD", "", "Password for NATS user/password authentication.", _text, secret=True
+    )
+    nats_token: str = _var("NATS_TOKEN", "", "Token for NATS token authentication.", _text, secret=True)
+    nats_creds: str = _var("NATS_CREDS", "", "Path of a NATS credentials file (JWT + NKey seed).", _optional_file)
+    nats_nkey_seed: str = _var("NATS_NKEY_SEED", "", "Path of a file holding an NKey seed.", _optional_file)
+    nats_tls_ca: str = _var(
+        "NATS_TLS_CA", "", "Path of the CA certificate(s) that signed the server's certificate.", _optional_file
+    )
+    nats_tls_cert: str = _var(
+        "NATS_TLS_CERT", "", "Path of a client certificate, for servers that verify clients.", _optional_file
+    )
+    nats_tls_key: str = _var("NATS_TLS_KEY", "", "Path of the client certificate's private key.", _optional_file)
+    durable_prefix: str = _var(
         "NATS_DURABLE_PREFIX",
         "feature-pipeline",
         "Prefix of the durable consumers `<prefix>-signals`, `<prefix>-feedback`, `<prefix>-deadletter`.",
         _consumer_prefix,
-    ),
-    Variable(
-        "NATS_MAX_DELIVER",
-        "5",
-        "Deliveries a message gets before it is dead-lettered (1-100).",
-        _int_between(1, 100),
-    ),
-    Variable(
+    )
+    max_deliver: int = _var(
+        "NATS_MAX_DELIVER", "5", "Deliveries a message gets before it is dead-lettered (1-100).", _int_between(1, 100)
+    )
+    ack_wait_seconds: int = _var(
         "NATS_ACK_WAIT_SECONDS",
         "60",
         "Consumer ack_wait. In-flight batches are kept alive with +WPI every quarter of it, so this only "
         "matters when the sensor is down (10-3600).",
         _int_between(10, 3600),
-    ),
-    Variable(
-        "FEATURE_STORE_PATH",
-        "./data/feature_store.duckdb",
-        "The DuckDB feature store file.",
-        _path,
-    ),
-    Variable(
+    )
+    feature_store_path: str = _var(
+        "FEATURE_STORE_PATH", "./data/feature_store.duckdb", "The DuckDB feature store file.", _path
+    )
+    staging_dir: str = _var(
         "FEATURE_PIPELINE_STAGING_DIR",
         "./data/staging",
         "Where fetched batches are staged (Parquet + manifest) until their run is settled.",
         _path,
-    ),
-    Variable(
+    )
+    features_file: str = _var(
         "FEATURE_PIPELINE_FEATURES_FILE",
         "",
         "A feature registry TOML file to use instead of the packaged feature_pipeline/feature_defs.toml "
         "(checked when the code location loads).",
         _features_file,
-    ),
-    Variable(
+    )
+    serving_path: str = _var(
         "FEATURE_PIPELINE_SERVING_PATH",
         "./data/serving/user_features.parquet",
         "The read-only Parquet copy of user_features that every successful run replaces atomically; "
         "`feature_pipeline.get_features` reads it.",
         _path,
-    ),
-    Variable(
+    )
+    allowed_lateness_seconds: int = _var(
         "FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS",
         "3600",
         "An event stored more than this long after its occurred_at is counted as late in the run's metadata "
         "(it is stored and counted in features all the same) (0-31536000).",
         _int_between(0, 31_536_000),
-    ),
-    Variable(
+    )
+    snapshot_start: str = _var(
         "FEATURE_PIPELINE_SNAPSHOT_START",
         "2026-01-01",
         "First day (UTC, YYYY-MM-DD) of the daily partitions of user_feature_snapshots.",
         _day,
-    ),
-    Variable(
+    )
+    batch_max_messages: int = _var(
         "FEATURE_PIPELINE_BATCH_MAX_MESSAGES",
         "250000",
         "Most messages in one micro-batch (one Dagster run), staged in pulls of 20 000, so the sensor holds one "
         "pull in memory (1-1000000).",
         _int_between(1, 1_000_000),
-    ),
-    Variable(
+    )
+    batch_max_bytes: int = _var(
         "FEATURE_PIPELINE_BATCH_MAX_BYTES",
         str(128 * MIB),
         "Most payload bytes in one micro-batch; must exceed the server's max_payload (2 MiB-1 GiB).",
         _int_between(2 * MIB, 1024 * MIB),
-    ),
-    Variable(
+    )
+    max_batches_in_flight: int = _var(
         "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT",
         "4",
         "Staged batches waiting for or in a run before the sensor stops fetching (1-100).",
         _int_between(1, 100),
-    ),
-    Variable(
+    )
+    sensor_interval_seconds: int = _var(
         "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS",
         "1",
         "Minimum seconds from the end of one sensor tick to the start of the next. The daemon checks every 5 s, "
         "so 1 means a tick every 5 s; 5 would mean every 10 s (1-3600).",
         _int_between(1, 3600),
-    ),
-    Variable(
+    )
+    fetch_seconds: int = _var(
         "FEATURE_PIPELINE_FETCH_SECONDS",
         "8",
         "A sensor tick starts no pull that would end later than this many seconds after the tick began (settling "
         "included), so it ends before the daemon's second 5 s loop and its runs are requested; the next tick goes "
         "on (1-50).",
         _int_between(1, 50),
-    ),
-    Variable(
+    )
+    nak_delay_seconds: int = _var(
         "FEATURE_PIPELINE_NAK_DELAY_SECONDS",
         "2",
         "Redelivery delay after a failed run; doubles with each delivery, capped at 300 s (0-300).",
         _int_between(0, 300),
-    ),
-    Variable(
+    )
+    run_timeout_seconds: int = _var(
         "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS",
         "600",
         "An ingest run still going after this long is failed by Dagster's run monitoring (tag dagster/max_runtime), "
         "so a run whose worker was killed releases its batch for redelivery (10-86400).",
         _int_between(10, 86400),
-    ),
-    Variable(
+    )
+    lag_warn: int = _var(
         "FEATURE_PIPELINE_LAG_WARN",
         "100000",
         "Asset check consumer_lag on each stream warns above this many unacked or pending messages.",
         _int_between(0, 10**12),
-    ),
-    Variable(
-        "FEATURE_PIPELINE_LAG_ERROR",
-        "1000000",
-        "... and fails (ERROR) above this many.",
-        _int_between(0, 10**12),
-    ),
-    Variable(
+    )
+    lag_error: int = _var(
+        "FEATURE_PIPELINE_LAG_ERROR", "1000000", "... and fails (ERROR) above this many.", _int_between(0, 10**12)
+    )
+    oldest_unacked_warn_seconds: int = _var(
         "FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS",
         "60",
         "Asset check oldest_unacked_age warns when the oldest message not yet acked is older than this.",
         _int_between(1, 10**7),
-    ),
-    Variable(
+    )
+    oldest_unacked_error_seconds: int = _var(
         "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS",
         "300",
         "... and fails (ERROR) when older than this.",
         _int_between(1, 10**7),
-    ),
-    Variable(
+    )
+    freshness_warn_seconds: int = _var(
         "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS",
         "900",
         "user_features freshness policy: WARN when not materialized for this long (the producer syncs every 15 min; "
         "Dagster's minimum is 60).",
         _int_between(60, 10**7),
-    ),
-    Variable(
+    )
+    freshness_fail_seconds: int = _var(
         "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS",
         "3600",
         "... and FAIL when not materialized for this long (must exceed the WARN window).",
         _int_between(60, 10**7),
-    ),
-    Variable(
+    )
+    dead_letters_hour_warn: int = _var(
         "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN",
         "100",
         "Asset check dead_letters_last_hour warns above this many dead letters in the last hour.",
         _int_between(0, 10**9),
-    ),
-    Variable(
+    )
+    dead_letters_hour_error: int = _var(
         "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR",
         "1000",
         "... and fails (ERROR) above this many.",
         _int_between(0, 10**9),
-    ),
-    Variable(
+    )
+    consistency_sample: int = _var(
         "FEATURE_PIPELINE_CONSISTENCY_SAMPLE",
         "1000",
         "Rows of user_features the matches_recomputation check compares with a recomputation on every ingest run.",
         _int_between(1, 10**7),
-    ),
-    Variable(
+    )
+    faults: str = _var(
         "FEATURE_PIPELINE_FAULTS",
         "",
         "Fault injection for tests and drills only, comma separated: "
-        + "; ".join(f"`{k}`: {v}" for k, v in FAULTS.items()),
+        + "; ".join(f"`{k}`: {v}" for k, v in faults.FAULTS.items()),
         _faults,
-    ),
-)
+    )
 
-_BY_NAME = {v.name: v for v in VARIABLES}
+    @property
+    def nats_auth(self) -> NatsAuth:
+        return NatsAuth(
+            user=self.nats_user,
+            password=self.nats_password,
+            token=self.nats_token,
+            creds=self.nats_creds,
+            nkey_seed=self.nats_nkey_seed,
+            tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert,
+            tls_key=self.nats_tls_key,
+        )
+
+    @property
+    def fault_set(self) -> frozenset[str]:
+        return faults.parse(self.faults)
+
+    @property
+    def max_ack_pending(self) -> int:
+        """Every in-flight batch holds its messages unacked, plus the batch being fetched."""
+        return self.batch_max_messages * (self.max_batches_in_flight + 1)
+
+
+VARIABLES: tuple[Variable, ...] = tuple(
+    Variable(f.metadata[_META][0], f.name, *f.metadata[_META][1:]) for f in fields(Settings)
+)
+BY_NAME = {v.name: v for v in VARIABLES}
 # (warn variable, error variable, warn must be strictly below): Dagster's freshness policy needs strict.
 _WARN_BELOW_ERROR = (
-    ("FEATURE_PIPELINE_LAG_WARN", "FEATURE_PIPELINE_LAG_ERROR", False),
-    ("FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS", "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS", False),
-    ("FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS", "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS", True),
-    ("FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN", "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR", False),
+    ("lag_warn", "lag_error", False),
+    ("oldest_unacked_warn_seconds", "oldest_unacked_error_seconds", False),
+    ("freshness_warn_seconds", "freshness_fail_seconds", True),
+    ("dead_letters_hour_warn", "dead_letters_hour_error", False),
 )
-
-
-@dataclass(frozen=True)
-class Settings:
-    nats_url: str
-    nats_user: str
-    nats_password: str
-    nats_token: str
-    nats_creds: str
-    nats_nkey_seed: str
-    nats_tls_ca: str
-    nats_tls_cert: str
-    nats_tls_key: str
-    durable_prefix: str
-    max_deliver: int
-    ack_wait_seconds: int
-    feature_store_path: str
-    staging_dir: str
-    features_file: str
-    serving_path: str
-    allowed_lateness_seconds: int
-    snapshot_start: str
-    batch_max_messages: int
-    batch_max_bytes: int
-    max_batches_in_flight: int
-    sensor_interval_seconds: int
-    fetch_seconds: int
-    nak_delay_seconds: int
-    run_timeout_seconds: int
-    lag_warn: int
-    lag_error: int
-    oldest_unacked_warn_seconds: int
-    oldest_unacked_error_seconds: int
-    freshness_warn_seconds: int
-    freshness_fail_seconds: int
-    dead_letters_hour_warn: int
-    dead_letters_hour_error: int
-    consistency_sample: int
-    faults: str
-
-
-FIELDS = {
-    "NATS_URL": "nats_url",
-    "NATS_USER": "nats_user",
-    "NATS_PASSWORD": "nats_password",
-    "NATS_TOKEN": "nats_token",
-    "NATS_CREDS": "nats_creds",
-    "NATS_NKEY_SEED": "nats_nkey_seed",
-    "NATS_TLS_CA": "nats_tls_ca",
-    "NATS_TLS_CERT": "nats_tls_cert",
-    "NATS_TLS_KEY": "nats_tls_key",
-    "NATS_DURABLE_PREFIX": "durable_prefix",
-    "NATS_MAX_DELIVER": "max_deliver",
-    "NATS_ACK_WAIT_SECONDS": "ack_wait_seconds",
-    "FEATURE_STORE_PATH": "feature_store_path",
-    "FEATURE_PIPELINE_STAGING_DIR": "staging_dir",
-    "FEATURE_PIPELINE_FEATURES_FILE": "features_file",
-    "FEATURE_PIPELINE_SERVING_PATH": "serving_path",
-    "FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS": "allowed_lateness_seconds",
-    "FEATURE_PIPELINE_SNAPSHOT_START": "snapshot_start",
-    "FEATURE_PIPELINE_BATCH_MAX_MESSAGES": "batch_max_messages",
-    "FEATURE_PIPELINE_BATCH_MAX_BYTES": "batch_max_bytes",
-    "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "max_batches_in_flight",
-    "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "sensor_interval_seconds",
-    "FEATURE_PIPELINE_FETCH_SECONDS": "fetch_seconds",
-    "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "nak_delay_seconds",
-    "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "run_timeout_seconds",
-    "FEATURE_PIPELINE_LAG_WARN": "lag_warn",
-    "FEATURE_PIPELINE_LAG_ERROR": "lag_error",
-    "FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS": "oldest_unacked_warn_seconds",
-    "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS": "oldest_unacked_error_seconds",
-    "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS": "freshness_warn_seconds",
-    "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS": "freshness_fail_seconds",
-    "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "dead_letters_hour_warn",
-    "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR": "dead_letters_hour_error",
-    "FEATURE_PIPELINE_CONSISTENCY_SAMPLE": "consistency_sample",
-    "FEATURE_PIPELINE_FAULTS": "faults",
-}
-
-
-def parse(name: str, raw: str | None) -> object:
-    """Parse one variable's raw value (None = unset, so the default)."""
-    var = _BY_NAME[name]
-    return var.parse(var.default if raw is None else raw)
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and check every variable; all problems are reported together."""
+    """Every variable from the environment (unset ones take their defaults), checked together."""
     env = os.environ if environ is None else environ
-    values: dict[str, object] = {}
+    return from_raw({v.field: env[v.name] for v in VARIABLES if v.name in env})
+
+
+def from_raw(raw: Mapping[str, str]) -> Settings:
+    """Settings from raw text values keyed by field name (missing fields take their defaults)."""
+    values: dict[str, Any] = {}
     problems: list[str] = []
     for var in VARIABLES:
-        raw = env.get(var.name)
+        text = raw.get(var.field)
         try:
-            values[FIELDS[var.name]] = parse(var.name, raw)
+            values[var.field] = var.parse(var.default if text is None else text)
         except ValueError as exc:
             problems.append(f"{var.name} {exc}")
+    problems += _cross_checks(values)
+    if problems:
+        raise SettingsError("invalid configuration: " + "; ".join(problems))
+    return Settings(**values)
+
+
+def _cross_checks(values: Mapping[str, Any]) -> list[str]:
+    problems = []
+    names = {v.field: v.name for v in VARIABLES}
     for warn, error, strict in _WARN_BELOW_ERROR:
-        w, e = values.get(FIELDS[warn]), values.get(FIELDS[error])
-        if w is not None and e is not None and (w >= e if strict else w > e):  # type: ignore[operator]
-            problems.append(f"{warn} ({w}) must be {'below' if strict else 'at most'} {error} ({e})")
+        w, e = values.get(warn), values.get(error)
+        if w is not None and e is not None and (w >= e if strict else w > e):
+            problems.append(f"{names[warn]} ({w}) must be {'below' if strict else 'at most'} {names[error]} ({e})")
     if bool(values.get("nats_tls_cert")) != bool(values.get("nats_tls_key")):
         problems.append("NATS_TLS_CERT and NATS_TLS_KEY go together: set both or neither")
     if values.get("nats_password") and not values.get("nats_user"):
         problems.append("NATS_PASSWORD is set but NATS_USER is not")
-    if problems:
-        raise SettingsError("invalid configuration: " + "; ".join(problems))
-    return Settings(**values)  # type: ignore[arg-type]
+    return problems
+
+
+def shown(settings: Settings, var: Variable) -> str:
+    """A value as it may be printed: secrets masked, credentials in URLs redacted."""
+    value = getattr(settings, var.field)
+    if var.secret and value:
+        return "***"
+    return redact(str(value)) if var.field == "nats_url" else str(value)

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import dagster as dg
 import duckdb
 
-from feature_pipeline.broker import STREAMS as STREAM_SPECS
-from feature_pipeline.broker import Broker, consumer_name
-from feature_pipeline.localnats import LocalNats
+from feature_pipeline.broker.client import Broker
+from feature_pipeline.broker.local import LocalNats, free_port
+from feature_pipeline.streams import STREAMS, consumer_name
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,7 +33,7 @@ T = TypeVar("T")
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
     """Poll until predicate() is truthy; fail naming what did not happen."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:
@@ -48,7 +48,7 @@ def run(coro: Any) -> Any:
 
 async def consumer_states(url: str, prefix: str) -> dict[str, Any]:
     async with await Broker.connect(url) as b:
-        return {s.name: await b.consumer_info(s.name, consumer_name(prefix, s)) for s in STREAM_SPECS}
+        return {s.name: await b.consumer_info(s.name, consumer_name(prefix, s)) for s in STREAMS}
 
 
 async def stream_messages(url: str, stream: str, subject: str = ">") -> list[Any]:
@@ -61,7 +61,7 @@ async def stream_messages(url: str, stream: str, subject: str = ">") -> list[Any
         if info.state.messages == 0:
             return []
         sub = await b.js.subscribe(subject, stream=stream, ordered_consumer=True)
-        out = []
+        out: list[Any] = []
         try:
             while len(out) < info.state.messages:
                 out.append(await sub.next_msg(timeout=5))
@@ -91,19 +91,34 @@ def query(db: Path, sql: str, params: Any = None, timeout: float = 20.0) -> list
 
 
 class Pipeline:
-    """nats-server + dagster-daemon on this repo's workspace, in temp folders."""
+    """nats-server + dagster-daemon (and, if asked, the webserver) on this repo's workspace, in temp folders.
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    `nats`: a server someone else started and stops (the benchmark's); by default the pipeline starts
+    its own and kills it on `close`. `env`: variables on top of the pipeline's own (paths, URL, prefix).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        env: dict[str, str] | None = None,
+        *,
+        nats: LocalNats | None = None,
+        prefix: str = "e2e",
+        webserver: bool = False,
+    ) -> None:
         self.root = root
-        self.nats = LocalNats(root / "nats", log_file=str(root / "nats.log"))
+        self.owns_nats = nats is None
+        self.nats = nats or LocalNats(root / "nats", log_file=str(root / "nats.log"))
         self.home = root / "dagster_home"
         self.db = root / "store.duckdb"
         self.staging = root / "staging"
         self.serving = root / "serving" / "user_features.parquet"
-        self.prefix = "e2e"
+        self.prefix = prefix
         self.extra_env = env or {}
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_log = root / "daemon.log"
+        self.webserver_port = free_port() if webserver else None
+        self.webserver: subprocess.Popen[bytes] | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -124,24 +139,37 @@ class Pipeline:
         return env
 
     def start(self) -> Pipeline:
-        self.nats.start()
+        if self.owns_nats:
+            self.nats.start()
         self.home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / "dagster.yaml", self.home / "dagster.yaml")
         with self.instance():  # create the storage here, so no reader races the daemon's schema migration
             pass
         self.start_daemon()
+        if self.webserver_port:
+            workspace, port = str(REPO / "workspace.yaml"), str(self.webserver_port)
+            cmd = ["dagster-webserver", "-w", workspace, "-h", "127.0.0.1", "-p", port]
+            self.webserver = self._spawn(cmd, self.root / "webserver.log")
         return self
 
     def start_daemon(self) -> None:
-        log = open(self.daemon_log, "ab")  # noqa: SIM115 - handed to the child process
-        self.daemon = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.daemon = self._spawn(["dagster-daemon", "run", "-w", str(REPO / "workspace.yaml")], self.daemon_log)
+
+    def _spawn(self, cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                [str(BIN / cmd[0]), *cmd[1:]],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def webserver_url(self) -> str:
+        assert self.webserver_port, "started without a webserver"
+        return f"http://127.0.0.1:{self.webserver_port}"
 
     def stop_daemon(self) -> None:
         if self.daemon and self.daemon.poll() is None:
@@ -154,7 +182,11 @@ class Pipeline:
 
     def close(self) -> None:
         self.stop_daemon()
-        self.nats.kill()
+        if self.webserver and self.webserver.poll() is None:
+            os.killpg(self.webserver.pid, signal.SIGKILL)
+            self.webserver.wait(10)
+        if self.owns_nats:
+            self.nats.kill()
 
     def instance(self) -> dg.DagsterInstance:
         return dg.DagsterInstance.from_config(str(self.home))
@@ -163,6 +195,11 @@ class Pipeline:
         with self.instance() as inst:
             filters = dg.RunsFilter(job_name="ingest", statuses=list(statuses) or None)
             return [r.dagster_run for r in inst.get_run_records(filters=filters)]
+
+    def run_status(self, run_id: str) -> dg.DagsterRunStatus | None:
+        with self.instance() as inst:
+            found = inst.get_run_by_id(run_id)
+            return found.status if found else None
 
     def lag(self) -> dict[str, int]:
         infos = run(consumer_states(self.nats.url, self.prefix))

@@ -1,17 +1,21 @@
-"""Fixtures: a real nats-server per test, resources for in-process ticks, and whole pipelines
-(nats-server + dagster-daemon, from feature_pipeline.testing) for the end-to-end tests."""
+"""Fixtures: a real nats-server per test, settings that point everything at the test's own folder,
+whole pipelines (nats-server + dagster-daemon, from feature_pipeline.testing) for the end-to-end
+tests, and a guard that fails a test which leaves Dagster's load context pointing at a dead instance."""
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource, MonitoringResource, NatsResource
-from feature_pipeline.localnats import LocalNats
+from feature_pipeline.broker.local import LocalNats
+from feature_pipeline.settings import Settings
 from feature_pipeline.testing import Pipeline
+from feature_pipeline_tests.helpers import Lifecycle, settings_for
 
 
 @pytest.fixture
@@ -22,42 +26,21 @@ def nats_server(tmp_path: Path) -> Iterator[LocalNats]:
 
 
 @pytest.fixture
-def resources(tmp_path: Path, nats_server: LocalNats) -> dict[str, Any]:
-    return build_resources(tmp_path, nats_server.url)
+def settings(tmp_path: Path, nats_server: LocalNats) -> Settings:
+    return settings_for(tmp_path, nats_server.url)
 
 
-def build_resources(tmp_path: Path, url: str) -> dict[str, Any]:
-    """Resources for calling the sensor tick and the ingest asset in-process."""
-    return {
-        "nats": NatsResource(url=url, durable_prefix="t", max_deliver=3, ack_wait_seconds=30),
-        "ingest": IngestResource(
-            staging_dir=str(tmp_path / "staging"),
-            batch_max_messages=1000,
-            batch_max_bytes=8 * 1024 * 1024,
-            max_batches_in_flight=4,
-            nak_delay_seconds=1,
-        ),
-        "feature_store": FeatureStoreResource(
-            path=str(tmp_path / "store.duckdb"), serving_path=str(tmp_path / "serving" / "user_features.parquet")
-        ),
-        "monitoring": MonitoringResource(
-            lag_warn=100,
-            lag_error=1000,
-            oldest_unacked_warn_seconds=60,
-            oldest_unacked_error_seconds=300,
-            dead_letters_hour_warn=1,
-            dead_letters_hour_error=10,
-            consistency_sample=1000,
-        ),
-    }
+@pytest.fixture
+def lifecycle(settings: Settings) -> Lifecycle:
+    return Lifecycle(settings)
 
 
 @pytest.fixture
 def make_pipeline(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Pipeline]]:
     made: list[Pipeline] = []
 
-    def make(env: dict[str, str] | None = None) -> Pipeline:
-        p = Pipeline(tmp_path / f"p{len(made)}", env)
+    def make(env: dict[str, str] | None = None, **kwargs: Any) -> Pipeline:
+        p = Pipeline(tmp_path / f"p{len(made)}", env, **kwargs)
         made.append(p)
         return p.start()
 
@@ -67,6 +50,30 @@ def make_pipeline(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca
         if failed is not None and failed.failed:
             print(p.diagnostics())
         p.close()
+
+
+@pytest.fixture(autouse=True)
+def _dagster_load_context_is_left_clean() -> Iterator[None]:
+    """A Dagster instance entered and never exited (e.g. the one `build_schedule_context(...).instance`
+    opens when the context is not used in a `with` block) leaves a suspended generator that, whenever the
+    garbage collector gets to it, points Dagster's current defs-state storage at an instance that is gone;
+    the next `materialize` anywhere then fails. Collect now and load a definition, so the test that leaked
+    fails, not a random later one."""
+    yield
+    if "dagster" not in sys.modules:
+        return
+    import dagster as dg
+
+    gc.collect()
+
+    @dg.asset
+    def probe() -> None:
+        return None
+
+    try:
+        dg.Definitions(assets=[probe]).resolve_all_job_defs()
+    except Exception as exc:  # DagsterInvariantViolationError, or the dead instance's storage is gone
+        pytest.fail(f"this test left Dagster's load context bound to a disposed instance: {exc!r}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

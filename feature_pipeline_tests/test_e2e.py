@@ -16,14 +16,14 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from dagster._core.execution.backfill import BulkActionStatus
 
-from feature_pipeline.cli import publish_events
+from feature_pipeline.broker.local import port_open
 from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.features import day_end
-from feature_pipeline.store import FeatureStore
+from feature_pipeline.samples import publish_events
+from feature_pipeline.store.feature_store import FeatureStore
+from feature_pipeline.store.features import day_end
 from feature_pipeline.testing import BIN, REPO, Pipeline, run, stream_messages, wait_for
-from feature_pipeline_tests.test_sensor_tick import _publish, _synced
+from feature_pipeline_tests.helpers import publish, synced
 
 pytestmark = pytest.mark.e2e
 
@@ -66,11 +66,12 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
         {
             "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1",
             "FEATURE_PIPELINE_SNAPSHOT_START": (today - timedelta(days=30)).isoformat(),
-        }
+        },
+        webserver=True,
     )
     # A backfill of a few days of (feedback) history runs while the rest of this test keeps ingest busy.
     backfill_id, days = _request_snapshot_backfill(p)
-    run(_publish(p.nats.url, [_synced("evt-e2e-1", "u-42", total=12)]))
+    run(publish(p.nats.url, [synced("evt-e2e-1", "u-42", total=12)]))
     row = wait_for(lambda: _features(p, "u-42"), 90, "u-42's feature row")
     assert row["signal_count_total"] == 1 and row["latest_tasks_total"] == 12
     wait_for(p.settled, 30, "the batch to be acked and unstaged")
@@ -79,7 +80,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
         messages = [e.message for r in p.runs(dg.DagsterRunStatus.SUCCESS) for e in inst.all_logs(r.run_id)]
     assert any("evt-e2e-1" in m for m in messages), "the run log names the event it stored"
 
-    run(_publish(p.nats.url, [_synced("evt-e2e-2", "u-42", total=20)]))
+    run(publish(p.nats.url, [synced("evt-e2e-2", "u-42", total=20)]))
     wait_for(lambda: (_features(p, "u-42") or {}).get("signal_count_total") == 2, 60, "the row to be bumped to 2")
     assert _features(p, "u-42")["latest_tasks_total"] == 20
 
@@ -96,13 +97,13 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     assert json.loads(healthy.stdout)["status"] == "ok"
 
     run(
-        _publish(
+        publish(
             p.nats.url,
             [
-                _synced("evt-mate-1", "u-7"),
+                synced("evt-mate-1", "u-7"),
                 ("signals.task.synced", b"\xff\xfe not json"),
                 ("signals.task.synced", b'{"id": "evt-no-user", "type": "task.synced"}'),
-                _synced("evt-mate-2", "u-7"),
+                synced("evt-mate-2", "u-7"),
             ],
         )
     )
@@ -147,7 +148,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
         con.execute("UPDATE user_features SET signal_count_total = 999 WHERE user_id = 'u-42'")
     finally:
         con.close()
-    run(_publish(p.nats.url, [_synced("evt-after-corruption", "u-8")]))
+    run(publish(p.nats.url, [synced("evt-after-corruption", "u-8")]))
     wait_for(lambda: _features(p, "u-8"), 60, "u-8's row")
     consistency = wait_for(
         lambda: (c := _check(p, "user_features", "matches_recomputation")) and c["passed"] is False and c,
@@ -176,7 +177,7 @@ def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> Non
             "FRESHNESS_DAEMON_INTERVAL_SECONDS": "5",
         }
     )
-    run(_publish(p.nats.url, [_synced("evt-before-stop", "u-1")]))
+    run(publish(p.nats.url, [synced("evt-before-stop", "u-1")]))
     wait_for(lambda: _features(p, "u-1"), 90, "u-1's row")
     wait_for(p.settled, 30, "caught up")
     stop = subprocess.run(
@@ -188,7 +189,7 @@ def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> Non
         timeout=120,
     )
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    run(_publish(p.nats.url, [_synced(f"evt-piling-{i}", "u-1") for i in range(10)]))
+    run(publish(p.nats.url, [synced(f"evt-piling-{i}", "u-1") for i in range(10)]))
     lag = wait_for(
         lambda: (c := _check(p, "nats/signals", "consumer_lag")) and c["passed"] is False and c,
         75,
@@ -243,7 +244,7 @@ def test_failing_runs_redeliver_then_dead_letter_and_recover(make_pipeline: Any)
     """Every run fails (injected): the message is redelivered NATS_MAX_DELIVER=3 times, then
     dead-lettered with the run's error; once runs work again the dead letter lands in the table."""
     p = make_pipeline({"FEATURE_PIPELINE_FAULTS": "fail-run", "NATS_MAX_DELIVER": "3"})
-    run(_publish(p.nats.url, [_synced("evt-doomed", "u-9")]))
+    run(publish(p.nats.url, [synced("evt-doomed", "u-9")]))
     dead = wait_for(lambda: run(stream_messages(p.nats.url, "DEADLETTER")), 150, "the dead letter")
     assert dead[0].headers["FP-Delivery-Count"] == "3"
     assert "fail-run" in dead[0].headers["FP-Reason"]
@@ -286,7 +287,7 @@ def test_killed_run_worker_and_killed_daemon_lose_and_double_nothing(make_pipeli
     time.sleep(4)  # inside the transaction: slow-commit holds it open for 10 s before COMMIT
     os.kill(_worker_pid(p, first.run_id) or 0, signal.SIGKILL)
     assert p.query("SELECT count(*) FROM signal_events") in ([], [(0,)]), "a partial batch is visible"
-    wait_for(lambda: p.instance().get_run_by_id(first.run_id).status == dg.DagsterRunStatus.FAILURE, 60,
+    wait_for(lambda: p.run_status(first.run_id) == dg.DagsterRunStatus.FAILURE, 60,
              "run monitoring to fail the killed run")  # fmt: skip
 
     second = wait_for(lambda: (r := started_run()) and r.run_id != first.run_id and r, 90, "the redelivery's run")
@@ -299,9 +300,8 @@ def test_killed_run_worker_and_killed_daemon_lose_and_double_nothing(make_pipeli
 
     assert sorted(p.stored_ids()) == sorted(published)
     assert p.query("SELECT sum(signal_count_total) FROM user_features") == [(len(published),)]
-    assert p.instance().get_run_by_id(second.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert p.run_status(second.run_id) == dg.DagsterRunStatus.FAILURE
     assert not p.staged()
-
 
 
 def _request_snapshot_backfill(p: Pipeline) -> tuple[str, list[date]]:
@@ -316,10 +316,12 @@ def _request_snapshot_backfill(p: Pipeline) -> tuple[str, list[date]]:
     history = [_shown(f"a-{d}", "alice", noon(d)) for d in days]  # one a day
     history += [_shown("b-last", "bob", noon(days[-1])), _shown("b-after", "bob", noon(today))]
     stored = len(p.stored_ids())
-    run(_publish(p.nats.url, history))
+    run(publish(p.nats.url, history))
     wait_for(lambda: len(p.stored_ids()) == stored + len(history), 90, "the history to be stored")
-    out = p.cli("backfill-snapshots", days[0].isoformat(), days[-1].isoformat())
+    wait_for(lambda: port_open("127.0.0.1", p.webserver_port or 0), 60, "the webserver to listen")
+    out = p.cli("backfill-snapshots", days[0].isoformat(), days[-1].isoformat(), "--webserver", p.webserver_url)
     assert out.returncode == 0, out.stderr
+    assert f"through the webserver at {p.webserver_url}" in out.stdout, "the public GraphQL path was not taken"
     return out.stdout.split()[1].rstrip(":"), days
 
 
@@ -330,8 +332,8 @@ def _assert_snapshot_backfill(p: Pipeline, backfill_id: str, days: list[date]) -
         with p.instance() as inst:
             backfill = inst.get_backfill(backfill_id)
         assert backfill is not None
-        assert backfill.status not in (BulkActionStatus.FAILED, BulkActionStatus.CANCELED), backfill
-        return backfill.status == BulkActionStatus.COMPLETED_SUCCESS
+        assert backfill.status.value not in ("FAILED", "CANCELED"), backfill
+        return backfill.status.value == "COMPLETED_SUCCESS"
 
     wait_for(done, 150, "the snapshot backfill to complete")
     assert not p.runs(dg.DagsterRunStatus.FAILURE), "a backfill must not make an ingest run fail"
@@ -350,6 +352,7 @@ def _assert_snapshot_backfill(p: Pipeline, backfill_id: str, days: list[date]) -
     assert all(r[4] == day_end(r[0]) for r in rows)
     with p.instance() as inst:
         assert inst.get_materialized_partitions(dg.AssetKey("user_feature_snapshots")) == {d.isoformat() for d in days}
+
 
 def _shown(event_id: str, user: str, when: datetime) -> tuple[str, bytes]:
     data = {"recommendation_id": "r-1", "item_id": "i-1"}

@@ -17,28 +17,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_pipeline import get_features, training_set
-from feature_pipeline.features import compute_features, day_end
-from feature_pipeline.registry import DEFAULT_FILE, load_registry
-from feature_pipeline.serving import FeatureReader, ServingCopyMissing
-from feature_pipeline.store import FeatureStore
-from feature_pipeline.training import LabelsError
-from feature_pipeline_tests.test_store import SUBJECTS, Env, Feed, data_for, deliveries_for
+from feature_pipeline import get_features, streams, training_set
+from feature_pipeline.read.serving import FeatureReader, ServingCopyMissing
+from feature_pipeline.read.training import LabelsError
+from feature_pipeline.store.feature_store import FeatureStore
+from feature_pipeline.store.features import day_end
+from feature_pipeline.store.loader import DEFAULT_FILE, RegistryError, load_registry
+from feature_pipeline.store.registry import Source
+from feature_pipeline_tests.helpers import SUBJECTS, Env, data_for, deliveries_for
+from feature_pipeline_tests.helpers import make_env as make_store_env
 
 DAY = date(2026, 6, 1)
 END = day_end(DAY)
 
 
 def make_env(root: Path, registry_file: Path | None = None) -> Env:
-    from feature_pipeline.staging import Staging
-
-    store = FeatureStore(
-        root / "fs.duckdb",
-        registry=load_registry(registry_file),
-        serving_path=root / "serving" / "user_features.parquet",
-        allowed_lateness=timedelta(hours=1),
-    )
-    return Env(store, Staging(root / "staging"), Feed())
+    return make_store_env(root, load_registry(registry_file))
 
 
 @pytest.fixture
@@ -47,10 +41,7 @@ def env(tmp_path: Path) -> Env:
 
 
 def table(env: Env, name: str = "user_features", where: str = "") -> dict[str, dict[str, Any]]:
-    with env.con() as con:
-        cur = con.execute(f"SELECT * FROM {name} {where}")
-        names = [d[0] for d in cur.description]
-        return {r[names.index("user_id")]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+    return env.table(name, where)
 
 
 def features_only(row: dict[str, Any], env: Env) -> dict[str, Any]:
@@ -112,8 +103,7 @@ def test_late_events_are_stored_and_counted_as_late(env: Env) -> None:
     assert result.late_days == ["2026-06-01", "2026-06-07"]
     assert result.max_lateness_seconds == pytest.approx((now - datetime(2026, 6, 1, 8, tzinfo=UTC)).total_seconds())
     assert result.signals_inserted == 2 and result.feedback_inserted == 1
-    with env.con() as con:
-        assert features_only(table(env)["u"], env) == features_only(compute_features(con, now)["u"], env)
+    assert features_only(table(env)["u"], env) == features_only(env.reference(now)["u"], env)
 
 
 # -- every path equals every other -------------------------------------------------------------
@@ -150,8 +140,7 @@ def test_incremental_equals_rebuild_equals_snapshot_equals_point_in_time(
         env.store.advance(now=END)  # the schedule's run at the day's end
 
         kept = {u: features_only(r, env) for u, r in table(env).items()}
-        with env.con() as con:
-            rebuilt = {u: features_only(r, env) for u, r in compute_features(con, END).items()}
+        rebuilt = {u: features_only(r, env) for u, r in env.reference(END).items()}
         assert kept == rebuilt
 
         env.store.snapshot(DAY)
@@ -318,8 +307,6 @@ def test_adding_a_feature_backfills_its_column_and_keeps_the_others(tmp_path: Pa
     ],
 )
 def test_bad_definitions_are_rejected_with_the_feature_named(tmp_path: Path, entry: str, message: str) -> None:
-    from feature_pipeline.registry import RegistryError
-
     path = tmp_path / "features.toml"
     path.write_text(DEFAULT_FILE.read_text() + "\n[[feature]]\n" + entry)
     with pytest.raises(RegistryError, match=message) as info:
@@ -353,6 +340,11 @@ def test_where_filters_and_other_aggregations(tmp_path: Path) -> None:
     row = table(env)["u"]
     assert row["todoist_syncs"] == 1 and row["tasks_sum"] == 14 and row["tasks_mean_1h"] == 10.0
     assert row["first_seen"] == t0 - timedelta(days=3)
+
+
+def test_feature_sources_are_the_event_streams() -> None:
+    """A feature's `source` names an event stream of the stream table; the registry's Literal must follow it."""
+    assert set(Source.__args__) == {s.key for s in streams.EVENT_STREAMS}
 
 
 def test_fingerprint_ignores_descriptions(tmp_path: Path) -> None:

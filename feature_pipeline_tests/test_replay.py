@@ -1,12 +1,11 @@
 """Replay from the stream: the disaster test (delete the DuckDB file, replay, every row is back as it was).
 
-Real nats-server, real DuckDB file, the ingest path driven by sensor ticks in-process, and the
+Real nats-server, real DuckDB file, the ingest path driven by ticks of the batch lifecycle, and the
 replay job executed in-process as the UI's launchpad would launch it.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ import pytest
 
 from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.settings import Settings
 from feature_pipeline.testing import consumer_states, run
-from feature_pipeline_tests.test_sensor_tick import _caught_up, _execute, _publish, _tick
+from feature_pipeline_tests.helpers import Lifecycle, publish, resources
 
 NOW = datetime.now(UTC)
 # Far from every window edge (24 h, 7 d): the rows cannot change in the seconds the test takes.
@@ -44,17 +44,6 @@ def _events(n: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _drain(inst: dg.DagsterInstance, res: dict[str, Any]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        requests, _ = _tick(inst, res)
-        for req in requests:
-            assert _execute(inst, res, req)
-        if not requests and _caught_up(res, timeout=1) and not res["ingest"].staging.batches():
-            return
-    raise AssertionError("the pipeline did not drain the streams within 60 s")
-
-
 def _dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -75,10 +64,10 @@ def _dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
         con.close()
 
 
-def _replay(inst: dg.DagsterInstance, res: dict[str, Any], **config: Any) -> dg.ExecuteInProcessResult:
+def _replay(inst: dg.DagsterInstance, settings: Settings, **config: Any) -> dg.ExecuteInProcessResult:
     return replay_stream.execute_in_process(
         run_config={"ops": {"replay_range": {"config": config}}},
-        resources=res,
+        resources=resources(settings),
         instance=inst,
         raise_on_error=False,
     )
@@ -89,45 +78,43 @@ def _restored(result: dg.ExecuteInProcessResult) -> int:
     return next(m.metadata["restored"].value for m in mats)  # type: ignore[union-attr]
 
 
-def test_delete_the_store_replay_and_every_row_is_back(resources: dict[str, Any], tmp_path: Path) -> None:
-    res = resources
-    run(_publish(res["nats"].url, _events(60)))
-    with dg.instance_for_test() as inst:
-        _drain(inst, res)
-        db = Path(res["feature_store"].path)
-        before = _dump(db)
-        assert len(before["signal_events"]) == 40 and len(before["feedback_events"]) == 20
-        assert len(before["dead_letters"]) == 1 and len(before["user_features"]) == 7
-        consumers_before = run(consumer_states(res["nats"].url, res["nats"].durable_prefix))
+def test_delete_the_store_replay_and_every_row_is_back(lifecycle: Lifecycle, settings: Settings) -> None:
+    run(publish(settings.nats_url, _events(60)))
+    lifecycle.drain()
+    db = Path(settings.feature_store_path)
+    before = _dump(db)
+    assert len(before["signal_events"]) == 40 and len(before["feedback_events"]) == 20
+    assert len(before["dead_letters"]) == 1 and len(before["user_features"]) == 7
+    consumers_before = run(consumer_states(settings.nats_url, settings.durable_prefix))
 
-        db.unlink()
+    db.unlink()
+    with dg.instance_for_test() as inst:
         for stream in ("SIGNALS", "FEEDBACK", "DEADLETTER"):
-            result = _replay(inst, res, stream=stream, chunk=25)  # several chunks per stream
+            result = _replay(inst, settings, stream=stream, chunk=25)  # several chunks per stream
             assert result.success, stream
         assert _dump(db) == before
 
         # The durable consumers were not touched: same delivered and ack floor, nothing pending.
-        after = run(consumer_states(res["nats"].url, res["nats"].durable_prefix))
+        after = run(consumer_states(settings.nats_url, settings.durable_prefix))
         for name, info in consumers_before.items():
             assert (after[name].delivered, after[name].ack_floor) == (info.delivered, info.ack_floor), name
             assert after[name].num_pending == after[name].num_ack_pending == 0
 
         # Replaying again changes nothing: every message is absorbed.
-        again = _replay(inst, res, stream="SIGNALS", start_seq=1)
+        again = _replay(inst, settings, stream="SIGNALS", start_seq=1)
         assert again.success and _restored(again) == 0
         assert _dump(db) == before
 
 
-def test_replay_a_range_restores_only_that_range(resources: dict[str, Any]) -> None:
-    res = resources
-    run(_publish(res["nats"].url, _events(12)))
+def test_replay_a_range_restores_only_that_range(lifecycle: Lifecycle, settings: Settings) -> None:
+    run(publish(settings.nats_url, _events(12)))
+    lifecycle.drain()
+    db = Path(settings.feature_store_path)
+    con = duckdb.connect(str(db))
+    con.execute("DELETE FROM signal_events WHERE stream_seq BETWEEN 3 AND 5")
+    con.close()
     with dg.instance_for_test() as inst:
-        _drain(inst, res)
-        db = Path(res["feature_store"].path)
-        con = duckdb.connect(str(db))
-        con.execute("DELETE FROM signal_events WHERE stream_seq BETWEEN 3 AND 5")
-        con.close()
-        result = _replay(inst, res, stream="SIGNALS", start_seq=2, end_seq=6)
+        result = _replay(inst, settings, stream="SIGNALS", start_seq=2, end_seq=6)
         assert result.success and _restored(result) == 3
         mats = result.asset_materializations_for_node("replay_range")
         assert {tuple(m.asset_key.path) for m in mats} == {("signal_events",), ("user_features",)}
@@ -146,10 +133,10 @@ def test_replay_a_range_restores_only_that_range(resources: dict[str, Any]) -> N
     ],
 )
 def test_bad_replay_config_fails_the_run_with_the_reason(
-    resources: dict[str, Any], config: dict[str, Any], message: str
+    settings: Settings, config: dict[str, Any], message: str
 ) -> None:
     with dg.instance_for_test() as inst:
-        result = _replay(inst, resources, **config)
+        result = _replay(inst, settings, **config)
         assert not result.success
         failure = result.failure_data_for_node("replay_range")
         assert failure is not None and message in failure.error.message  # type: ignore[union-attr]

@@ -6,81 +6,69 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import dagster as dg
 import pytest
 
-from feature_pipeline.broker import Broker, NatsAuth
-from feature_pipeline.defs.resources import NatsResource
-from feature_pipeline.defs.sensors import run_tick
-from feature_pipeline.localnats import LocalNats
+from feature_pipeline.broker import topology
+from feature_pipeline.broker.auth import NatsAuth
+from feature_pipeline.broker.client import Broker
+from feature_pipeline.broker.local import LocalNats
+from feature_pipeline.ingest.report import TickReport
+from feature_pipeline.settings import Settings
 from feature_pipeline.testing import BIN, REPO, run
-from feature_pipeline_tests.test_sensor_tick import _synced
+from feature_pipeline_tests.helpers import Lifecycle, changed, synced
 
 SECRET = "s3cret-Pa55"
 
 
-def _server(tmp_path: Path, *args: str) -> LocalNats:
-    return LocalNats(tmp_path / "nats", extra_args=list(args)).start()
+def _server(root: Path, *args: str) -> LocalNats:
+    return LocalNats(root / "nats", extra_args=list(args)).start()
 
 
 async def _publish_with(url: str, auth: NatsAuth) -> None:
     async with await Broker.connect(url, auth=auth) as broker:
-        await broker.ensure_streams()
-        subject, body = _synced("evt-secure")
+        await topology.ensure_streams(broker)
+        subject, body = synced("evt-secure")
         await broker.js.publish(subject, body)
 
 
-def _tick(res: dict[str, Any], nats: NatsResource) -> Any:
-    with dg.instance_for_test() as inst:
-        return run_tick(inst, nats, res["ingest"])
+def _tick(settings: Settings, url: str, **auth: str) -> TickReport:
+    """One tick against `url` with these credentials (settings fields such as nats_user, nats_tls_ca)."""
+    return Lifecycle(changed(settings, nats_url=url, **auth)).tick()
 
 
 @pytest.fixture
 def auth_server(tmp_path: Path) -> Iterator[LocalNats]:
-    server = _server(tmp_path, "--user", "fp", "--pass", SECRET)
+    server = _server(tmp_path / "auth", "--user", "fp", "--pass", SECRET)
     yield server
     server.kill()
 
 
-def test_user_password(auth_server: LocalNats, resources: dict[str, Any]) -> None:
+def test_user_password(auth_server: LocalNats, settings: Settings) -> None:
     run(_publish_with(auth_server.url, NatsAuth(user="fp", password=SECRET)))
-    good = NatsResource(
-        url=auth_server.url, durable_prefix="t", max_deliver=3, ack_wait_seconds=30, user="fp", password=SECRET
-    )
-    requests, report = _tick(resources, good)
-    assert report.problem is None and report.fetched == {"SIGNALS": 1} and len(requests) == 1
+    report = _tick(settings, auth_server.url, nats_user="fp", nats_password=SECRET)
+    assert report.problem is None and report.fetched == {"SIGNALS": 1} and len(report.to_request) == 1
 
 
-def test_wrong_password_is_a_clear_error_without_the_secret(auth_server: LocalNats, resources: dict[str, Any]) -> None:
-    bad = NatsResource(
-        url=auth_server.url,
-        durable_prefix="t",
-        max_deliver=3,
-        ack_wait_seconds=30,
-        user="fp",
-        password="wrong-" + SECRET,
-    )
-    requests, report = _tick(resources, bad)
-    assert requests == []
+def test_wrong_password_is_a_clear_error_without_the_secret(auth_server: LocalNats, settings: Settings) -> None:
+    report = _tick(settings, auth_server.url, nats_user="fp", nats_password="wrong-" + SECRET)
+    assert report.to_request == []
     assert report.problem.startswith(f"cannot reach NATS at {auth_server.url}: ")
     assert "authorization violation" in report.problem.lower()
     assert SECRET not in report.problem and SECRET not in report.summary()
 
 
-def test_password_in_url_is_redacted(auth_server: LocalNats, resources: dict[str, Any]) -> None:
+def test_password_in_url_is_redacted(auth_server: LocalNats, settings: Settings) -> None:
     url = f"nats://fp:wrong-{SECRET}@127.0.0.1:{auth_server.port}"
-    _, report = _tick(resources, NatsResource(url=url, durable_prefix="t", max_deliver=3, ack_wait_seconds=30))
+    report = _tick(settings, url)
     assert "nats://***@127.0.0.1" in report.problem and SECRET not in report.problem
 
 
-def test_token(tmp_path: Path, resources: dict[str, Any]) -> None:
-    server = _server(tmp_path, "--auth", SECRET)
+def test_token(tmp_path: Path, settings: Settings) -> None:
+    server = _server(tmp_path / "token", "--auth", SECRET)
     try:
         run(_publish_with(server.url, NatsAuth(token=SECRET)))
-        nats = NatsResource(url=server.url, durable_prefix="t", max_deliver=3, ack_wait_seconds=30, token=SECRET)
-        _, report = _tick(resources, nats)
+        report = _tick(settings, server.url, nats_token=SECRET)
         assert report.problem is None and report.fetched == {"SIGNALS": 1}
     finally:
         server.kill()
@@ -104,18 +92,14 @@ def tls_files(tmp_path: Path) -> dict[str, str]:
     return {"ca": str(d / "ca.pem"), "cert": str(d / "server.pem"), "key": str(d / "server.key")}
 
 
-def test_tls_with_the_test_ca(tmp_path: Path, tls_files: dict[str, str], resources: dict[str, Any]) -> None:
-    server = _server(tmp_path, "--tls", "--tlscert", tls_files["cert"], "--tlskey", tls_files["key"])
+def test_tls_with_the_test_ca(tmp_path: Path, tls_files: dict[str, str], settings: Settings) -> None:
+    server = _server(tmp_path / "tls-nats", "--tls", "--tlscert", tls_files["cert"], "--tlskey", tls_files["key"])
     try:
         run(_publish_with(server.url, NatsAuth(tls_ca=tls_files["ca"])))
-        trusted = NatsResource(
-            url=server.url, durable_prefix="t", max_deliver=3, ack_wait_seconds=30, tls_ca=tls_files["ca"]
-        )
-        _, report = _tick(resources, trusted)
+        report = _tick(settings, server.url, nats_tls_ca=tls_files["ca"])
         assert report.problem is None and report.fetched == {"SIGNALS": 1}
 
-        untrusted = NatsResource(url=server.url, durable_prefix="t", max_deliver=3, ack_wait_seconds=30)
-        _, report = _tick(resources, untrusted)
+        report = _tick(settings, server.url)
         assert report.problem and f"cannot reach NATS at {server.url}" in report.problem
     finally:
         server.kill()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from feature_pipeline import settings
+from feature_pipeline import cli, get_features, settings, training_set
 from feature_pipeline.settings import MIB, Settings, SettingsError, load
+from feature_pipeline.store.feature_store import FeatureStore
+from feature_pipeline.store.loader import DEFAULT_FILE
+from feature_pipeline.testing import REPO
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -59,8 +68,7 @@ def test_every_variable_has_a_field() -> None:
     """A variable without a Settings field would be read and silently dropped."""
     names = [v.name for v in settings.VARIABLES]
     assert len(names) == len(set(names))
-    assert set(names) == set(settings.FIELDS)
-    assert set(settings.FIELDS.values()) == set(Settings.__dataclass_fields__)
+    assert [v.field for v in settings.VARIABLES] == list(Settings.__dataclass_fields__)
 
 
 def test_good_values_are_parsed(tmp_path: Path) -> None:
@@ -156,3 +164,107 @@ def test_security_settings_are_checked_at_start_up(env: dict[str, str], expected
 def test_secret_variables_are_marked() -> None:
     """Marked secrets are what `feature-pipeline settings` masks."""
     assert {v.name for v in settings.VARIABLES if v.secret} == {"NATS_PASSWORD", "NATS_TOKEN"}
+
+
+# -- every entry point reads the same table -----------------------------------------------------------
+
+EXTRA_FEATURE = '\n[[feature]]\nname = "entry_point_probe"\nsource = "signals"\naggregation = "count"\n'
+
+
+def _every_variable_set(tmp_path: Path) -> dict[str, str]:
+    """A valid value, different from the default, for every variable of the table."""
+    files = {name: tmp_path / name for name in ("creds", "seed", "ca.pem", "cert.pem", "key.pem")}
+    for path in files.values():
+        path.write_text("x")
+    registry = tmp_path / "features.toml"
+    registry.write_text(DEFAULT_FILE.read_text() + EXTRA_FEATURE)
+    env = {
+        "NATS_URL": "nats://10.1.2.3:4999",
+        "NATS_USER": "entry-user",
+        "NATS_PASSWORD": "entry-password",
+        "NATS_TOKEN": "entry-token",
+        "NATS_CREDS": str(files["creds"]),
+        "NATS_NKEY_SEED": str(files["seed"]),
+        "NATS_TLS_CA": str(files["ca.pem"]),
+        "NATS_TLS_CERT": str(files["cert.pem"]),
+        "NATS_TLS_KEY": str(files["key.pem"]),
+        "NATS_DURABLE_PREFIX": "entry",
+        "NATS_MAX_DELIVER": "7",
+        "NATS_ACK_WAIT_SECONDS": "77",
+        "FEATURE_STORE_PATH": str(tmp_path / "entry.duckdb"),
+        "FEATURE_PIPELINE_STAGING_DIR": str(tmp_path / "entry-staging"),
+        "FEATURE_PIPELINE_FEATURES_FILE": str(registry),
+        "FEATURE_PIPELINE_SERVING_PATH": str(tmp_path / "entry-serving.parquet"),
+        "FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS": "123",
+        "FEATURE_PIPELINE_SNAPSHOT_START": "2026-02-03",
+        "FEATURE_PIPELINE_BATCH_MAX_MESSAGES": "1234",
+        "FEATURE_PIPELINE_BATCH_MAX_BYTES": str(3 * MIB),
+        "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "5",
+        "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "2",
+        "FEATURE_PIPELINE_FETCH_SECONDS": "3",
+        "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "4",
+        "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "99",
+        "FEATURE_PIPELINE_LAG_WARN": "11",
+        "FEATURE_PIPELINE_LAG_ERROR": "22",
+        "FEATURE_PIPELINE_OLDEST_UNACKED_WARN_SECONDS": "33",
+        "FEATURE_PIPELINE_OLDEST_UNACKED_ERROR_SECONDS": "44",
+        "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS": "120",
+        "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS": "240",
+        "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "5",
+        "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR": "6",
+        "FEATURE_PIPELINE_CONSISTENCY_SAMPLE": "17",
+        "FEATURE_PIPELINE_FAULTS": "no-keepalive",
+    }
+    assert set(env) == {v.name for v in settings.VARIABLES}, "give the new variable a value here"
+    defaults = load({})
+    unchanged = [v.name for v in settings.VARIABLES if getattr(load(env), v.field) == getattr(defaults, v.field)]
+    assert unchanged == [], "each value must differ from its default, or the test cannot see it arrive"
+    return env
+
+
+_CODE_LOCATION = """
+import json, dagster as dg
+from feature_pipeline import definitions
+from feature_pipeline.defs.resources import RESOURCE_KEY
+with dg.build_resources({RESOURCE_KEY: definitions.defs.resources[RESOURCE_KEY]}) as res:
+    s = getattr(res, RESOURCE_KEY).settings
+sensor = next(x for x in definitions.defs.sensors if x.name == "ingest_sensor")
+features = definitions.defs.resolve_assets_def("user_features").specs_by_key[dg.AssetKey("user_features")]
+print(json.dumps({
+    "settings": {f: getattr(s, f) for f in s.__dataclass_fields__},
+    "interval": sensor.minimum_interval_seconds,
+    "first_partition": definitions.snapshots.partitions_def.get_first_partition_key(),
+    "freshness": str(features.freshness_policy),
+}))
+"""
+
+
+def test_every_variable_reaches_every_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The code location (its resource and what it builds at load), the CLI, `get_features` and
+    `training_set` all take their configuration from the one table: set every variable to something
+    other than its default and each entry point sees it."""
+    env = _every_variable_set(tmp_path)
+    expected = load(env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    # The code location, loaded as the daemon loads it (a fresh process), its resource resolved by Dagster.
+    out = subprocess.run([sys.executable, "-c", _CODE_LOCATION], capture_output=True, text=True, cwd=REPO, check=True)
+    loaded = json.loads(out.stdout)
+    assert loaded["settings"] == {f: getattr(expected, f) for f in Settings.__dataclass_fields__}
+    assert loaded["interval"] == 2 and loaded["first_partition"] == "2026-02-03"
+    assert "120" in loaded["freshness"] and "240" in loaded["freshness"]
+
+    # The CLI.
+    assert cli.main(["settings"]) == 0
+    printed = dict(line.split("  (")[0].split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert printed == {v.name: settings.shown(expected, v) for v in settings.VARIABLES}
+
+    # The Python read API: the serving path, and the store with the configured feature registry.
+    pq.write_table(pa.table({"user_id": ["u"], "entry_point_probe": [3]}), expected.serving_path)
+    assert get_features(["u"]).loc[0, "entry_point_probe"] == 3
+    FeatureStore.from_settings(expected).connect().close()
+    labels = pa.table({"user_id": ["u"], "ts": [datetime(2026, 6, 1, tzinfo=UTC)]})
+    assert "entry_point_probe" in training_set(labels).column_names, "training_set ignored the features file"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from feature_pipeline.settle import (
+from feature_pipeline.ingest.settle import (
     ACK,
     NAK_DELAY_CAP_SECONDS,
     Action,

@@ -16,10 +16,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from feature_pipeline import broker
-from feature_pipeline.broker import Delivery, parse_reply, redact, ts_from_nats
+from feature_pipeline import streams
+from feature_pipeline.broker.auth import redact
+from feature_pipeline.broker.deliveries import Delivery, parse_reply, ts_from_nats
 from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.staging import STALE_TEMP_SECONDS, Staging, assemble, delivery_from_row
+from feature_pipeline.ingest.assemble import assemble
+from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, Staging, delivery_from_row
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
 STORED_AT = datetime(2026, 11, 27, 5, 0, 0, 123456, tzinfo=UTC)
@@ -56,13 +58,13 @@ def feedback(seq: int, event_id: str) -> Delivery:
 def dead_letter(seq: int, original_seq: int, **extra: str) -> Delivery:
     """A copy made by `Broker.dead_letter`, with the headers it sets."""
     headers = {
-        broker.H_STREAM: "SIGNALS",
-        broker.H_SUBJECT: "signals.task.synced",
-        broker.H_SEQUENCE: str(original_seq),
-        broker.H_DELIVERIES: "5",
-        broker.H_REASON: "gave up after 5 deliveries",
-        broker.H_AT: "2026-11-27T06:00:00.5Z",
-        broker.H_STORED: str(STORED_NS),
+        streams.H_STREAM: "SIGNALS",
+        streams.H_SUBJECT: "signals.task.synced",
+        streams.H_SEQUENCE: str(original_seq),
+        streams.H_DELIVERIES: "5",
+        streams.H_REASON: "gave up after 5 deliveries",
+        streams.H_AT: "2026-11-27T06:00:00.5Z",
+        streams.H_STORED: str(STORED_NS),
         **extra,
     }
     return delivery("DEADLETTER", "deadletter.signals.task.synced", seq, b"original body", headers=headers)
@@ -127,7 +129,7 @@ def test_foreign_dead_letter_is_recorded_under_its_own_sequence() -> None:
 
 def test_dead_letter_with_malformed_headers_falls_back() -> None:
     """Unparseable counts and times fall back to safe values instead of failing the batch."""
-    row = assemble([dead_letter(8, original_seq=4, **{broker.H_DELIVERIES: "x", broker.H_AT: "yesterday"})])
+    row = assemble([dead_letter(8, original_seq=4, **{streams.H_DELIVERIES: "x", streams.H_AT: "yesterday"})])
     dl = row.dead_letters[0]
     assert dl["delivery_count"] == 0
     assert abs(dl["dead_lettered_at"] - STORED_AT) <= timedelta(microseconds=1)

@@ -6,143 +6,31 @@ stored more than once (redelivery, a retried run): apply must absorb that exactl
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_pipeline import broker
-from feature_pipeline.broker import Delivery
-from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.features import compute_features
-from feature_pipeline.staging import Staging, assemble
-from feature_pipeline.store import BatchResult, FeatureStore, InjectedFault
-
-SUBJECTS = (
-    "signals.task.synced",
-    "signals.task.completed",
-    "feedback.recommendation.shown",
-    "feedback.recommendation.accepted",
-    "feedback.recommendation.dismissed",
+from feature_pipeline import faults
+from feature_pipeline_tests.helpers import (
+    EVENT,
+    TABLES,
+    Env,
+    assert_rows_match_reference,
+    data_for,
+    deliveries_for,
+    make_env,
 )
-TABLES = ("signal_events", "feedback_events", "dead_letters", "user_features", "ingested_batches")
 
-
-def data_for(subject: str, n: int = 0) -> dict[str, Any]:
-    """A valid `data` object for each modelled subject."""
-    if subject == "signals.task.synced":
-        return {"provider": "todoist", "tasks_total": n + 3, "tasks_completed": n}
-    if subject == "signals.task.completed":
-        return {"task_id": f"t-{n}"}
-    return {"recommendation_id": f"r-{n}", "item_id": f"i-{n}"}
-
-
-@dataclass
-class Feed:
-    """Builds Deliveries the way `Broker.pull` does, with per-stream sequence numbers."""
-
-    seqs: dict[str, int] = field(default_factory=dict)
-
-    def next_seq(self, stream: str) -> int:
-        self.seqs[stream] = self.seqs.get(stream, 0) + 1
-        return self.seqs[stream]
-
-    def event(
-        self,
-        event_id: str,
-        subject: str,
-        user_id: str,
-        occurred_at: datetime,
-        data: dict[str, Any] | None = None,
-        *,
-        seq: int | None = None,
-        num_delivered: int = 1,
-    ) -> Delivery:
-        stream = "SIGNALS" if subject.startswith("signals.") else "FEEDBACK"
-        seq = self.next_seq(stream) if seq is None else seq
-        ns = time.time_ns()
-        body = make_envelope(event_id, subject.partition(".")[2], user_id, occurred_at, data or data_for(subject))
-        reply = f"$JS.ACK.{stream}.c.{num_delivered}.{seq}.{seq}.{ns}.0"
-        return Delivery(stream, subject, reply, body, None, seq, num_delivered, ns)
-
-    def dead_letter(self, original_stream: str, original_seq: int, reason: str = "gave up") -> Delivery:
-        """A copy `Broker.dead_letter` put on the DEADLETTER stream."""
-        seq = self.next_seq("DEADLETTER")
-        ns = time.time_ns()
-        headers = {
-            broker.H_STREAM: original_stream,
-            broker.H_SUBJECT: "signals.task.synced",
-            broker.H_SEQUENCE: str(original_seq),
-            broker.H_DELIVERIES: "5",
-            broker.H_REASON: reason,
-            broker.H_AT: datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            broker.H_STORED: str(ns),
-        }
-        reply = f"$JS.ACK.DEADLETTER.c.1.{seq}.{seq}.{ns}.0"
-        return Delivery("DEADLETTER", "deadletter.signals.task.synced", reply, b"{oops", headers, seq, 1, ns)
-
-
-@dataclass
-class Env:
-    store: FeatureStore
-    staging: Staging
-    feed: Feed
-
-    def stage(self, deliveries: Sequence[Delivery]) -> str:
-        return self.staging.stage(assemble(deliveries)).batch_id
-
-    def apply(self, deliveries: Sequence[Delivery], **kw: Any) -> BatchResult:
-        batch_id = self.stage(deliveries)
-        return self.store.apply_batch(self.staging.path(batch_id), batch_id, **kw)
-
-    @contextlib.contextmanager
-    def con(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self.store.connect()
-        try:
-            yield con
-        finally:
-            con.close()
-
-    def count(self, table: str) -> int:
-        with self.con() as con:
-            return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
-
-    def features(self) -> dict[str, dict[str, Any]]:
-        with self.con() as con:
-            cur = con.execute("SELECT * FROM user_features")
-            names = [d[0] for d in cur.description]
-            return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
-
-    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
-        with self.con() as con:
-            return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in TABLES}
-
-
-def make_env(root: Path) -> Env:
-    return Env(FeatureStore(root / "fs.duckdb"), Staging(root / "staging"), Feed())
+FAIL = faults.before_commit({faults.FAIL_RUN})
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     return make_env(tmp_path)
-
-
-def assert_rows_match_reference(env: Env) -> dict[str, dict[str, Any]]:
-    """Every user_features row equals the reference query at that row's own updated_at."""
-    rows = env.features()
-    with env.con() as con:
-        for user, row in rows.items():
-            assert compute_features(con, row["updated_at"], [user]) == {user: row}, user
-    return rows
 
 
 NOW = datetime.now(UTC)
@@ -281,8 +169,8 @@ def test_fail_before_commit_leaves_everything_unchanged(env: Env) -> None:
         env.feed.dead_letter("FEEDBACK", 3),
     ]
     batch_id = env.stage(batch)
-    with pytest.raises(InjectedFault):
-        env.store.apply_batch(env.staging.path(batch_id), batch_id, faults=frozenset({"fail-run"}))
+    with pytest.raises(faults.InjectedFault):
+        env.store.apply_batch(env.staging.path(batch_id), batch_id, before_commit=FAIL)
     assert env.snapshot() == before
 
     result = env.store.apply_batch(env.staging.path(batch_id), batch_id)
@@ -293,8 +181,8 @@ def test_fail_before_commit_leaves_everything_unchanged(env: Env) -> None:
 def test_fail_before_commit_on_a_fresh_store_stores_nothing(env: Env) -> None:
     """The very first batch failing must leave empty tables, not a half-written store."""
     batch_id = env.stage([env.feed.event("s-1", "signals.task.completed", "u-1", NOW)])
-    with pytest.raises(InjectedFault):
-        env.store.apply_batch(env.staging.path(batch_id), batch_id, faults=frozenset({"fail-run"}))
+    with pytest.raises(faults.InjectedFault):
+        env.store.apply_batch(env.staging.path(batch_id), batch_id, before_commit=FAIL)
     assert {t: len(rows) for t, rows in env.snapshot().items()} == dict.fromkeys(TABLES, 0)
 
 
@@ -394,8 +282,7 @@ def test_window_boundaries(env: Env) -> None:
             f.event("r-acc", "feedback.recommendation.accepted", "u", as_of),
         ]
     )
-    with env.con() as con:
-        row = compute_features(con, as_of)["u"]
+    row = env.reference(as_of)["u"]
     assert row["signal_count_total"] == 4
     assert row["signal_count_24h"] == 2
     assert row["signal_count_7d"] == 3
@@ -431,42 +318,6 @@ def test_untouched_users_keep_their_row_and_still_match(env: Env) -> None:
 
 
 # -- property -------------------------------------------------------------------------------
-
-EVENT = st.tuples(
-    st.sampled_from(["u-1", "u-2", "u-3"]),
-    st.sampled_from(SUBJECTS),
-    st.integers(0, 10 * 86_400_000),  # occurred this many ms ago: the last 10 days
-    st.integers(0, 50),
-)
-
-
-def deliveries_for(
-    feed: Feed, events: list[tuple[str, str, int, int]], draw: st.DataObject, end: datetime
-) -> tuple[list[Delivery], list[int]]:
-    """The events (user, subject, ms before `end`, n) as NATS might deliver them: each 1-3 times, in any
-    order, a repeat either a redelivery (same sequence) or a republish (new sequence); and batch cuts."""
-    copies = draw.draw(st.lists(st.integers(1, 3), min_size=len(events), max_size=len(events)), label="copies")
-    plan = draw.draw(st.permutations([i for i, c in enumerate(copies) for _ in range(c)]), label="order")
-    cuts = sorted(set(draw.draw(st.lists(st.integers(0, len(plan)), max_size=4), label="cuts")))
-    first_seq: dict[int, int] = {}
-    times_sent: dict[int, int] = {}
-    deliveries = []
-    for i in plan:
-        user, subject, ms_ago, n = events[i]
-        times_sent[i] = times_sent.get(i, 0) + 1
-        redelivery = i in first_seq and draw.draw(st.booleans(), label="redelivery")
-        d = feed.event(
-            f"evt-{i}",
-            subject,
-            user,
-            end - timedelta(milliseconds=ms_ago),
-            data_for(subject, n),
-            seq=first_seq[i] if redelivery else None,
-            num_delivered=times_sent[i] if redelivery else 1,
-        )
-        first_seq.setdefault(i, d.stream_seq)
-        deliveries.append(d)
-    return deliveries, cuts
 
 
 @settings(

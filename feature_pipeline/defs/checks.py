@@ -10,15 +10,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
+from nats.errors import Error as NatsError
+from nats.js.errors import NotFoundError
 
-from feature_pipeline.broker import STREAMS
-from feature_pipeline.defs.resources import IngestResource, MonitoringResource, NatsResource
+from feature_pipeline.broker.auth import redact
+from feature_pipeline.broker.client import BrokerUnavailable
+from feature_pipeline.broker.stats import read_stream_stats
+from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.streams import stream_key
-from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, read_stream_stats, stream_checks
-from feature_pipeline.store import StoreHealth
+from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, stream_checks, thresholds
+from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.settings import Settings
+from feature_pipeline.store.feature_store import StoreHealth
+from feature_pipeline.streams import BY_NAME, STREAMS
 
 _SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
-_STREAM_BY_NAME = {s.name: s for s in STREAMS}
 
 STREAM_CHECK_SPECS = [
     spec
@@ -38,9 +44,33 @@ CONSISTENCY_CHECK = dg.AssetCheckSpec(
 )
 
 
+def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str | None]:
+    """The streams' figures, or why they could not be read (a line for the tick log and the checks)."""
+    in_flight = [m.counts for m in Staging(settings.staging_dir).batches()]
+    try:
+        stats = asyncio.run(
+            read_stream_stats(settings.nats_url, settings.nats_auth, settings.durable_prefix, in_flight, client)
+        )
+    except BrokerUnavailable as exc:
+        return [], str(exc)
+    except NotFoundError as exc:  # before NatsError, which it is a kind of
+        return [], f"a stream or consumer is missing ({exc.description}); ingest_sensor creates them on its next tick"
+    except (NatsError, TimeoutError, ConnectionError) as exc:
+        return [], f"lost NATS at {redact(settings.nats_url)}: {exc!r}"
+    return stats, None
+
+
 def stream_events(
-    stats: list[StreamStats], monitoring: MonitoringResource
+    stats: list[StreamStats], problem: str | None, settings: Settings
 ) -> list[dg.AssetObservation | dg.AssetCheckEvaluation]:
+    """What a sensor records on the stream assets: figures and graded checks, or every check failed
+    with the reason when NATS could not be asked."""
+    if stats:
+        return _observations(stats, settings)
+    return [*unreachable_evaluations(problem)] if problem else []
+
+
+def _observations(stats: list[StreamStats], settings: Settings) -> list[dg.AssetObservation | dg.AssetCheckEvaluation]:
     """One observation per stream (numeric metadata, so the UI plots it) and its graded checks."""
     events: list[dg.AssetObservation | dg.AssetCheckEvaluation] = []
     for s in stats:
@@ -50,15 +80,15 @@ def stream_events(
         meta["consumer"] = s.consumer
         if s.last_message_at:
             meta["last_message_at"] = dg.MetadataValue.timestamp(s.last_message_at)
-        events.append(dg.AssetObservation(asset_key=stream_key(_STREAM_BY_NAME[s.stream]), metadata=meta))
-    events.extend(dg.AssetCheckEvaluation(**_graded(o)) for o in stream_checks(stats, monitoring.thresholds))
+        events.append(dg.AssetObservation(asset_key=stream_key(BY_NAME[s.stream]), metadata=meta))
+    events.extend(dg.AssetCheckEvaluation(**_graded(o)) for o in stream_checks(stats, thresholds(settings)))
     return events
 
 
 def _graded(o: CheckOutcome) -> dict[str, Any]:
     """What an AssetCheckEvaluation (sensors) and an AssetCheckResult (on demand) share."""
     return {
-        "asset_key": stream_key(_STREAM_BY_NAME[o.stream]),
+        "asset_key": stream_key(BY_NAME[o.stream]),
         "check_name": o.check,
         "passed": o.grade == "pass",
         "severity": _SEVERITY.get(o.grade, dg.AssetCheckSeverity.WARN),
@@ -82,25 +112,19 @@ def unreachable_evaluations(problem: str) -> list[dg.AssetCheckEvaluation]:
 
 
 @dg.multi_asset_check(specs=STREAM_CHECK_SPECS, name="stream_checks")
-def stream_checks_on_demand(
-    nats: NatsResource, ingest: IngestResource, monitoring: MonitoringResource
-) -> Iterator[dg.AssetCheckResult]:
+def stream_checks_on_demand(pipeline: PipelineResource) -> Iterator[dg.AssetCheckResult]:
     """Run from the UI: the same evaluation the sensors make every tick."""
-
-    stats = asyncio.run(
-        read_stream_stats(nats.url, nats.auth, nats.durable_prefix, ingest.staging.batches(), "feature-pipeline-checks")
-    )
-    for o in stream_checks(stats, monitoring.thresholds):
+    settings = pipeline.settings
+    stats, problem = read_stats(settings, "feature-pipeline-checks")
+    if problem:
+        raise dg.Failure(problem)
+    for o in stream_checks(stats, thresholds(settings)):
         yield dg.AssetCheckResult(**_graded(o))
 
 
-def store_check_results(health: StoreHealth, monitoring: MonitoringResource) -> list[dg.AssetCheckResult]:
+def store_check_results(health: StoreHealth, settings: Settings) -> list[dg.AssetCheckResult]:
     """The checks an ingest run evaluates on the store it has just committed."""
-    n, warn, error = (
-        health.dead_letters_last_hour,
-        monitoring.dead_letters_hour_warn,
-        monitoring.dead_letters_hour_error,
-    )
+    n, warn, error = health.dead_letters_last_hour, settings.dead_letters_hour_warn, settings.dead_letters_hour_error
     bad = health.inconsistent_users
     return [
         dg.AssetCheckResult(

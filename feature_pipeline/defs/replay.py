@@ -11,10 +11,10 @@ from pathlib import Path
 import dagster as dg
 
 from feature_pipeline.defs.assets import DUCKDB_POOL
-from feature_pipeline.defs.resources import FeatureStoreResource, IngestResource, NatsResource
-from feature_pipeline.replay import ReplayError, ReplayRange, replay
-
-_TABLE = {"SIGNALS": "signal_events", "FEEDBACK": "feedback_events", "DEADLETTER": "dead_letters"}
+from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.ingest.replay import ReplayError, ReplayRange, ReplayReport, replay
+from feature_pipeline.store.feature_store import FeatureStore
+from feature_pipeline.streams import BY_NAME
 
 
 class ReplayConfig(dg.Config):
@@ -39,13 +39,23 @@ def _time(name: str, raw: str | None) -> datetime | None:
 
 
 @dg.op(pool=DUCKDB_POOL, description="Read the range with an ephemeral ordered consumer and store it.")
-def replay_range(
-    context: dg.OpExecutionContext,
-    config: ReplayConfig,
-    nats: NatsResource,
-    ingest: IngestResource,
-    feature_store: FeatureStoreResource,
-) -> None:
+def replay_range(context: dg.OpExecutionContext, config: ReplayConfig, pipeline: PipelineResource) -> None:
+    rng = _range(config)
+    settings = pipeline.settings
+    report = replay(
+        settings.nats_url,
+        settings.nats_auth,
+        FeatureStore.from_settings(settings),
+        rng,
+        chunk=max(1, config.chunk),
+        work_root=Path(settings.staging_dir).parent / "replay-work",
+        run_id=context.run_id[:8],
+        log=context.log.info,
+    )
+    _record(context, rng, report)
+
+
+def _range(config: ReplayConfig) -> ReplayRange:
     try:
         rng = ReplayRange(
             config.stream.upper(),
@@ -57,16 +67,11 @@ def replay_range(
         rng.check()
     except ReplayError as exc:
         raise dg.Failure(f"replay config: {exc}") from None
-    report = replay(
-        nats.url,
-        nats.auth,
-        feature_store.store,
-        rng,
-        chunk=max(1, config.chunk),
-        work_root=Path(ingest.staging.root).parent / "replay-work",
-        run_id=context.run_id[:8],
-        log=context.log.info,
-    )
+    return rng
+
+
+def _record(context: dg.OpExecutionContext, rng: ReplayRange, report: ReplayReport) -> None:
+    """The run log says what was restored; the stream's table and user_features get a materialization."""
     context.log.info(
         f"replay of {rng.stream} done ({report.stopped}): read {report.read} messages "
         f"(#{report.first_seq}-#{report.last_seq}), {report.stored} were missing and are stored now, "
@@ -82,7 +87,7 @@ def replay_range(
         "already_stored": report.already_stored,
         "poison": report.poison,
     }
-    for key in (_TABLE[rng.stream], "user_features"):
+    for key in (BY_NAME[rng.stream].table, "user_features"):
         context.log_event(dg.AssetMaterialization(asset_key=key, metadata=meta))
 
 

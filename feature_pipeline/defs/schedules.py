@@ -9,8 +9,8 @@ most that late, with no new event needed.
 import dagster as dg
 
 from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
-from feature_pipeline.defs.resources import IngestResource
-from feature_pipeline.defs.sensors import MAX_RUNTIME_TAG
+from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.defs.runs import MAX_RUNTIME_TAG
 
 REFRESH_MINUTES = 5
 
@@ -24,7 +24,7 @@ REFRESH_MINUTES = 5
     "windows moved, so features slide with time when no events arrive.",
 )
 def refresh_feature_windows(
-    context: dg.ScheduleEvaluationContext, ingest: IngestResource
+    context: dg.ScheduleEvaluationContext, pipeline: PipelineResource
 ) -> dg.RunRequest | dg.SkipReason:
     busy = context.instance.get_run_records(
         filters=dg.RunsFilter(
@@ -41,4 +41,4 @@ def refresh_feature_windows(
     now = context.scheduled_execution_time.timestamp() if context.scheduled_execution_time else None
     if done and done[0].end_time and now and now - done[0].end_time < (REFRESH_MINUTES - 1) * 60:
         return dg.SkipReason("an ingest run moved the clock less than a refresh period ago")
-    return dg.RunRequest(tags={REFRESH_TAG: "windows", MAX_RUNTIME_TAG: str(ingest.run_timeout_seconds)})
+    return dg.RunRequest(tags={REFRESH_TAG: "windows", MAX_RUNTIME_TAG: str(pipeline.settings.run_timeout_seconds)})

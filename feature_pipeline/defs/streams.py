@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from feature_pipeline.broker import STREAMS, StreamSpec
+from feature_pipeline.streams import STREAMS, StreamSpec
 
 
 def stream_key(spec: StreamSpec) -> dg.AssetKey:

@@ -1,6 +1,6 @@
 """What happens to each staged message once its run has ended: the settle decisions.
 
-Pure: the sensor maps Dagster run statuses onto `RunOutcome`, asks `decide()` per
+Pure: the tick maps the orchestrator's run status onto `RunOutcome`, asks `decide()` per
 message, and carries the actions out against NATS.
 """
 
@@ -31,11 +31,28 @@ _DAGSTER_STATUS = {
 }
 
 
+_NOT_STARTED = frozenset({"NOT_STARTED", "QUEUED"})
+
+
 def outcome_of(status_name: str | None) -> RunOutcome:
     """Map a Dagster `DagsterRunStatus` name (None = no run) onto what settling needs."""
     if status_name is None:
         return RunOutcome.PENDING
     return _DAGSTER_STATUS.get(status_name, RunOutcome.PENDING)
+
+
+def waiting_to_start(status_name: str | None) -> bool:
+    """No run yet, or one still in the queue (a STARTING or STARTED run has left it)."""
+    return status_name is None or status_name in _NOT_STARTED
+
+
+def keep_alive_due(last_seconds: float, now_seconds: float, ack_wait_seconds: float) -> bool:
+    """+WPI only once a quarter of ack_wait has passed since the first pull or the last +WPI.
+
+    Re-arming every message of every waiting batch on every tick cost more than the fetch itself
+    on large batches; a quarter of ack_wait leaves three more ticks' worth of margin.
+    """
+    return now_seconds - last_seconds >= ack_wait_seconds / 4
 
 
 class Kind(Enum):
@@ -57,7 +74,7 @@ ACK = Action(Kind.ACK)
 def nak_delay(num_delivered: int, base_seconds: float) -> float:
     """Exponential backoff: base, 2x base, 4x base ... capped at five minutes."""
     doublings = min(max(num_delivered - 1, 0), 30)  # 2**30 x any base is past the cap; avoids overflow
-    return min(base_seconds * 2**doublings, NAK_DELAY_CAP_SECONDS)
+    return float(min(base_seconds * 2**doublings, NAK_DELAY_CAP_SECONDS))
 
 
 def decide(

@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from feature_pipeline.features import point_in_time
-from feature_pipeline.registry import Registry
-from feature_pipeline.store import FeatureStore
+from feature_pipeline import settings
+from feature_pipeline.store.feature_store import FeatureStore
+from feature_pipeline.store.features import point_in_time
+from feature_pipeline.store.registry import Registry
 
 Labels = str | os.PathLike[str] | pd.DataFrame | pa.Table
 
@@ -78,11 +79,11 @@ def training_set(
     received_cutoff: bool = False,
     wait_seconds: float = 120.0,
 ) -> pa.Table:
-    """The labels, in their order, with every feature as of each row's ts."""
-    if not isinstance(store, FeatureStore):
-        from feature_pipeline import settings
+    """The labels, in their order, with every feature as of each row's ts.
 
-        store = FeatureStore(str(store or settings.parse("FEATURE_STORE_PATH", os.environ.get("FEATURE_STORE_PATH"))))
+    `store`: a FeatureStore, or the path of a DuckDB file read with the configured feature registry;
+    by default the store the configuration names (FEATURE_STORE_PATH, FEATURE_PIPELINE_FEATURES_FILE)."""
+    store = _store(store)
     table = read_labels(labels)
     _check(table, store.registry)
     table = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
@@ -97,9 +98,21 @@ def training_set(
         except duckdb.ConversionException as exc:
             raise LabelsError(f"labels column ts must hold timestamps like 2026-11-27T12:00:00Z: {exc}") from None
         con.unregister("labels_in")
-        return point_in_time(con, store.registry, "labels", received_cutoff=received_cutoff).to_arrow_table()
+        joined: pa.Table = point_in_time(
+            con, store.registry, "labels", received_cutoff=received_cutoff
+        ).to_arrow_table()
+        return joined
     finally:
         con.close()
+
+
+def _store(store: FeatureStore | str | os.PathLike[str] | None) -> FeatureStore:
+    if isinstance(store, FeatureStore):
+        return store
+    configured = FeatureStore.from_settings(settings.load())
+    if store is None:
+        return configured
+    return FeatureStore(store, registry=configured.registry)
 
 
 def write_table(table: pa.Table, out: str | os.PathLike[str]) -> None:

@@ -1,39 +1,31 @@
 """Feature definitions as data: one typed entry per `user_features` column.
 
-The registry is a TOML file (`feature_defs.toml` beside this module, or the file named by
-FEATURE_PIPELINE_FEATURES_FILE) checked by pydantic when it is loaded, so a mistake is reported
-with the feature's name before any run starts. `features.py` turns the registry into the one
-SQL query every path uses (micro-batch update, full rebuild, daily snapshot, point-in-time join).
-
-Pure: no Dagster, no NATS; DuckDB only to check `where` filters compile.
+The models only: `loader.py` reads them from TOML (the packaged `feature_defs.toml` or the file
+named by FEATURE_PIPELINE_FEATURES_FILE), `features.py` turns them into the one SQL query every
+path uses (micro-batch update, full rebuild, daily snapshot, point-in-time join). Pure: no
+Dagster, no NATS, no DuckDB.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from datetime import timedelta
 from functools import cached_property
-from pathlib import Path
 from typing import Annotated, Literal
 
-import duckdb
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_FILE = Path(__file__).with_name("feature_defs.toml")
 RESERVED = frozenset({"user_id", "updated_at", "valid_as_of", "as_of", "ts", "snapshot_date"})
-SOURCE_TABLES = {"signals": "signal_events", "feedback": "feedback_events"}
+# What a feature's `source` may name: the keys of the event streams in `feature_pipeline.streams`
+# (a test keeps the two equal; a Literal gives the clearest validation message).
+Source = Literal["signals", "feedback"]
 VALUE_TYPES = ("BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN", "TIMESTAMPTZ")
 Aggregation = Literal["count", "sum", "min", "max", "mean", "last", "count_distinct", "ratio"]
 
 _WINDOW = re.compile(r"^(\d+)\s*(s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _FIELD = re.compile(r"^(occurred_at|received_at|event_id|type|subject|data(\.[A-Za-z_][A-Za-z0-9_]*)+)$")
-
-
-class RegistryError(ValueError):
-    """The feature definitions cannot be used; the text names the file and the feature."""
 
 
 def parse_window(raw: str) -> timedelta | None:
@@ -59,7 +51,7 @@ class FeatureDef(BaseModel):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
     aggregation: Aggregation
     description: str = ""
-    source: Literal["signals", "feedback"] | None = None
+    source: Source | None = None
     event_types: tuple[str, ...] = ()
     where: str | None = None
     field: str | None = None
@@ -195,74 +187,5 @@ class Registry(BaseModel):
 
     def windows(self, source: str) -> list[timedelta]:
         """The distinct windows of a source's features: where values change as time passes."""
-        found = {f.window_delta for f in self.features if f.source == source and f.window_delta is not None}
-        return sorted(found)  # type: ignore[type-var]
-
-
-def _check_sql(registry: Registry, origin: str) -> None:
-    """Compile every `where` filter and payload path against the raw table schema, once, at load time."""
-    from feature_pipeline.features import feature_sql  # features imports this module
-
-    con = duckdb.connect()
-    try:
-        for table in SOURCE_TABLES.values():
-            con.execute(
-                f"CREATE TABLE {table} (event_id VARCHAR, subject VARCHAR, stream_seq BIGINT, "
-                "occurred_at TIMESTAMPTZ, received_at TIMESTAMPTZ, ingested_at TIMESTAMPTZ, user_id VARCHAR, "
-                "type VARCHAR, schema_version INTEGER, data JSON, known_type BOOLEAN, batch_id VARCHAR)"
-            )
-        con.execute("CREATE TEMP TABLE feature_points (user_id VARCHAR, as_of TIMESTAMPTZ)")
-        for f in registry.features:
-            if f.aggregation == "ratio":
-                continue
-            single = Registry(features=(f,))
-            try:
-                con.execute(f"EXPLAIN {feature_sql(single)}")
-            except duckdb.Error as exc:
-                raise RegistryError(f"{origin}: feature {f.name!r} does not compile: {exc}") from None
-    finally:
-        con.close()
-
-
-_cache: dict[tuple[str, int, int], Registry] = {}
-
-
-def load_registry(path: str | Path | None = None) -> Registry:
-    """Read and check a registry file (the packaged one when `path` is empty); cached while unchanged."""
-    file = Path(path) if path else DEFAULT_FILE
-    try:
-        st = file.stat()
-    except OSError as exc:
-        raise RegistryError(f"cannot read feature definitions {file}: {exc.strerror or exc}") from None
-    key = (str(file.resolve()), st.st_mtime_ns, st.st_size)
-    if key not in _cache:
-        _cache[key] = _load(file)
-    return _cache[key]
-
-
-def _load(file: Path) -> Registry:
-    try:
-        raw = tomllib.loads(file.read_text())
-    except OSError as exc:
-        raise RegistryError(f"cannot read feature definitions {file}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RegistryError(f"{file} is not valid TOML: {exc}") from None
-    entries = raw.get("feature")
-    if not isinstance(entries, list):
-        raise RegistryError(f"{file} has no [[feature]] entries")
-    try:
-        registry = Registry(features=tuple(entries))
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = list(err["loc"])
-            where = ""
-            if len(loc) >= 2 and loc[0] == "features" and isinstance(loc[1], int):
-                entry = entries[loc[1]] if loc[1] < len(entries) else {}
-                name = entry.get("name", "?") if isinstance(entry, dict) else "?"
-                field = ".".join(str(p) for p in loc[2:] if not str(p).startswith(("function-", "literal")))
-                where = f"feature #{loc[1] + 1} ({name!r}){f' {field}' if field else ''}: "
-            problems.append(where + err["msg"].removeprefix("Value error, "))
-        raise RegistryError(f"{file}: " + "; ".join(problems)) from None
-    _check_sql(registry, str(file))
-    return registry
+        found = {w for f in self.features if f.source == source and (w := f.window_delta) is not None}
+        return sorted(found)

@@ -67,9 +67,7 @@ def get_features(user_ids: Iterable[str], path: str | os.PathLike[str] | None = 
     Columns: user_id, every registry feature, updated_at (when the row was last recomputed) and
     valid_as_of (the clock of the run that published the copy: every row is correct as of it).
     """
-    where = str(
-        path or settings.parse("FEATURE_PIPELINE_SERVING_PATH", os.environ.get("FEATURE_PIPELINE_SERVING_PATH"))
-    )
+    where = str(path or settings.load().serving_path)
     reader = _readers.get(where)
     if reader is None:
         reader = _readers.setdefault(where, FeatureReader(where))

@@ -18,8 +18,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,164 +27,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feature_pipeline import broker
-from feature_pipeline.broker import Delivery
-from feature_pipeline.envelopes import PoisonMessage, validate
+from feature_pipeline.broker.deliveries import Delivery
+from feature_pipeline.ingest.assemble import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA, Assembled
 
-EVENTS_SCHEMA = pa.schema(
-    [
-        ("stream", pa.string()),
-        ("subject", pa.string()),
-        ("stream_seq", pa.int64()),
-        ("num_delivered", pa.int32()),
-        ("received_at", pa.timestamp("us", tz="UTC")),
-        ("event_id", pa.string()),
-        ("type", pa.string()),
-        ("user_id", pa.string()),
-        ("occurred_at", pa.timestamp("us", tz="UTC")),
-        ("schema_version", pa.int32()),
-        ("data", pa.string()),
-        ("known_type", pa.bool_()),
-    ]
-)
-DEAD_LETTERS_SCHEMA = pa.schema(
-    [
-        ("original_stream", pa.string()),
-        ("original_subject", pa.string()),
-        ("original_seq", pa.int64()),
-        ("delivery_count", pa.int32()),
-        ("reason", pa.string()),
-        ("dead_lettered_at", pa.timestamp("us", tz="UTC")),
-        ("deadletter_seq", pa.int64()),
-        ("body", pa.binary()),
-    ]
-)
-DELIVERIES_SCHEMA = pa.schema(
-    [
-        ("stream", pa.string()),
-        ("subject", pa.string()),
-        ("reply", pa.string()),
-        ("stream_seq", pa.int64()),
-        ("num_delivered", pa.int32()),
-        ("stored_ns", pa.int64()),
-        ("headers", pa.string()),
-        ("body", pa.binary()),
-    ]
-)
+_DELIVERIES_SCHEMA_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("stream", pa.string()),
+    ("subject", pa.string()),
+    ("reply", pa.string()),
+    ("stream_seq", pa.int64()),
+    ("num_delivered", pa.int32()),
+    ("stored_ns", pa.int64()),
+    ("headers", pa.string()),
+    ("body", pa.binary()),
+]
+DELIVERIES_SCHEMA = pa.schema(_DELIVERIES_SCHEMA_FIELDS)
 STALE_TEMP_SECONDS = 600
-
-
-EVENT_COLUMNS = tuple(EVENTS_SCHEMA.names)
-
-
-def _empty_columns() -> dict[str, list[Any]]:
-    return {name: [] for name in EVENT_COLUMNS}
-
-
-@dataclass
-class Assembled:
-    """One fetch, sorted: what to stage and what is poison (dead-lettered at once).
-
-    Events are kept column-wise (one list per EVENTS_SCHEMA column, `received_at` in epoch
-    microseconds) so staging builds Arrow arrays directly instead of a dict per row.
-    """
-
-    event_columns: dict[str, list[Any]] = field(default_factory=_empty_columns)
-    dead_letters: list[dict[str, Any]] = field(default_factory=list)
-    staged: list[Delivery] = field(default_factory=list)
-    poison: list[tuple[Delivery, str]] = field(default_factory=list)
-
-    def events_table(self) -> pa.Table:
-        return pa.Table.from_arrays(
-            [pa.array(self.event_columns[f.name], type=f.type) for f in EVENTS_SCHEMA], schema=EVENTS_SCHEMA
-        )
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        """Row view of the events (tests, diagnostics); the sensor never builds it."""
-        return self.events_table().to_pylist()
-
-
-def _micros(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, UTC)
-
-
-def _dead_letter_row(d: Delivery) -> dict[str, Any]:
-    h = d.headers or {}
-
-    def as_int(name: str) -> int | None:
-        try:
-            return int(h[name])
-        except (KeyError, ValueError):
-            return None
-
-    try:
-        at = datetime.fromisoformat(h[broker.H_AT].replace("Z", "+00:00"))
-    except (KeyError, ValueError):
-        at = _micros(d.stored_ns)
-    original_seq = as_int(broker.H_SEQUENCE)
-    known = broker.H_STREAM in h and original_seq is not None
-    return {
-        # A message someone else put on deadletter.> is recorded under its own DEADLETTER sequence.
-        "original_stream": h.get(broker.H_STREAM) if known else broker.DEADLETTER.name,
-        "original_subject": h.get(broker.H_SUBJECT, d.subject.removeprefix("deadletter.")),
-        "original_seq": original_seq if known else d.stream_seq,
-        "delivery_count": as_int(broker.H_DELIVERIES) or 0,
-        "reason": h.get(broker.H_REASON, "no reason given (message published to deadletter.> by another client)"),
-        "dead_lettered_at": at,
-        "deadletter_seq": d.stream_seq,
-        "body": d.data,
-    }
-
-
-def assemble(deliveries: Iterable[Delivery]) -> Assembled:
-    """Validate fetched messages; poison ones are set aside with their reason."""
-    out = Assembled()
-    cols = out.event_columns
-    c_stream, c_subject, c_seq, c_delivered, c_received = (
-        cols["stream"],
-        cols["subject"],
-        cols["stream_seq"],
-        cols["num_delivered"],
-        cols["received_at"],
-    )
-    c_id, c_type, c_user, c_at, c_version, c_data, c_known = (
-        cols["event_id"],
-        cols["type"],
-        cols["user_id"],
-        cols["occurred_at"],
-        cols["schema_version"],
-        cols["data"],
-        cols["known_type"],
-    )
-    staged = out.staged
-    for d in deliveries:
-        if d.stream == broker.DEADLETTER.name:
-            out.dead_letters.append(_dead_letter_row(d))
-            staged.append(d)
-            continue
-        try:
-            ev = validate(d.subject, d.data)
-        except PoisonMessage as exc:
-            out.poison.append((d, str(exc)))
-            continue
-        except Exception as exc:  # a validator bug must not wedge the consumer; the copy in DEADLETTER keeps it
-            out.poison.append((d, f"unexpected validation error {exc!r}"))
-            continue
-        c_stream.append(d.stream)
-        c_subject.append(d.subject)
-        c_seq.append(d.stream_seq)
-        c_delivered.append(d.num_delivered)
-        c_received.append(d.stored_ns // 1000)
-        c_id.append(ev.event_id)
-        c_type.append(ev.type)
-        c_user.append(ev.user_id)
-        c_at.append(ev.occurred_at)
-        c_version.append(ev.schema_version)
-        c_data.append(ev.data_json)
-        c_known.append(ev.known_type)
-        staged.append(d)
-    return out
+KEEPALIVE_MARK = "kept-alive"  # its mtime: the batch's last +WPI
 
 
 @dataclass(frozen=True)
@@ -271,6 +129,7 @@ class BatchWriter:
         return sum(self.counts.values())
 
     def add(self, assembled: Assembled) -> None:
+        """Append one pull's rows; counts, sequence ranges and bytes follow."""
         if assembled.event_columns["event_id"]:
             self._writers["events"].write_table(assembled.events_table())
         if assembled.dead_letters:
@@ -280,15 +139,13 @@ class BatchWriter:
         if assembled.staged:
             self._writers["deliveries"].write_table(_deliveries_table(assembled.staged))
         for d in assembled.staged:
-            self.counts[d.stream] = self.counts.get(d.stream, 0) + 1
-            rng = self.ranges.get(d.stream)
-            if rng is None:
-                self.ranges[d.stream] = [d.stream_seq, d.stream_seq]
-            elif d.stream_seq < rng[0]:
-                rng[0] = d.stream_seq
-            elif d.stream_seq > rng[1]:
-                rng[1] = d.stream_seq
-            self.bytes += len(d.data) + len(d.subject) + len(d.reply)
+            self._count(d)
+
+    def _count(self, d: Delivery) -> None:
+        self.counts[d.stream] = self.counts.get(d.stream, 0) + 1
+        rng = self.ranges.setdefault(d.stream, [d.stream_seq, d.stream_seq])
+        rng[0], rng[1] = min(rng[0], d.stream_seq), max(rng[1], d.stream_seq)
+        self.bytes += d.size
 
     def close(self) -> Manifest:
         for name, writer in self._writers.items():
@@ -360,10 +217,17 @@ class Staging:
                 if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
                     shutil.rmtree(entry, ignore_errors=True)
                 continue
-            manifest = entry / "manifest.json"
-            if entry.is_dir() and manifest.is_file():
-                found.append(Manifest(**json.loads(manifest.read_text())))
+            manifest = self.manifest(entry.name) if entry.is_dir() else None
+            if manifest is not None:
+                found.append(manifest)
         return sorted(found, key=lambda m: (m.created_at, m.batch_id))
+
+    def manifest(self, batch_id: str) -> Manifest | None:
+        """A complete staged batch's manifest; None when there is no such batch (never staged, or settled)."""
+        path = self.path(batch_id) / "manifest.json"
+        if not path.is_file():
+            return None
+        return Manifest(**json.loads(path.read_text()))
 
     def deliveries(self, batch_id: str, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(batch_id) / "deliveries.parquet", columns=list(columns) if columns else None)
@@ -375,6 +239,20 @@ class Staging:
         pf = pq.ParquetFile(self.path(batch_id) / "deliveries.parquet")
         for rb in pf.iter_batches(batch_size=chunk, columns=list(columns) if columns else None):
             yield rb.to_pylist()
+
+    def kept_alive_at(self, manifest: Manifest) -> float:
+        """When the batch's messages were last kept alive (+WPI), else when its first pull was made.
+
+        Kept on disk beside the batch, so a restarted code server carries on where the last one left off."""
+        try:
+            return (self.path(manifest.batch_id) / KEEPALIVE_MARK).stat().st_mtime
+        except FileNotFoundError:
+            return datetime.fromisoformat(manifest.created_at).timestamp()
+
+    def mark_kept_alive(self, batch_id: str, at: float) -> None:
+        mark = self.path(batch_id) / KEEPALIVE_MARK
+        mark.touch(mode=0o600)
+        os.utime(mark, (at, at))
 
     def remove(self, batch_id: str) -> None:
         shutil.rmtree(self.path(batch_id), ignore_errors=True)

@@ -20,26 +20,13 @@ from typing import Any
 
 import duckdb
 
-from feature_pipeline.registry import SOURCE_TABLES, FeatureDef, Registry, load_registry
+from feature_pipeline import streams
+from feature_pipeline.store.db import scalar
+from feature_pipeline.store.registry import FeatureDef, Registry
 
 POINTS = "feature_points"  # temp table (user_id VARCHAR, as_of TIMESTAMPTZ): which rows to compute
-STATE_DDL = """
-CREATE TABLE IF NOT EXISTS feature_state (
-    id INTEGER PRIMARY KEY,
-    valid_as_of TIMESTAMPTZ,
-    fingerprint VARCHAR
-)
-"""
-_ALL_USERS = "SELECT user_id FROM signal_events UNION SELECT user_id FROM feedback_events"
-_default: Registry | None = None
-
-
-def default_registry() -> Registry:
-    """The packaged feature_defs.toml."""
-    global _default
-    if _default is None:
-        _default = load_registry()
-    return _default
+SOURCE_TABLES = {s.key: s.table for s in streams.EVENT_STREAMS}
+_ALL_USERS = " UNION ".join(f"SELECT user_id FROM {t}" for t in SOURCE_TABLES.values())
 
 
 def _interval(delta: timedelta) -> str:
@@ -108,60 +95,6 @@ def feature_sql(registry: Registry, *, received_cutoff: bool = False) -> str:
     return f"WITH {', '.join(ctes)}\n{select}"
 
 
-def user_features_ddl(registry: Registry) -> str:
-    cols = "".join(f"    {f.name} {f.column_type},\n" for f in registry.features)
-    return (
-        "CREATE TABLE IF NOT EXISTS user_features (\n    user_id VARCHAR PRIMARY KEY,\n"
-        f"{cols}    updated_at TIMESTAMPTZ NOT NULL\n)"
-    )
-
-
-def snapshots_ddl(registry: Registry) -> str:
-    cols = "".join(f"    {f.name} {f.column_type},\n" for f in registry.features)
-    # No primary key: a partition is replaced by DELETE + INSERT in one transaction.
-    return (
-        "CREATE TABLE IF NOT EXISTS user_feature_snapshots (\n    snapshot_date DATE NOT NULL,\n"
-        f"    user_id VARCHAR NOT NULL,\n{cols}    as_of TIMESTAMPTZ NOT NULL\n)"
-    )
-
-
-def sync_columns(con: duckdb.DuckDBPyConnection, registry: Registry, table: str, fixed: set[str]) -> list[str]:
-    """Add the registry's new columns to `table`, drop the removed ones, retype changed ones.
-
-    Returns what changed, in words, for the run log. Columns in `fixed` are not features.
-    """
-    have = {
-        name: typ
-        for name, typ in con.execute(
-            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = $t AND schema_name = 'main'",
-            {"t": table},
-        ).fetchall()
-    }
-    want = {f.name: f.column_type for f in registry.features}
-    changes: list[str] = []
-    retyped: set[str] = set()
-    for name, typ in list(have.items()):
-        if name in fixed or (name in want and _norm(typ) == want[name]):
-            continue
-        con.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
-        del have[name]
-        if name in want:
-            retyped.add(name)
-            changes.append(f"retyped {table}.{name} {typ} -> {want[name]}")
-        else:
-            changes.append(f"dropped {table}.{name}")
-    for name, typ in want.items():
-        if name not in have:
-            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
-            if name not in retyped:
-                changes.append(f"added {table}.{name} {typ}")
-    return changes
-
-
-def _norm(sql_type: str) -> str:
-    return {"TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ"}.get(sql_type, sql_type)
-
-
 def set_points(con: duckdb.DuckDBPyConnection, select_sql: str, params: dict[str, Any] | None = None) -> None:
     """Fill feature_points from a query returning (user_id, as_of)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {POINTS} AS SELECT DISTINCT * FROM ({select_sql})", params or {})
@@ -207,13 +140,9 @@ def upsert_features(
 
 
 def compute_features(
-    con: duckdb.DuckDBPyConnection,
-    as_of: datetime,
-    user_ids: list[str] | None = None,
-    registry: Registry | None = None,
+    con: duckdb.DuckDBPyConnection, registry: Registry, as_of: datetime, user_ids: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Recompute rows from the raw tables without writing: the reference for checks and tests."""
-    registry = registry or default_registry()
     if user_ids is None:
         set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({_ALL_USERS})", {"as_of": as_of})
     else:
@@ -230,11 +159,11 @@ def compute_features(
 def inconsistent_users(con: duckdb.DuckDBPyConnection, sample: int, registry: Registry) -> tuple[int, list[str]]:
     """Compare up to `sample` stored rows (all when the table is smaller) with a recomputation at
     each row's own updated_at. Returns (rows checked, user ids whose row differs)."""
-    rows = con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
+    rows = scalar(con, "SELECT count(*) FROM user_features")
     # SAMPLE takes only a literal (int() keeps it one) and reserves memory for all of it: cap it at the table.
     n = max(1, min(int(sample), rows))
     set_points(con, f"SELECT user_id, updated_at AS as_of FROM user_features USING SAMPLE reservoir({n} ROWS)")
-    checked = con.execute(f"SELECT count(*) FROM {POINTS}").fetchone()[0]  # type: ignore[index]
+    checked = int(scalar(con, f"SELECT count(*) FROM {POINTS}"))
     cols = ", ".join(("user_id", *registry.names, "updated_at"))
     diff = con.execute(
         f"SELECT user_id FROM ((SELECT {cols} FROM user_features WHERE user_id IN (SELECT user_id FROM {POINTS})) "
@@ -255,8 +184,8 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, registry: Registry, day: date
     set_points(
         con,
         "SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ("
-        "SELECT user_id FROM signal_events WHERE occurred_at <= $as_of "
-        "UNION SELECT user_id FROM feedback_events WHERE occurred_at <= $as_of)",
+        + " UNION ".join(f"SELECT user_id FROM {t} WHERE occurred_at <= $as_of" for t in SOURCE_TABLES.values())
+        + ")",
         {"as_of": as_of},
     )
     cols = ", ".join(registry.names)

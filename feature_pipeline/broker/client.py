@@ -1,0 +1,298 @@
+"""One NATS connection: raw pulls, acks by reply subject, dead letters, stream state.
+
+Pulls are raw `$JS.API.CONSUMER.MSG.NEXT` requests with `no_wait` on a core inbox: several
+times faster than `PullSubscription.fetch`, and the request ends with a status message, so no
+delivered message is left in flight when the connection closes (a `fetch` that times out can
+leave stragglers that come back only after ack_wait). Acks are plain publishes to the reply
+subjects, which work from any connection and after restarts, so a batch can be settled by a
+later sensor tick than the one that fetched it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from feature_pipeline import streams
+from feature_pipeline.broker.auth import NatsAuth, redact
+from feature_pipeline.broker.deliveries import Delivery, parse_reply
+from feature_pipeline.broker.fastpath import FastClient, new_client, subscription_id
+
+CONNECT_TIMEOUT_SECONDS = 2
+REQUEST_TIMEOUT_SECONDS = 5
+PENDING_BYTES = 256 * 1024 * 1024
+
+
+class BrokerUnavailable(RuntimeError):
+    """NATS could not be reached or stopped answering; the text says which server and why."""
+
+
+class TopologyError(RuntimeError):
+    """A stream or consumer exists with settings the pipeline cannot work with."""
+
+
+class MessageTooLarge(TopologyError):
+    """The next message does not fit in the pull's byte budget."""
+
+
+def _reason(exc: BaseException) -> str:
+    """nats-py reports a refused login as a generic error: say what the server said."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({cause})"
+    return text
+
+
+def header_safe(text: str, limit: int = 1000) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class _Pull:
+    """Collects one pull's replies until `batch` messages or the server's closing status."""
+
+    def __init__(self, stream: str, batch: int) -> None:
+        self.stream = stream
+        self.batch = batch
+        self.got: list[Delivery] = []
+        self.done = asyncio.Event()
+        self.status: dict[str, str] = {}
+
+    def on_status(self, hdrs: dict[str, str] | None) -> None:
+        if hdrs and "Status" in hdrs:
+            self.status.update(code=hdrs["Status"], text=hdrs.get("Description", ""))
+            if hdrs["Status"] != "100":  # 100 = heartbeat; 404/408/409 end the request
+                self.done.set()
+
+    def on_delivery(self, subject: str, reply: str, data: bytes, hdrs: dict[str, str] | None) -> None:
+        _, delivered, seq, stored = parse_reply(reply)
+        self.got.append(Delivery(self.stream, subject, reply, data, hdrs, seq, delivered, stored))
+        if len(self.got) >= self.batch:
+            self.done.set()
+
+    async def on_msg(self, msg: Msg) -> None:
+        """nats-py's public path: every reply as a Msg."""
+        if not msg.reply:
+            self.on_status(msg.headers)
+        else:
+            self.on_delivery(msg.subject, msg.reply, msg.data, msg.headers)
+
+    def raw_sink(self, nc: FastClient) -> Any:
+        """The fast path: replies as raw bytes, straight from the protocol parser."""
+
+        async def sink(subject: bytes, reply: bytes, data: bytes, raw_headers: bytes | None) -> None:
+            if not reply:
+                self.on_status(await nc.headers(raw_headers))
+            else:
+                self.on_delivery(subject.decode(), reply.decode(), data, await nc.headers(raw_headers))
+
+        return sink
+
+    @property
+    def too_large(self) -> bool:
+        return not self.got and self.status.get("code") == "409" and "MaxBytes" in self.status.get("text", "")
+
+
+class Broker:
+    """One connection for one sensor tick or CLI call; connect, use, close."""
+
+    def __init__(self, nc: Client, url: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=REQUEST_TIMEOUT_SECONDS)
+        self.url = url
+
+    @property
+    def fast(self) -> bool:
+        """Whether this connection takes the fast path (see broker.fastpath)."""
+        return isinstance(self.nc, FastClient)
+
+    @classmethod
+    async def connect(
+        cls, url: str, name: str = "feature-pipeline", auth: NatsAuth | None = None, *, fast: bool | None = None
+    ) -> Broker:
+        """Connect once, without reconnecting: a caller that loses NATS reports it and tries on its next call.
+
+        `fast`: None takes the fast path whenever nats-py passes the self-check; True or False forces it."""
+
+        async def quiet(_exc: Exception) -> None:
+            # nats-py logs every failed attempt with a stack trace otherwise; the caller reports once.
+            return None
+
+        servers = url.split(",")
+        try:
+            options = (auth or NatsAuth()).connect_options(url)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnavailable(f"cannot load the TLS files for NATS at {redact(url)}: {exc}") from None
+        nc = new_client(fast)
+        try:
+            # nats-py's connect_timeout does not cover a hanging DNS lookup: bound the whole attempt.
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=servers,
+                    name=name,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=quiet,
+                    pending_size=PENDING_BYTES,
+                    **options,
+                ),
+                CONNECT_TIMEOUT_SECONDS * len(servers) + 1,
+            )
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {_reason(exc)}") from None
+        return cls(nc, url)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def pull(
+        self, stream: str, consumer: str, *, batch: int, max_bytes: int, timeout: float = 5.0
+    ) -> list[Delivery]:
+        """Take what the consumer has now, up to `batch` messages / `max_bytes`; never waits for more."""
+        pull = _Pull(stream, batch)
+        nc = self.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(
+            inbox,
+            cb=None if self.fast else pull.on_msg,
+            pending_msgs_limit=batch + 100,
+            pending_bytes_limit=max_bytes * 2 + 1024 * 1024,
+        )
+        if isinstance(nc, FastClient):
+            nc.sinks[subscription_id(sub)] = pull.raw_sink(nc)
+        try:
+            request = json.dumps({"batch": batch, "max_bytes": max_bytes, "no_wait": True}).encode()
+            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", request, reply=inbox)
+            await self._wait(pull, f"{stream}/{consumer}", timeout)
+        finally:
+            if isinstance(nc, FastClient):
+                nc.sinks.pop(subscription_id(sub), None)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if pull.too_large:
+            raise MessageTooLarge(
+                f"the next message on {stream} is larger than the {max_bytes} bytes left in this batch; "
+                "FEATURE_PIPELINE_BATCH_MAX_BYTES must exceed the server's max_payload"
+            )
+        return pull.got
+
+    async def _wait(self, pull: _Pull, what: str, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(pull.done.wait(), timeout)
+        except TimeoutError:
+            if not pull.got:
+                raise BrokerUnavailable(
+                    f"NATS at {redact(self.url)} did not answer a pull on {what} in {timeout:.0f} s"
+                ) from None
+
+    # -- settling ---------------------------------------------------------------------------
+
+    async def _send(self, replies: Iterable[str], payload: bytes) -> int:
+        n = 0
+        if isinstance(self.nc, FastClient):
+            n = await self.nc.publish_many(replies, payload)
+        else:
+            for reply in replies:
+                await self.nc.publish(reply, payload)
+                n += 1
+        # A PING/PONG round trip: the server has read every ack before this returns.
+        await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
+        return n
+
+    async def ack(self, replies: Iterable[str]) -> int:
+        return await self._send(replies, b"+ACK")
+
+    async def keep_alive(self, replies: Iterable[str]) -> int:
+        return await self._send(replies, b"+WPI")
+
+    async def nak(self, replies_with_delay: Sequence[tuple[str, float]]) -> int:
+        for reply, delay in replies_with_delay:
+            payload = b"-NAK" if delay <= 0 else b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode()
+            await self.nc.publish(reply, payload)
+        await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
+        return len(replies_with_delay)
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> int:
+        """Copy each message to `deadletter.<subject>` with its reason, then TERM the original.
+
+        The copy is confirmed by the DEADLETTER stream before the TERM is sent, so a crash
+        in between leaves the original to be redelivered; the deterministic Nats-Msg-Id
+        makes the second copy a duplicate the stream drops.
+        """
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        for start in range(0, len(items), 1000):
+            chunk = items[start : start + 1000]
+            futures = [await self._copy_to_dead_letters(d, reason, now) for d, reason in chunk]
+            results = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), REQUEST_TIMEOUT_SECONDS * 2
+            )
+            for (d, reason), result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    raise BrokerUnavailable(
+                        f"could not copy {d.stream} #{d.stream_seq} to DEADLETTER: {result!r}"
+                    ) from None
+                if d.reply:  # a message the server already gave up on has nothing left to TERM
+                    await self.nc.publish(d.reply, b"+TERM " + header_safe(reason, 200).encode())
+            await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
+        return len(items)
+
+    async def _copy_to_dead_letters(self, d: Delivery, reason: str, now: str) -> Any:
+        headers = {k: v for k, v in (d.headers or {}).items() if not k.startswith("Nats-") and k != "Status"}
+        headers.update(
+            {
+                "Nats-Msg-Id": f"dl:{d.stream}:{d.stream_seq}",
+                streams.H_STREAM: d.stream,
+                streams.H_SUBJECT: d.subject,
+                streams.H_SEQUENCE: str(d.stream_seq),
+                streams.H_DELIVERIES: str(d.num_delivered),
+                streams.H_REASON: header_safe(reason),
+                streams.H_AT: now,
+                streams.H_STORED: str(d.stored_ns),
+            }
+        )
+        subject = streams.dead_letter_subject(d.subject)
+        return await self.js.publish_async(subject, d.data, headers=headers, stream=streams.DEADLETTER.name)
+
+    # -- observing --------------------------------------------------------------------------
+
+    async def stream_state(self, name: str) -> dict[str, Any]:
+        """The raw `state` of STREAM.INFO: nats-py drops first_ts/last_ts."""
+        resp = await self.nc.request(f"$JS.API.STREAM.INFO.{name}", b"", timeout=REQUEST_TIMEOUT_SECONDS)
+        body = json.loads(resp.data)
+        if "error" in body:
+            raise NotFoundError(description=body["error"].get("description", ""))
+        return dict(body["state"])
+
+    async def subject_counts(self, name: str, subjects_filter: str) -> dict[str, int]:
+        resp = await self.nc.request(
+            f"$JS.API.STREAM.INFO.{name}",
+            json.dumps({"subjects_filter": subjects_filter}).encode(),
+            timeout=REQUEST_TIMEOUT_SECONDS,
+        )
+        body = json.loads(resp.data)
+        return dict(body.get("state", {}).get("subjects") or {})
+
+    async def consumer_info(self, stream: str, consumer: str) -> Any:
+        return await self.js.consumer_info(stream, consumer)

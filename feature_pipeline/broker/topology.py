@@ -1,0 +1,119 @@
+"""Streams and durable consumers: created when missing, put back when changed, and the advisory capture.
+
+Streams are created (file storage) if absent and otherwise left as their owner made them.
+Consumers are created or updated in place with `add_consumer` (a bound `pull_subscribe` would
+silently ignore changed settings), so a deleted consumer comes back and a changed one is put back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from feature_pipeline import streams
+from feature_pipeline.broker.client import Broker, TopologyError
+from feature_pipeline.broker.deliveries import Delivery, ts_from_nats
+
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+ADVISORY_RETENTION_SECONDS = 7 * 24 * 3600
+
+
+async def ensure_streams(broker: Broker) -> None:
+    """Create the streams that are missing; existing ones are left as their owner made them."""
+    for spec in streams.STREAMS:
+        try:
+            await broker.js.stream_info(spec.name)
+        except NotFoundError:
+            try:
+                await broker.js.add_stream(
+                    StreamConfig(name=spec.name, subjects=[spec.subject], storage=StorageType.FILE)
+                )
+            except BadRequestError as exc:
+                raise TopologyError(f"cannot create stream {spec.name} for {spec.subject}: {exc}") from None
+
+
+async def ensure_consumers(
+    broker: Broker, prefix: str, *, max_deliver: int, ack_wait_seconds: int, max_ack_pending: int
+) -> None:
+    """Create or update the durable pull consumers in place."""
+    for spec in streams.STREAMS:
+        config = ConsumerConfig(
+            durable_name=streams.consumer_name(prefix, spec),
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=spec.subject,
+            # A dead letter is never dropped: it is retried until the dead_letters table has it.
+            max_deliver=max_deliver if spec.carries_events else -1,
+            ack_wait=float(ack_wait_seconds),
+            max_ack_pending=max_ack_pending,
+            max_waiting=64,
+        )
+        try:
+            await broker.js.add_consumer(spec.name, config)
+        except BadRequestError as exc:
+            raise TopologyError(
+                f"consumer {config.durable_name} on stream {spec.name} exists with settings that cannot be "
+                f"changed in place ({exc.description}); delete it or pick another NATS_DURABLE_PREFIX"
+            ) from None
+
+
+async def ensure_advisory_capture(broker: Broker, prefix: str) -> str:
+    """A stream and consumer that keep the server's MAX_DELIVERIES advisories for our consumers.
+
+    The server drops a message from a consumer once it has been delivered max_deliver times
+    without an ack, announcing it only by a core-NATS advisory. That happens without any failed
+    run when deliveries expire unacked (a sensor that keeps crashing between fetch and stage).
+    Captured, the sensor copies those messages to DEADLETTER instead of losing track of them.
+    """
+    name = streams.advisory_stream(prefix)
+    subjects = [f"{MAX_DELIVERIES_ADVISORY}.{s.name}.{streams.consumer_name(prefix, s)}" for s in streams.EVENT_STREAMS]
+    try:
+        await broker.js.stream_info(name)
+    except NotFoundError:
+        await broker.js.add_stream(
+            StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, max_age=ADVISORY_RETENTION_SECONDS)
+        )
+    config = ConsumerConfig(durable_name=name, ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0, max_ack_pending=10_000)
+    await broker.js.add_consumer(name, config)
+    return name
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """A message the server gave up on, from its advisory."""
+
+    original: Delivery | None  # None: the stream no longer has it (removed by retention)
+    advisory: dict[str, Any]
+    reply: str  # the advisory's own ack subject, to ack once handled
+
+
+async def exhausted(broker: Broker, prefix: str, limit: int = 1000) -> list[Exhausted]:
+    """Messages the server gave up on since the last call, with their originals where still stored."""
+    name = await ensure_advisory_capture(broker, prefix)
+    out = []
+    for adv in await broker.pull(name, name, batch=limit, max_bytes=8 * 1024 * 1024):
+        info = json.loads(adv.data)
+        out.append(Exhausted(await _original(broker, info), info, adv.reply))
+    return out
+
+
+async def _original(broker: Broker, info: dict[str, Any]) -> Delivery | None:
+    try:
+        raw = await broker.js.get_msg(info["stream"], seq=int(info["stream_seq"]))
+    except NotFoundError:
+        return None
+    stored = raw.time if isinstance(raw.time, datetime) else ts_from_nats(str(raw.time))
+    return Delivery(
+        stream=info["stream"],
+        subject=raw.subject or "",
+        reply="",
+        data=raw.data or b"",
+        headers=dict(raw.headers) if raw.headers else None,
+        stream_seq=int(info["stream_seq"]),
+        num_delivered=int(info.get("deliveries", 0)),
+        stored_ns=int(stored.timestamp() * 1e9) if stored else 0,
+    )

@@ -1,0 +1,16 @@
+"""`feature-pipeline`: bring the stack up, publish sample events, read features, check health."""
+
+from __future__ import annotations
+
+import argparse
+
+from feature_pipeline.cli import backfill, publish, reads, status, up
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="feature-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (up, publish, reads, backfill, status):
+        group.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,145 @@
+"""`feature-pipeline backfill-snapshots`: ask the daemon for an asset backfill of daily snapshots.
+
+The request is the one the UI's Materialize > Launch backfill makes. With a webserver running
+(`up` starts one) it goes through the webserver's public GraphQL API (`launchPartitionBackfill`);
+without one, it is written into the Dagster instance directly, through the one private Dagster
+call this project makes, kept in `add_backfill_to_instance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from datetime import date
+from typing import Any
+
+from feature_pipeline.cli.common import EXIT_OK, dagster_home, fail
+
+SNAPSHOTS = "user_feature_snapshots"
+_MUTATION = """
+mutation ($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on PartitionKeysNotFoundError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    back = sub.add_parser("backfill-snapshots", help="backfill daily user_feature_snapshots (the daemon runs it)")
+    back.add_argument("start", type=date.fromisoformat, help="first day, YYYY-MM-DD")
+    back.add_argument("end", type=date.fromisoformat, nargs="?", help="last day (default: start)")
+    back.add_argument(
+        "--webserver",
+        default="http://127.0.0.1:3000",
+        help="the Dagster webserver to ask (default http://127.0.0.1:3000, where `up` serves it); when none "
+        "answers there, the backfill is added to the instance at DAGSTER_HOME directly",
+    )
+    back.set_defaults(func=cmd_backfill_snapshots)
+
+
+def cmd_backfill_snapshots(args: argparse.Namespace) -> int:
+    try:
+        keys = partition_keys(args.start, args.end or args.start)
+    except ValueError as exc:
+        return fail(str(exc))
+    title = f"{SNAPSHOTS} {keys[0]}..{keys[-1]}"
+    try:
+        backfill_id = launch_via_webserver(args.webserver, keys, title)
+        how = f"through the webserver at {args.webserver}"
+    except OSError:  # no webserver there: the instance itself
+        home = dagster_home()
+        if not (home / "dagster.yaml").is_file():
+            return fail(f"no Dagster instance at {home}: run `feature-pipeline up` first (or set DAGSTER_HOME)")
+        backfill_id = _launch_via_instance(home, keys, title)
+        how = f"in the instance at {home}"
+    except RuntimeError as exc:
+        return fail(str(exc))
+    print(
+        f"backfill {backfill_id}: {len(keys)} day(s) {keys[0]}..{keys[-1]}, requested {how}; the daemon runs it "
+        "(follow it in the UI under Runs > Backfills)"
+    )
+    return EXIT_OK
+
+
+def partition_keys(start: date, end: date) -> list[str]:
+    """The snapshot partitions from start to end, checked against the asset's partitions definition."""
+    import dagster as dg
+
+    from feature_pipeline.definitions import snapshots
+
+    partitions = snapshots.partitions_def
+    assert partitions is not None
+    try:
+        keys = partitions.get_partition_keys_in_range(dg.PartitionKeyRange(start.isoformat(), end.isoformat()))
+    except Exception as exc:
+        raise ValueError(f"{start}..{end} is not a range of {SNAPSHOTS} partitions: {exc}") from None
+    return list(keys)
+
+
+def launch_via_webserver(url: str, keys: list[str], title: str, timeout: float = 30.0) -> str:
+    """`launchPartitionBackfill`, as the UI sends it. OSError when no webserver answers at `url`."""
+    params = {
+        "assetSelection": [{"path": [SNAPSHOTS]}],
+        "partitionNames": keys,
+        "fromFailure": False,
+        "title": title,
+        "description": "requested with feature-pipeline backfill-snapshots",
+    }
+    body = json.dumps({"query": _MUTATION, "variables": {"params": params}}).encode()
+    request = urllib.request.Request(
+        url.rstrip("/") + "/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # a webserver did answer, with an error
+        raise RuntimeError(f"the webserver at {url} answered HTTP {exc.code}: {exc.read()[:500]!r}") from None
+    result = (answer.get("data") or {}).get("launchPartitionBackfill") or {}
+    if result.get("__typename") != "LaunchBackfillSuccess":
+        raise RuntimeError(f"the webserver at {url} refused the backfill: {result or answer.get('errors')}")
+    return str(result["backfillId"])
+
+
+def _launch_via_instance(home: Any, keys: list[str], title: str) -> str:
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.get() as instance:
+        return add_backfill_to_instance(instance, keys, title)
+
+
+def add_backfill_to_instance(instance: Any, keys: list[str], title: str) -> str:
+    """The asset backfill the UI would create, written to the instance for its daemon to run.
+
+    Dagster has no public Python call for this; these two private imports are the only ones in the
+    project, and `feature_pipeline_tests` checks that the backfill they write is the one asked for.
+    """
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+
+    from feature_pipeline.definitions import defs, snapshots
+
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=make_new_backfill_id(),
+        asset_graph=defs.resolve_asset_graph(),
+        partition_names=keys,
+        asset_selection=[snapshots.key],
+        backfill_timestamp=time.time(),
+        tags={},
+        dynamic_partitions_store=instance,
+        all_partitions=False,
+        title=title,
+        description="requested with feature-pipeline backfill-snapshots",
+        run_config=None,
+    )
+    instance.add_backfill(backfill)
+    return str(backfill.backfill_id)

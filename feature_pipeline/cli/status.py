@@ -1,0 +1,168 @@
+"""`feature-pipeline health | settings`: is the pipeline well, and with what configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from feature_pipeline import settings
+from feature_pipeline.broker.auth import redact
+from feature_pipeline.broker.client import BrokerUnavailable
+from feature_pipeline.cli.common import EXIT_DEGRADED, EXIT_DOWN, EXIT_OK, dagster_home, load_settings
+from feature_pipeline.ingest.staging import Staging
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    health = sub.add_parser("health", help="lag, last message, in-flight batches, dead letters, last run")
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(func=cmd_health)
+    sub.add_parser("settings", help="every configuration variable and its value").set_defaults(func=cmd_settings)
+
+
+def cmd_settings(_args: argparse.Namespace) -> int:
+    cfg = load_settings()
+    for var in settings.VARIABLES:
+        source = "env" if var.name in os.environ else "default"
+        print(f"{var.name}={settings.shown(cfg, var)}  ({source})")
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    cfg = load_settings()
+    report: dict[str, Any] = {"nats_url": redact(cfg.nats_url), "status": "ok", "problems": []}
+    code = max(_streams(cfg, report), _staging(cfg, report), _dagster(report))
+    code = max(code, _graded(report))
+    report["status"] = {EXIT_OK: "ok", EXIT_DEGRADED: "degraded", EXIT_DOWN: "down"}[code]
+    print(json.dumps(report, indent=2, default=str) if args.json else _text(report))
+    return code
+
+
+def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
+    from feature_pipeline.broker.stats import read_stream_stats
+
+    in_flight = [m.counts for m in Staging(cfg.staging_dir).batches()]
+    report["streams"] = []
+    try:
+        stats = asyncio.run(
+            read_stream_stats(cfg.nats_url, cfg.nats_auth, cfg.durable_prefix, in_flight, "feature-pipeline-health")
+        )
+    except BrokerUnavailable as exc:
+        report["problems"].append(str(exc))
+        return EXIT_DOWN
+    except Exception as exc:  # a missing consumer or stream: the pipeline has not run yet, or was changed
+        report["problems"].append(f"cannot read stream state: {exc!r} (the sensor creates streams and consumers)")
+        return EXIT_DEGRADED
+    report["streams"] = [s.as_dict() for s in stats]
+    return EXIT_OK
+
+
+def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
+    try:
+        Staging(cfg.staging_dir).check_writable()
+    except OSError as exc:
+        report["problems"].append(f"staging folder {cfg.staging_dir} is not writable, the sensor will not fetch: {exc}")
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def _dagster(report: dict[str, Any]) -> int:
+    report.update(last_ingest_run=None, checks={}, freshness={})
+    try:
+        report.update(_dagster_state() or {})
+    except Exception as exc:
+        report["problems"].append(f"cannot read the Dagster instance at {dagster_home()}: {exc}")
+        return EXIT_DOWN
+    return EXIT_OK
+
+
+def _dagster_state() -> dict[str, Any] | None:
+    """The last ingest run, the latest result of every asset check, and user_features freshness."""
+    home = dagster_home()
+    if not (home / "dagster.yaml").exists():
+        return None
+    import dagster as dg  # slow import: only when a Dagster instance is there to ask
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return {
+            "last_ingest_run": _last_run(instance),
+            "checks": _checks(instance),
+            "freshness": {
+                key.to_user_string(): state.freshness_state.value
+                for key, state in instance.get_freshness_state_records([dg.AssetKey("user_features")]).items()
+            },
+        }
+
+
+def _last_run(instance: Any) -> dict[str, Any]:
+    import dagster as dg
+
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name="ingest"), limit=1)
+    if not records:
+        return {"status": "none yet"}
+    run = records[0]
+    return {
+        "run_id": run.dagster_run.run_id,
+        "status": run.dagster_run.status.value,
+        "ended_at": datetime.fromtimestamp(run.end_time, UTC).isoformat() if run.end_time else None,
+    }
+
+
+def _checks(instance: Any) -> dict[str, Any]:
+    from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, STREAM_CHECK_SPECS
+
+    keys = [s.key for s in (*STREAM_CHECK_SPECS, DEAD_LETTERS_CHECK, CONSISTENCY_CHECK)]
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    out = {}
+    for key in keys:
+        rec = latest.get(key)
+        event = rec.event if rec else None
+        evaluation = event.dagster_event.event_specific_data if event and event.dagster_event else None
+        passed = getattr(evaluation, "passed", None)
+        severity = getattr(evaluation, "severity", None)
+        out[f"{key.asset_key.to_user_string()}:{key.name}"] = {
+            "state": "never run" if passed is None else "passed" if passed else "failed",
+            "severity": None if passed in (None, True) or severity is None else severity.value,
+            "description": getattr(evaluation, "description", None),
+            "at": datetime.fromtimestamp(event.timestamp, UTC).isoformat() if event else None,
+        }
+    return out
+
+
+def _graded(report: dict[str, Any]) -> int:
+    """A failed last run, a failed check or stale features make the pipeline degraded."""
+    last = report.get("last_ingest_run") or {}
+    degraded = []
+    if last.get("status") in ("FAILURE", "CANCELED"):
+        degraded.append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
+    for name, check in report["checks"].items():
+        if check["state"] == "failed":
+            degraded.append(f"check {name} failed ({check['severity']}): {check['description']}")
+    for asset, state in report["freshness"].items():
+        if state in ("WARN", "FAIL"):
+            degraded.append(f"{asset} freshness is {state}")
+    report["problems"].extend(degraded)
+    return EXIT_DEGRADED if degraded else EXIT_OK
+
+
+def _text(report: dict[str, Any]) -> str:
+    lines = [f"status: {report['status']}  (NATS {report['nats_url']})"]
+    for s in report["streams"]:
+        lines.append(
+            f"  {s['stream']:<10} lag {s['consumer_lag']:>8}  last message {s['last_message_at'] or 'never'}  "
+            f"in flight {s['in_flight_batches']} batch(es)/{s['in_flight_messages']} msgs  "
+            f"dead letters {s['dead_letters']}"
+        )
+    if report.get("last_ingest_run"):
+        lines.append(f"  last ingest run: {report['last_ingest_run']}")
+    for name, check in report["checks"].items():
+        severity = f" ({check['severity']})" if check["severity"] else ""
+        lines.append(f"  check {name}: {check['state']}{severity}")
+    for asset, state in report["freshness"].items():
+        lines.append(f"  freshness {asset}: {state}")
+    lines += [f"  problem: {p}" for p in report["problems"]]
+    return "\n".join(lines)

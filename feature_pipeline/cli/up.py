@@ -1,0 +1,97 @@
+"""`feature-pipeline up`: a local NATS when none answers, then the Dagster UI and daemon."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from feature_pipeline.broker.auth import redact
+from feature_pipeline.broker.local import LocalNats, port_open
+from feature_pipeline.cli.common import dagster_home, fail, load_settings, prepare_dagster_home
+from feature_pipeline.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser("up", help="start NATS (if none answers), the Dagster UI and daemon with the sensor on")
+    up.add_argument("--host", default="127.0.0.1", help="webserver bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=3000)
+    up.set_defaults(func=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    project = Path.cwd()
+    if not (project / "workspace.yaml").is_file() or not (project / "dagster.yaml").is_file():
+        return fail("run `feature-pipeline up` from the project folder (the one with workspace.yaml and dagster.yaml)")
+    cfg = load_settings()
+    env = dict(os.environ)
+    try:
+        local = _nats(cfg, project, env)
+    except RuntimeError as exc:
+        return fail(str(exc))
+    home = dagster_home()
+    prepare_dagster_home(home, project)
+    env["DAGSTER_HOME"] = str(home)
+    # Absolute paths, so the code server and run workers agree whatever their working directory.
+    env["FEATURE_STORE_PATH"] = cfg.feature_store_path
+    env["FEATURE_PIPELINE_STAGING_DIR"] = cfg.staging_dir
+    env["FEATURE_PIPELINE_SERVING_PATH"] = cfg.serving_path
+    if cfg.features_file:
+        env["FEATURE_PIPELINE_FEATURES_FILE"] = cfg.features_file
+    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
+    print("then, in another shell: feature-pipeline publish --user u-42 && feature-pipeline features u-42")
+    try:
+        return _run_dagster(project, home, env, args.host, args.port)
+    finally:
+        if local:
+            local.stop()
+
+
+def _nats(cfg: Settings, project: Path, env: dict[str, str]) -> LocalNats | None:
+    """The NATS at NATS_URL if it answers; else a local one when the URL points here; else an error."""
+    first = urlparse(cfg.nats_url.split(",")[0])
+    host, port = first.hostname or "127.0.0.1", first.port or 4222
+    if port_open(host, port):
+        print(f"using NATS at {redact(cfg.nats_url)}")
+        return None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise RuntimeError(
+            f"NATS_URL={redact(cfg.nats_url)} does not answer; start it or unset NATS_URL for a local one"
+        )
+    local = LocalNats(project / "data" / "nats", port=port, log_file=str(project / "data" / "nats.log")).start()
+    env["NATS_URL"] = local.url
+    print(f"started a local nats-server with JetStream at {local.url} (store ./data/nats, log ./data/nats.log)")
+    return local
+
+
+def _run_dagster(project: Path, home: Path, env: dict[str, str], host: str, port: int) -> int:
+    cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(project / "workspace.yaml")]
+    cmd += ["-h", host, "-p", str(port)]
+    # Run from DAGSTER_HOME so dagster does not warn about the project's own dagster.yaml; in its own
+    # process group so that Ctrl-C or a SIGTERM to this command stops the whole tree, NATS last.
+    proc = subprocess.Popen(cmd, env=env, cwd=home, start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return _stop_group(proc)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()

@@ -1,0 +1,67 @@
+"""What a run records on the assets it wrote: materialization metadata built from the store's results."""
+
+from typing import Any
+
+import dagster as dg
+
+from feature_pipeline import streams
+from feature_pipeline.ingest.staging import Manifest
+from feature_pipeline.store.feature_store import BatchResult, Refresh, StoreHealth
+
+
+def dead_letters(health: StoreHealth) -> dict[str, Any]:
+    rows = "\n".join(f"| {n} | {r.replace('|', '/')} |" for r, n in health.dead_letter_reasons)
+    latest = "\n".join(
+        f"| {at} | {st} #{seq} | {r.replace('|', '/')} |" for at, st, seq, r in health.latest_dead_letters
+    )
+    return {
+        "dead_letters_last_hour": health.dead_letters_last_hour,
+        "by_reason": dg.MetadataValue.md(f"| count | reason |\n|---|---|\n{rows}" if rows else "none"),
+        "latest": dg.MetadataValue.md(f"| when | message | reason |\n|---|---|---|\n{latest}" if latest else "none"),
+    }
+
+
+def refresh(r: Refresh) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "valid_as_of": r.valid_as_of.isoformat(),
+        "rows_recomputed": r.rows_written,
+        "rebuilt_all_rows": r.rebuilt,
+        "serving_copy": "published" if r.serving_error is None else f"NOT replaced: {r.serving_error}",
+    }
+    if r.schema_changes:
+        meta["schema_changes"] = "; ".join(r.schema_changes)
+    return meta
+
+
+def batch_common(result: BatchResult, manifest: Manifest) -> dict[str, Any]:
+    """What every table of an ingest run shows: the batch, its counts, its sequence ranges and latency."""
+    meta: dict[str, Any] = {
+        "batch_id": result.batch_id,
+        "events_in_batch": result.events_in_batch,
+        "duplicates_absorbed": result.duplicates_absorbed,
+        "dead_letters_stored": result.dead_letters_inserted,
+        "conflicting_duplicates": result.conflicting_duplicates,
+        "users_touched": result.users_touched,
+        "late_events": result.late_events,
+    }
+    if result.late_events:
+        meta["late_event_days"] = ", ".join(result.late_days)
+        meta["max_lateness_seconds"] = round(result.max_lateness_seconds or 0.0, 3)
+    for stream, (lo, hi) in manifest.seq_ranges.items():
+        meta[f"{stream.lower()}_seq_range"] = f"{lo}-{hi}"
+    if result.latency_max_seconds is not None:
+        meta["publish_to_commit_p50_seconds"] = round(result.latency_p50_seconds or 0.0, 3)
+        meta["publish_to_commit_p95_seconds"] = round(result.latency_p95_seconds or 0.0, 3)
+        meta["publish_to_commit_max_seconds"] = round(result.latency_max_seconds, 3)
+    return meta
+
+
+def batch_per_table(result: BatchResult) -> dict[str, dict[str, Any]]:
+    """What each table of an ingest run shows besides the common part."""
+    per: dict[str, dict[str, Any]] = {
+        spec.table: {"events_stored": result.written.inserted[spec.name], "rows_total": result.rows[spec.table]}
+        for spec in streams.EVENT_STREAMS
+    }
+    per[streams.DEADLETTER.table] = dead_letters(result.health)
+    per["user_features"] = {"rows_total": result.user_features_rows, **refresh(result.refresh)}
+    return per

@@ -1,0 +1,50 @@
+"""Fault injection for tests and drills (FEATURE_PIPELINE_FAULTS): named faults and the hooks they become.
+
+The store and the tick know nothing of these names; they take a hook (something to call just
+before COMMIT) or an option (send keep-alives or not), and this module turns names into those.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+FAIL_RUN = "fail-run"
+SLOW_COMMIT = "slow-commit"
+NO_KEEPALIVE = "no-keepalive"
+SLOW_COMMIT_SECONDS = 10
+
+FAULTS = {
+    FAIL_RUN: "every ingest run fails just before COMMIT",
+    SLOW_COMMIT: f"every ingest run waits {SLOW_COMMIT_SECONDS} s inside its transaction before COMMIT "
+    "(to kill or cancel it there)",
+    NO_KEEPALIVE: "the sensor sends no +WPI, so ack_wait can expire under a waiting batch",
+}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by FEATURE_PIPELINE_FAULTS=fail-run, for tests and drills."""
+
+
+def parse(raw: str) -> frozenset[str]:
+    """Comma-separated names; unknown ones are an error that lists the known ones."""
+    names = frozenset(f.strip() for f in raw.split(",") if f.strip())
+    unknown = names - set(FAULTS)
+    if unknown:
+        raise ValueError(f"unknown fault(s) {sorted(unknown)}; known: {sorted(FAULTS)}")
+    return names
+
+
+def before_commit(faults: Iterable[str]) -> Callable[[], None] | None:
+    """What an ingest run does inside its transaction just before COMMIT, or None for nothing."""
+    chosen = set(faults)
+    if not chosen & {FAIL_RUN, SLOW_COMMIT}:
+        return None
+
+    def hook() -> None:
+        if SLOW_COMMIT in chosen:
+            time.sleep(SLOW_COMMIT_SECONDS)
+        if FAIL_RUN in chosen:
+            raise InjectedFault(f"FEATURE_PIPELINE_FAULTS={FAIL_RUN}: failing before COMMIT (nothing is stored)")
+
+    return hook

@@ -1,0 +1,115 @@
+"""Fetching new micro-batches: pulls across the consumers, validated and staged pull by pull.
+
+A batch grows pull by pull (Parquet row groups, so the sensor holds one pull in memory) until it
+is full by messages or bytes, the consumers are drained, or the next pull would end past the
+tick's fetch deadline. Poison is dead-lettered as soon as it is seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from feature_pipeline import streams
+from feature_pipeline.broker.client import Broker, MessageTooLarge
+from feature_pipeline.broker.deliveries import Delivery
+from feature_pipeline.ingest.assemble import Assembled
+from feature_pipeline.ingest.report import TickReport
+from feature_pipeline.ingest.staging import BatchWriter, Manifest, Staging
+from feature_pipeline.settings import Settings
+
+
+@dataclass
+class Fetcher:
+    broker: Broker
+    settings: Settings
+    staging: Staging
+    report: TickReport
+    deadline: float  # time.monotonic() past which no pull may end
+    chunk: int  # messages per pull round: what the sensor holds in memory at once
+    assemble: Callable[[Sequence[Delivery]], Assembled]
+
+    async def stage_batches(self, in_flight: int) -> None:
+        """Stage new batches while there is room in flight and time left in the tick."""
+        while in_flight < self.settings.max_batches_in_flight and time.monotonic() < self.deadline:
+            try:
+                self.staging.check_writable()
+            except OSError as exc:
+                self.report.problem = f"not fetching: staging folder {self.staging.root} is not writable ({exc})"
+                return
+            manifest, stop = await self._stage_one()
+            if manifest is not None:
+                self.report.staged.append(manifest)
+                in_flight += 1
+            if stop:
+                return
+
+    async def _stage_one(self) -> tuple[Manifest | None, bool]:
+        """One batch, pull by pull. Returns (its manifest, or None if nothing came; whether to stop fetching)."""
+        writer = self.staging.writer()
+        try:
+            stop = await self._fill(writer)
+            if writer.size == 0:
+                writer.abort()
+                return None, True
+            return writer.close(), stop
+        except BaseException:
+            writer.abort()
+            raise
+
+    async def _fill(self, writer: BatchWriter) -> bool:
+        """Pull into `writer` until it is full (False) or fetching should stop for this tick (True)."""
+        limit = self.settings.batch_max_messages
+        pull_seconds = 0.0
+        while writer.size < limit:
+            started = time.monotonic()
+            if started + pull_seconds >= self.deadline:  # the next pull would end past the deadline
+                return True
+            want = min(self.chunk, limit - writer.size)
+            room = self.settings.batch_max_bytes - writer.bytes
+            if room <= 0:
+                return False
+            try:
+                deliveries = await self.pull_round(want, room)
+            except MessageTooLarge:
+                if writer.size == 0:
+                    raise
+                return False  # full by bytes
+            await self._add(writer, deliveries)
+            if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
+                return True
+            pull_seconds = time.monotonic() - started
+        return False
+
+    async def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            self.report.count_fetched(d.stream)
+        assembled = self.assemble(deliveries)
+        if assembled.poison:
+            self.report.poison += await self.broker.dead_letter(assembled.poison)
+        writer.add(assembled)
+
+    async def pull_round(self, want: int, max_bytes: int) -> list[Delivery]:
+        """Up to `want` messages across the consumers: a fair share each first, then what is left."""
+        out: list[Delivery] = []
+        used = 0
+        share = max(1, want // len(streams.STREAMS))
+        for fair in (True, False):
+            for spec in streams.STREAMS:
+                ask = min(share, want - len(out)) if fair else want - len(out)
+                if ask <= 0:
+                    return out
+                try:
+                    got = await self._pull(spec, ask, max_bytes - used)
+                except MessageTooLarge:
+                    if used == 0:
+                        raise
+                    return out  # the batch is full by bytes
+                out.extend(got)
+                used += sum(d.size for d in got)
+        return out
+
+    async def _pull(self, spec: streams.StreamSpec, batch: int, max_bytes: int) -> list[Delivery]:
+        consumer = streams.consumer_name(self.settings.durable_prefix, spec)
+        return await self.broker.pull(spec.name, consumer, batch=batch, max_bytes=max_bytes)

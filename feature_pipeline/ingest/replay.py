@@ -1,0 +1,197 @@
+"""Replay a range of a stream into the store: the way back from a lost or damaged DuckDB file.
+
+An ephemeral ordered consumer (no acks, gone when the connection closes) reads the range, so the
+durable consumers and their ack state are untouched. Each chunk goes through the same validation,
+staging and idempotent `apply_batch` as live batches: what is already stored is absorbed, what is
+missing comes back exactly as it was (received_at is the stream's own timestamp).
+Poison messages are counted, not dead-lettered again: the live pipeline did that when it first saw them
+(replay DEADLETTER to restore the dead_letters table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from feature_pipeline import streams
+from feature_pipeline.broker.auth import NatsAuth
+from feature_pipeline.broker.client import Broker
+from feature_pipeline.broker.deliveries import Delivery, parse_reply
+from feature_pipeline.ingest.assemble import assemble
+from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.store.feature_store import FeatureStore
+
+IDLE_SECONDS = 5.0  # no message for this long before the range end: the rest is gone (retention)
+
+
+class ReplayError(ValueError):
+    """The requested range cannot be replayed; the text says why."""
+
+
+@dataclass(frozen=True)
+class ReplayRange:
+    stream: str
+    start_seq: int | None = None
+    start_time: datetime | None = None
+    end_seq: int | None = None
+    end_time: datetime | None = None
+
+    def check(self) -> None:
+        if self.stream not in streams.BY_NAME:  # DEADLETTER restores the dead_letters table
+            raise ReplayError(f"stream must be one of {', '.join(streams.BY_NAME)}, got {self.stream!r}")
+        if self.start_seq is not None and self.start_time is not None:
+            raise ReplayError("give start_seq or start_time, not both")
+        if self.start_seq is not None and self.start_seq < 1:
+            raise ReplayError(f"start_seq must be 1 or more, got {self.start_seq}")
+        for name in ("start_time", "end_time"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ReplayError(f"{name} needs a time zone, like 2026-11-27T00:00:00Z")
+        if self.start_seq and self.end_seq and self.end_seq < self.start_seq:
+            raise ReplayError(f"end_seq {self.end_seq} is before start_seq {self.start_seq}")
+        if self.start_time and self.end_time and self.end_time < self.start_time:
+            raise ReplayError(f"end_time {self.end_time} is before start_time {self.start_time}")
+
+
+@dataclass
+class ReplayReport:
+    read: int = 0
+    stored: int = 0  # new rows: events that were missing from the store
+    already_stored: int = 0
+    poison: int = 0
+    batches: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    stopped: str = ""
+    poison_examples: list[str] = field(default_factory=list)
+
+
+async def read_range(
+    broker: Broker, rng: ReplayRange, chunk: int, report: ReplayReport
+) -> AsyncIterator[list[Delivery]]:
+    """Yield the range's messages in stream order, `chunk` at a time."""
+    last = int((await broker.stream_state(rng.stream)).get("last_seq", 0))
+    end_seq = min(rng.end_seq, last) if rng.end_seq else last
+    if last == 0 or (rng.start_seq or 1) > end_seq:
+        report.stopped = f"nothing to read: {rng.stream} holds sequences up to {last}"
+        return
+    sub = await broker.js.subscribe(
+        streams.BY_NAME[rng.stream].subject,
+        stream=rng.stream,
+        ordered_consumer=True,
+        config=_start(rng),
+        pending_msgs_limit=chunk * 4,
+    )
+    out: list[Delivery] = []
+    try:
+        while (d := await _next(sub, rng, end_seq, report)) is not None:
+            out.append(d)
+            if len(out) >= chunk:
+                yield out
+                out = []
+            if report.stopped:
+                break
+        if out:
+            yield out
+    finally:
+        await sub.unsubscribe()
+
+
+def _start(rng: ReplayRange) -> ConsumerConfig:
+    if rng.start_time is not None:
+        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=rng.start_time)
+    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=rng.start_seq or 1)
+
+
+async def _next(sub: Any, rng: ReplayRange, end_seq: int, report: ReplayReport) -> Delivery | None:
+    """The next message of the range, or None past its end; `report.stopped` says why reading ends."""
+    try:
+        msg = await sub.next_msg(timeout=IDLE_SECONDS)
+    except NatsTimeout:
+        report.stopped = f"no message for {IDLE_SECONDS:.0f} s before sequence {end_seq}: stopped"
+        return None
+    _, _, seq, stored_ns = parse_reply(msg.reply)
+    if rng.end_time is not None and stored_ns > rng.end_time.timestamp() * 1e9:
+        report.stopped = f"reached end_time {rng.end_time.isoformat()}"
+        return None
+    if seq >= end_seq or msg.metadata.num_pending == 0:
+        report.stopped = f"reached sequence {seq} (end {end_seq})"  # this one is the range's last
+    headers = dict(msg.headers or {}) or None
+    return Delivery(rng.stream, msg.subject, msg.reply, msg.data, headers, seq, 1, stored_ns)
+
+
+@dataclass
+class _Replay:
+    store: FeatureStore
+    staging: Staging
+    rng: ReplayRange
+    run_id: str
+    log: Callable[[str], None]
+    report: ReplayReport = field(default_factory=ReplayReport)
+
+    async def run(self, broker: Broker, chunk: int) -> ReplayReport:
+        async for deliveries in read_range(broker, self.rng, chunk, self.report):
+            await self._store(deliveries)
+        return self.report
+
+    async def _store(self, deliveries: list[Delivery]) -> None:
+        """Validate, stage and apply one chunk, exactly as a live batch (poison is counted, not re-dead-lettered)."""
+        report = self.report
+        report.read += len(deliveries)
+        report.first_seq = report.first_seq or deliveries[0].stream_seq
+        report.last_seq = deliveries[-1].stream_seq
+        assembled = assemble(deliveries)
+        report.poison += len(assembled.poison)
+        for d, reason in assembled.poison[: max(0, 5 - len(report.poison_examples))]:
+            report.poison_examples.append(f"{d.stream} #{d.stream_seq}: {reason}")
+        if not assembled.staged:
+            return
+        batch_id = f"replay-{self.run_id}-{report.batches:05d}"
+        self.staging.stage(assembled, batch_id)
+        # Blocking DuckDB work: off the event loop so the ordered consumer's heartbeats are answered.
+        result = await asyncio.to_thread(self.store.apply_batch, self.staging.path(batch_id), batch_id)
+        self.staging.remove(batch_id)
+        report.batches += 1
+        new = result.signals_inserted + result.feedback_inserted
+        report.stored += new
+        report.already_stored += result.events_in_batch - new
+        self.log(
+            f"replayed {self.rng.stream} #{deliveries[0].stream_seq}-{deliveries[-1].stream_seq}: "
+            f"{result.events_in_batch} events, {new} were missing, {len(assembled.poison)} poison"
+        )
+
+
+def replay(
+    url: str,
+    auth: NatsAuth | None,
+    store: FeatureStore,
+    rng: ReplayRange,
+    *,
+    chunk: int = 50_000,
+    work_root: Path | None = None,
+    run_id: str = "manual",
+    log: Callable[[str], None] = print,
+) -> ReplayReport:
+    """Re-read `rng` from JetStream and store it idempotently."""
+    rng.check()
+    if work_root is not None:
+        work_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="replay-", dir=work_root))
+
+    async def go() -> ReplayReport:
+        async with await Broker.connect(url, "feature-pipeline-replay", auth) as broker:
+            return await _Replay(store, Staging(work), rng, run_id, log).run(broker, chunk)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

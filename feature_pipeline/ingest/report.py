@@ -1,0 +1,70 @@
+"""What one tick did, for the sensor's log line, its run requests and its observations."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from feature_pipeline.health import StreamStats
+from feature_pipeline.ingest.staging import Manifest
+
+
+@dataclass
+class TickReport:
+    acked: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+    poison: int = 0
+    kept_alive: int = 0
+    settled_batches: int = 0
+    fetched: dict[str, int] = field(default_factory=dict)
+    staged: list[Manifest] = field(default_factory=list)
+    in_flight: int = 0
+    problem: str | None = None
+    stats: list[StreamStats] = field(default_factory=list)
+    # Seconds spent per phase of the tick, in the log line: where a slow tick went.
+    seconds: dict[str, float] = field(default_factory=dict)
+    holding: str | None = None  # a batch still waiting for its run to start: no new batch this tick
+    # Staged batches that need a run: the new ones and those whose request was lost. Requesting one
+    # again is harmless: the batch id is the run key, so the orchestrator never starts two.
+    to_request: list[str] = field(default_factory=list)
+
+    def lap(self, phase: str, since: float) -> float:
+        now = time.monotonic()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - since, 2)
+        return now
+
+    def count_fetched(self, stream: str, n: int = 1) -> None:
+        self.fetched[stream] = self.fetched.get(stream, 0) + n
+
+    def summary(self) -> str:
+        parts = [*self._fetch_parts(), *self._settle_parts(), f"{self.in_flight} batch(es) in flight"]
+        if self.seconds:
+            parts.append("took " + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()))
+        text = "; ".join(parts)
+        return f"{self.problem}; {text}" if self.problem else text
+
+    def _fetch_parts(self) -> list[str]:
+        parts = []
+        if self.fetched:
+            parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
+        elif self.holding:
+            parts.append(f"not fetching while batch {self.holding} waits for its run to start")
+        elif not self.problem:
+            parts.append("no new messages")
+        if self.staged:
+            parts.append(f"staged {len(self.staged)} batch(es) of {sum(m.size for m in self.staged)} messages")
+        if self.poison:
+            parts.append(f"dead-lettered {self.poison} poison message(s)")
+        return parts
+
+    def _settle_parts(self) -> list[str]:
+        parts = []
+        if self.settled_batches:
+            parts.append(
+                f"settled {self.settled_batches} batch(es): acked {self.acked}, NAKed {self.nacked}, "
+                f"dead-lettered {self.dead_lettered}"
+            )
+        if self.kept_alive:
+            parts.append(f"kept {self.kept_alive} in-flight messages alive")
+        return parts

@@ -1,0 +1,312 @@
+"""The DuckDB feature store: the idempotent apply of a staged batch, the window clock, snapshots, reads.
+
+Every write happens in one transaction (`db.transaction` owns BEGIN and COMMIT): a batch lands in
+the raw tables, the dead letters and user_features together or not at all. After the commit the
+serving copy is replaced and the health figures are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from feature_pipeline import streams
+from feature_pipeline.settings import Settings
+from feature_pipeline.store import batch
+from feature_pipeline.store.db import open_file, scalar, transaction
+from feature_pipeline.store.features import inconsistent_users, upsert_features, users_changed_by_time, write_snapshot
+from feature_pipeline.store.loader import load_registry
+from feature_pipeline.store.registry import Registry
+from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, sync_columns
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """Figures read right after a commit, for asset metadata and the checks."""
+
+    dead_letters_last_hour: int
+    dead_letter_reasons: list[tuple[str, int]]  # the ten most common reasons, with counts
+    latest_dead_letters: list[tuple[str, str, int, str]]  # (when, stream, sequence, reason), newest first
+    consistency_checked: int
+    inconsistent_users: list[str]
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What a run did to user_features."""
+
+    valid_as_of: datetime  # every row is correct as of this instant (the run's clock)
+    rows_written: int  # rows recomputed: the batch's users and those whose windows moved
+    rebuilt: bool  # every row was recomputed (new store, or the feature definitions changed)
+    schema_changes: list[str] = field(default_factory=list)
+    serving_error: str | None = None  # the serving copy could not be replaced (the old one stays)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: str
+    committed_at: datetime
+    written: batch.Written
+    rows: dict[str, int]  # rows per table after the commit (raw tables and user_features)
+    event_ids: list[str]
+    # JetStream stored time -> DuckDB commit, over the events of this batch (None for an empty batch)
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+    latency_max_seconds: float | None
+    lateness: batch.Lateness
+    refresh: Refresh
+    health: StoreHealth
+
+    @property
+    def events_in_batch(self) -> int:
+        return self.written.events_in_batch
+
+    @property
+    def inserted(self) -> int:
+        return sum(self.written.inserted.values())
+
+    @property
+    def signals_inserted(self) -> int:
+        return self.written.inserted[streams.SIGNALS.name]
+
+    @property
+    def feedback_inserted(self) -> int:
+        return self.written.inserted[streams.FEEDBACK.name]
+
+    @property
+    def duplicates_absorbed(self) -> int:
+        return self.events_in_batch - self.inserted
+
+    @property
+    def dead_letters_inserted(self) -> int:
+        return self.written.dead_letters
+
+    @property
+    def conflicting_duplicates(self) -> int:
+        """Same id, different content: kept the first, recorded the others in dead_letters."""
+        return self.written.conflicts
+
+    @property
+    def users_touched(self) -> int:
+        return self.written.users_touched
+
+    @property
+    def user_features_rows(self) -> int:
+        return self.rows["user_features"]
+
+    @property
+    def signal_events_rows(self) -> int:
+        return self.rows[streams.SIGNALS.table]
+
+    @property
+    def feedback_events_rows(self) -> int:
+        return self.rows[streams.FEEDBACK.table]
+
+    @property
+    def late_events(self) -> int:
+        return self.lateness.late_events
+
+    @property
+    def late_days(self) -> list[str]:
+        return self.lateness.late_days
+
+    @property
+    def max_lateness_seconds(self) -> float | None:
+        return self.lateness.max_lateness_seconds
+
+
+class FeatureStore:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        registry: Registry | None = None,
+        serving_path: str | os.PathLike[str] | None = None,
+        allowed_lateness: timedelta = timedelta(hours=1),
+    ) -> None:
+        self.path = Path(path)
+        self.registry = registry or load_registry()
+        self.serving_path = Path(serving_path) if serving_path else None
+        self.allowed_lateness = allowed_lateness
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FeatureStore:
+        """The store every entry point uses: its file, feature registry, serving copy and lateness."""
+        return cls(
+            settings.feature_store_path,
+            registry=load_registry(settings.features_file or None),
+            serving_path=settings.serving_path,
+            allowed_lateness=timedelta(seconds=settings.allowed_lateness_seconds),
+        )
+
+    def connect(self, *, read_only: bool = False, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting while another process holds its lock; a writer gets any missing tables."""
+        con = open_file(self.path, read_only=read_only, wait_seconds=wait_seconds)
+        if not read_only:
+            for statement in ddl(self.registry):
+                con.execute(statement)
+        return con
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self.connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def apply_batch(
+        self,
+        batch_dir: Path,
+        batch_id: str,
+        *,
+        consistency_sample: int = 1000,
+        now: datetime | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> BatchResult:
+        """Store one staged batch and refresh its users' features, all in one transaction.
+
+        Idempotent: see `store.batch`; feature rows are recomputed from the raw tables, never
+        incremented. `before_commit` runs inside the transaction, after every write (fault drills).
+        """
+        now = now or datetime.now(UTC)
+        with self._connection() as con:
+            with transaction(con):
+                written = batch.write(con, batch.StagedFiles(batch_dir), batch_id, now)
+                refresh = self._refresh(con, now, batch.TOUCHED)
+                late = batch.lateness(con, now, self.allowed_lateness)
+                if before_commit is not None:
+                    before_commit()
+            refresh = self._publish(con, refresh)
+            p50, p95, worst = batch.latency(con, datetime.now(UTC))
+            return BatchResult(
+                batch_id=batch_id,
+                committed_at=now,
+                written=written,
+                rows={t: self._count(con, t) for t in (*(s.table for s in streams.EVENT_STREAMS), "user_features")},
+                event_ids=batch.event_ids(con),
+                latency_p50_seconds=p50,
+                latency_p95_seconds=p95,
+                latency_max_seconds=worst,
+                lateness=late,
+                refresh=refresh,
+                health=self._health(con, consistency_sample),
+            )
+
+    def recompute_all(self, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
+        """Rebuild every user_features row from the raw tables, as of now."""
+        return self._refresh_only(None, consistency_sample, rebuild=True)
+
+    def advance(self, now: datetime | None = None, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
+        """Move the clock to now without new events: the rows whose windows moved are recomputed."""
+        return self._refresh_only(now, consistency_sample, rebuild=False)
+
+    def snapshot(self, day: date) -> int:
+        """Replace the snapshot partition of `day` (idempotent: a re-run gives the same rows)."""
+        with self._connection() as con, transaction(con):
+            sync_columns(con, self.registry, "user_feature_snapshots", SNAPSHOTS_FIXED)
+            return write_snapshot(con, self.registry, day)
+
+    def _refresh_only(
+        self, now: datetime | None, consistency_sample: int, *, rebuild: bool
+    ) -> tuple[Refresh, StoreHealth]:
+        with self._connection() as con:
+            with transaction(con):
+                con.execute(f"CREATE OR REPLACE TEMP TABLE {batch.TOUCHED} (user_id VARCHAR)")
+                refresh = self._refresh(con, now or datetime.now(UTC), batch.TOUCHED, rebuild=rebuild)
+            return self._publish(con, refresh), self._health(con, consistency_sample)
+
+    def _refresh(
+        self, con: duckdb.DuckDBPyConnection, now: datetime, touched: str, *, rebuild: bool = False
+    ) -> Refresh:
+        """Bring user_features to the clock `now` inside the caller's transaction.
+
+        Recomputes the `touched` users and those whose windows moved since the last run; everything
+        when the store is new or the feature definitions changed (columns are added/dropped first).
+        """
+        state = con.execute("SELECT valid_as_of, fingerprint FROM feature_state WHERE id = 1").fetchone()
+        changes = sync_columns(con, self.registry, "user_features", USER_FEATURES_FIXED)
+        changes += sync_columns(con, self.registry, "user_feature_snapshots", SNAPSHOTS_FIXED)
+        previous, fingerprint = state if state else (None, None)
+        as_of = max(now, previous) if previous else now  # a clock that stepped back must not undo windows
+        rebuild = rebuild or previous is None or fingerprint != self.registry.fingerprint or bool(changes)
+        if rebuild:
+            rows = upsert_features(con, self.registry, as_of, None)
+        else:
+            users_changed_by_time(con, self.registry, previous, as_of, "time_users")
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE refresh_users AS SELECT user_id FROM {touched} "
+                "UNION SELECT user_id FROM time_users"
+            )
+            rows = upsert_features(con, self.registry, as_of, "refresh_users")
+        con.execute(
+            "INSERT OR REPLACE INTO feature_state VALUES (1, $as_of, $fp)",
+            {"as_of": as_of, "fp": self.registry.fingerprint},
+        )
+        return Refresh(as_of, rows, rebuild, changes)
+
+    def _publish(self, con: duckdb.DuckDBPyConnection, refresh: Refresh) -> Refresh:
+        """Replace the serving copy atomically (write a temp file, rename over the old one).
+
+        A failure leaves the previous copy in place and is reported, not raised: the batch is
+        committed, and failing its run would only redeliver what is already stored.
+        """
+        if self.serving_path is None:
+            return refresh
+        tmp = self.serving_path.with_name(f".{self.serving_path.name}.{os.getpid()}.tmp")
+        try:
+            self.serving_path.parent.mkdir(parents=True, exist_ok=True)
+            stamp = refresh.valid_as_of.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+            target = str(tmp).replace("'", "''")
+            con.execute(
+                f"COPY (SELECT *, TIMESTAMPTZ '{stamp}' AS valid_as_of FROM user_features ORDER BY user_id) "
+                f"TO '{target}' (FORMAT parquet, COMPRESSION zstd)"
+            )
+            os.replace(tmp, self.serving_path)
+            return refresh
+        except (OSError, duckdb.Error) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return dataclasses.replace(
+                refresh, serving_error=f"could not replace the serving copy {self.serving_path}: {exc}"
+            )
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def _health(self, con: duckdb.DuckDBPyConnection, consistency_sample: int) -> StoreHealth:
+        table = streams.DEADLETTER.table
+        hour = int(scalar(con, f"SELECT count(*) FROM {table} WHERE dead_lettered_at > now() - INTERVAL 1 HOUR"))
+        reasons = con.execute(
+            f"SELECT reason, count(*) AS n FROM {table} GROUP BY reason ORDER BY n DESC, reason LIMIT 10"
+        ).fetchall()
+        latest = con.execute(
+            "SELECT strftime(dead_lettered_at, '%Y-%m-%dT%H:%M:%SZ'), original_stream, original_seq, reason "
+            f"FROM {table} ORDER BY dead_lettered_at DESC, original_seq DESC LIMIT 5"
+        ).fetchall()
+        checked, bad = inconsistent_users(con, consistency_sample, self.registry)
+        return StoreHealth(
+            hour, [(r[0], r[1]) for r in reasons], [(r[0], r[1], r[2], r[3]) for r in latest], checked, bad
+        )
+
+    @staticmethod
+    def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+        return int(scalar(con, f"SELECT count(*) FROM {table}"))
+
+    def user_features(self, user_id: str, *, wait_seconds: float = 30.0) -> dict[str, Any] | None:
+        con = self.connect(read_only=True, wait_seconds=wait_seconds)
+        try:
+            cur = con.execute("SELECT * FROM user_features WHERE user_id = $u", {"u": user_id})
+            row = cur.fetchone()
+            return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+        finally:
+            con.close()

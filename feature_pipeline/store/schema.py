@@ -1,0 +1,122 @@
+"""The store's tables: raw events per stream (from the stream table), dead letters, batches, and the
+feature tables, whose columns follow the registry."""
+
+from __future__ import annotations
+
+import duckdb
+
+from feature_pipeline import streams
+from feature_pipeline.store.registry import Registry
+
+RAW_COLUMNS = """
+    event_id VARCHAR PRIMARY KEY,
+    subject VARCHAR NOT NULL,
+    stream_seq BIGINT NOT NULL,
+    occurred_at TIMESTAMPTZ NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL,
+    ingested_at TIMESTAMPTZ NOT NULL,
+    user_id VARCHAR NOT NULL,
+    type VARCHAR NOT NULL,
+    schema_version INTEGER NOT NULL,
+    data JSON NOT NULL,
+    known_type BOOLEAN NOT NULL,
+    batch_id VARCHAR NOT NULL
+"""
+STATE_DDL = """
+CREATE TABLE IF NOT EXISTS feature_state (
+    id INTEGER PRIMARY KEY,
+    valid_as_of TIMESTAMPTZ,
+    fingerprint VARCHAR
+)
+"""
+DEAD_LETTERS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {streams.DEADLETTER.table} (
+    original_stream VARCHAR NOT NULL,
+    original_subject VARCHAR NOT NULL,
+    original_seq BIGINT NOT NULL,
+    delivery_count INTEGER NOT NULL,
+    reason VARCHAR NOT NULL,
+    dead_lettered_at TIMESTAMPTZ NOT NULL,
+    deadletter_seq BIGINT NOT NULL,
+    body BLOB,
+    recorded_at TIMESTAMPTZ NOT NULL,
+    batch_id VARCHAR NOT NULL,
+    PRIMARY KEY (original_stream, original_seq)
+)
+"""
+BATCHES_DDL = """
+CREATE TABLE IF NOT EXISTS ingested_batches (
+    batch_id VARCHAR PRIMARY KEY,
+    committed_at TIMESTAMPTZ NOT NULL,
+    events_in_batch BIGINT NOT NULL,
+    events_inserted BIGINT NOT NULL,
+    dead_letters_inserted BIGINT NOT NULL,
+    users_touched BIGINT NOT NULL
+)
+"""
+USER_FEATURES_FIXED = frozenset({"user_id", "updated_at"})
+SNAPSHOTS_FIXED = frozenset({"snapshot_date", "user_id", "as_of"})
+
+
+def raw_ddl(table: str) -> str:
+    return f"CREATE TABLE IF NOT EXISTS {table} ({RAW_COLUMNS})"
+
+
+def ddl(registry: Registry) -> list[str]:
+    """Every table, created when missing (feature columns are kept in step by `sync_columns`)."""
+    raw = [raw_ddl(s.table) for s in streams.EVENT_STREAMS]
+    return [*raw, STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, user_features_ddl(registry), snapshots_ddl(registry)]
+
+
+def user_features_ddl(registry: Registry) -> str:
+    cols = "".join(f"    {f.name} {f.column_type},\n" for f in registry.features)
+    return (
+        "CREATE TABLE IF NOT EXISTS user_features (\n    user_id VARCHAR PRIMARY KEY,\n"
+        f"{cols}    updated_at TIMESTAMPTZ NOT NULL\n)"
+    )
+
+
+def snapshots_ddl(registry: Registry) -> str:
+    cols = "".join(f"    {f.name} {f.column_type},\n" for f in registry.features)
+    # No primary key: a partition is replaced by DELETE + INSERT in one transaction.
+    return (
+        "CREATE TABLE IF NOT EXISTS user_feature_snapshots (\n    snapshot_date DATE NOT NULL,\n"
+        f"    user_id VARCHAR NOT NULL,\n{cols}    as_of TIMESTAMPTZ NOT NULL\n)"
+    )
+
+
+def sync_columns(con: duckdb.DuckDBPyConnection, registry: Registry, table: str, fixed: frozenset[str]) -> list[str]:
+    """Add the registry's new columns to `table`, drop the removed ones, retype changed ones.
+
+    Returns what changed, in words, for the run log. Columns in `fixed` are not features.
+    """
+    have = {
+        name: typ
+        for name, typ in con.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = $t AND schema_name = 'main'",
+            {"t": table},
+        ).fetchall()
+    }
+    want = {f.name: f.column_type for f in registry.features}
+    changes: list[str] = []
+    retyped: set[str] = set()
+    for name, typ in list(have.items()):
+        if name in fixed or (name in want and _norm(typ) == want[name]):
+            continue
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
+        del have[name]
+        if name in want:
+            retyped.add(name)
+            changes.append(f"retyped {table}.{name} {typ} -> {want[name]}")
+        else:
+            changes.append(f"dropped {table}.{name}")
+    for name, typ in want.items():
+        if name not in have:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
+            if name not in retyped:
+                changes.append(f"added {table}.{name} {typ}")
+    return changes
+
+
+def _norm(sql_type: str) -> str:
+    return {"TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ"}.get(sql_type, sql_type)

@@ -1,0 +1,171 @@
+"""The Dagster edge, in-process: the ingest sensor's requests, runs found by their batch tag, failure
+texts from the run's own events, canceled runs, the window-refresh schedule, and a run that fails on
+an unwritable store. Real nats-server, real DuckDB file, Dagster test instances."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from feature_pipeline.cli.backfill import add_backfill_to_instance, partition_keys
+from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
+from feature_pipeline.defs.runs import BATCH_TAG, MAX_RUNTIME_TAG, DagsterRuns, batch_tags
+from feature_pipeline.defs.schedules import refresh_feature_windows
+from feature_pipeline.defs.sensors import build_ingest_sensor
+from feature_pipeline.settings import Settings
+from feature_pipeline.testing import query, run
+from feature_pipeline_tests.helpers import (
+    DagsterLifecycle,
+    caught_up,
+    changed,
+    lag,
+    materialize,
+    publish,
+    resources,
+    stored_ids,
+    synced,
+)
+
+
+def test_sensor_requests_a_run_per_batch_and_acks_after_it_succeeded(settings: Settings, tmp_path: Path) -> None:
+    """The sensor itself: one run request per staged batch (batch id as run key and tag, the max-runtime
+    tag), the streams observed; after the run succeeded, the next evaluation acks the batch."""
+    run(publish(settings.nats_url, [synced("evt-a"), synced("evt-b", "u-2")]))
+    sensor = build_ingest_sensor(settings.sensor_interval_seconds)
+    with dg.instance_for_test() as inst:
+        with dg.build_sensor_context(instance=inst, resources=resources(settings)) as ctx:
+            result = sensor(ctx)
+        assert isinstance(result, dg.SensorResult)
+        (req,) = result.run_requests or []
+        assert req.tags[BATCH_TAG] == req.run_key
+        assert req.tags[MAX_RUNTIME_TAG] == str(settings.run_timeout_seconds)
+        observed = {e.asset_key.to_user_string() for e in result.asset_events if isinstance(e, dg.AssetObservation)}
+        assert observed == {"nats/signals", "nats/feedback", "nats/deadletter"}
+        assert lag(settings)["SIGNALS"] == 2, "nothing may be acked before the run has run"
+
+        assert materialize(inst, settings, dict(req.tags)).success
+        with dg.build_sensor_context(instance=inst, resources=resources(settings)) as ctx:
+            again = sensor(ctx)
+        assert isinstance(again, dg.SensorResult) and not again.run_requests
+        assert again.skip_reason and "acked 2" in again.skip_reason.skip_message  # type: ignore[union-attr]
+    assert caught_up(settings)
+    assert sorted(stored_ids(settings)) == ["evt-a", "evt-b"]
+
+
+def test_a_failed_runs_own_error_becomes_the_dead_letter_reason(settings: Settings) -> None:
+    """DagsterRuns finds the run by its batch tag and reads why it failed from the run's own events."""
+    run(publish(settings.nats_url, [synced("evt-fail")]))
+    with dg.instance_for_test() as inst:
+        life = DagsterLifecycle(settings, inst)
+        (batch,) = life.tick().to_request
+        assert not life.execute(batch, fail=True)
+        found = DagsterRuns(inst).run_for(batch)
+        assert found is not None and found.status == "FAILURE"
+        text = DagsterRuns(inst).failure(found)
+        assert text.startswith(f"run {found.run_id} failed: ") and "fail-run" in text
+        assert life.tick().nacked == 1
+
+
+def test_canceled_run_redelivers_its_batch(settings: Settings) -> None:
+    """A run canceled from the UI ends CANCELED: its batch is NAKed, never acked, and stored later."""
+    run(publish(settings.nats_url, [synced("evt-cancel")]))
+    with dg.instance_for_test() as inst:
+        life = DagsterLifecycle(settings, inst)
+        (batch,) = life.tick().to_request
+        from feature_pipeline.definitions import defs
+
+        job = defs.resolve_job_def("ingest")
+        canceled = inst.create_run_for_job(job, tags=batch_tags(batch, settings.run_timeout_seconds))
+        inst.report_run_canceled(canceled, "canceled from the UI (test)")
+        found = DagsterRuns(inst).run_for(batch)
+        assert found is not None and DagsterRuns(inst).failure(found) == f"run {canceled.run_id} was canceled"
+        report = life.tick()
+        assert report.nacked == 1 and report.acked == 0
+        life.drain()
+    assert stored_ids(settings) == ["evt-cancel"]
+
+
+def test_unwritable_store_fails_the_run_clearly_and_nothing_is_acked(settings: Settings, tmp_path: Path) -> None:
+    """The DuckDB path cannot be created: the run fails saying so, the message is NAKed (not acked) and
+    stored once the path is fixed."""
+    blocked = tmp_path / "blocked-db"
+    blocked.write_text("not a folder")
+    broken = changed(settings, feature_store_path=blocked / "store.duckdb")
+    run(publish(settings.nats_url, [synced("evt-disk")]))
+    with dg.instance_for_test() as inst:
+        life = DagsterLifecycle(settings, inst)
+        (batch,) = life.tick().to_request
+        result = materialize(inst, broken, batch_tags(batch, settings.run_timeout_seconds))
+        assert not result.success
+        failure = result.get_step_failure_events()[0].step_failure_data.error
+        assert failure is not None
+        while failure.cause is not None:
+            failure = failure.cause
+        assert str(blocked) in failure.message
+        report = life.tick()
+        assert report.nacked == 1 and report.acked == 0
+        life.drain()
+    assert stored_ids(settings) == ["evt-disk"]
+
+
+def test_window_refresh_run_observes_user_features_and_materializes_nothing(settings: Settings, tmp_path: Path) -> None:
+    """The schedule's run moves the clock (rows whose windows moved) and republishes the serving copy, but
+    records an observation: user_features' freshness keeps saying whether ingest itself is alive."""
+    from feature_pipeline.defs.assets import ingest_batch
+
+    run(publish(settings.nats_url, [synced("evt-r", "u-r")]))
+    res = resources(settings)
+    job = dg.Definitions(assets=[ingest_batch], jobs=[ingest_job], resources=res).resolve_job_def("ingest")
+    with dg.instance_for_test() as inst:
+        life = DagsterLifecycle(settings, inst)
+        (batch,) = life.tick().to_request
+        tags = batch_tags(batch, settings.run_timeout_seconds)
+        assert job.execute_in_process(instance=inst, tags=tags).success  # as the daemon runs it: job "ingest"
+        life.tick()
+
+        # `with`: the context opens its own instance, which must be closed (see conftest's load-context guard).
+        now = datetime.now(UTC)
+        with dg.build_schedule_context(instance=inst, resources=res, scheduled_execution_time=now) as ctx:
+            skipped = refresh_feature_windows(ctx)
+        assert isinstance(skipped, dg.SkipReason) and "less than a refresh period ago" in str(skipped.skip_message)
+        later = now + timedelta(minutes=10)
+        with dg.build_schedule_context(instance=inst, resources=res, scheduled_execution_time=later) as ctx:
+            request = refresh_feature_windows(ctx)
+        assert isinstance(request, dg.RunRequest) and request.tags[REFRESH_TAG] == "windows"
+
+        before = inst.get_latest_materialization_event(dg.AssetKey("user_features"))
+        result = job.execute_in_process(instance=inst, tags=request.tags)
+        assert result.success
+        assert result.get_asset_materialization_events() == []
+        (obs,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        assert obs.asset_key == dg.AssetKey("user_features")
+        assert "valid_as_of" in obs.event_specific_data.asset_observation.metadata  # type: ignore[union-attr]
+        after = inst.get_latest_materialization_event(dg.AssetKey("user_features"))
+        assert before is not None and after is not None and after.run_id == before.run_id  # still the ingest run
+        checks = result.get_asset_check_evaluations()
+        assert sorted((c.asset_key.to_user_string(), c.passed) for c in checks) == [
+            ("dead_letters", True),
+            ("user_features", True),
+        ]
+    assert query(Path(settings.feature_store_path), "SELECT user_id FROM user_features") == [("u-r",)]
+
+
+def test_a_backfill_without_a_webserver_is_the_one_the_ui_would_request() -> None:
+    """The fallback of `backfill-snapshots` when no webserver answers: the private call, kept in one
+    function, writes an asset backfill of exactly the requested days for the daemon to run."""
+    keys = partition_keys(date(2026, 3, 1), date(2026, 3, 3))
+    with dg.instance_for_test() as inst:
+        backfill = inst.get_backfill(add_backfill_to_instance(inst, keys, "snapshots march"))
+    assert backfill is not None and backfill.status.value == "REQUESTED" and backfill.title == "snapshots march"
+    assert backfill.asset_selection == [dg.AssetKey("user_feature_snapshots")]
+    assert backfill.asset_backfill_data is not None
+    targets = backfill.asset_backfill_data.target_subset.iterate_asset_partitions()
+    assert sorted(t.partition_key for t in targets) == ["2026-03-01", "2026-03-02", "2026-03-03"]
+
+
+def test_a_backfill_range_outside_the_partitions_is_refused() -> None:
+    with pytest.raises(ValueError, match="is not a range of user_feature_snapshots partitions"):
+        partition_keys(date(2020, 1, 1), date(2020, 1, 2))

@@ -1,0 +1,256 @@
+"""The batch lifecycle (`ingest.tick`), driven by hand against a real nats-server and DuckDB file.
+
+No Dagster here: the tick finds runs through an in-memory run lookup, and a "run" stores its batch
+the way the ingest asset does. So every settle path (ack, delayed NAK, dead letter after the last
+delivery, keep-alive, NATS down) is exercised deterministically, on nats-py's fast path and on its
+public API; test_sensor.py covers the Dagster edge and test_e2e.py the same promises through the
+real daemon.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from feature_pipeline.broker.deliveries import Delivery
+from feature_pipeline.broker.local import LocalNats
+from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.ingest.assemble import Assembled, assemble
+from feature_pipeline.ingest.tick import TickOptions
+from feature_pipeline.settings import Settings
+from feature_pipeline.testing import consumer_states, query, run, stream_messages
+from feature_pipeline_tests.helpers import Lifecycle, caught_up, changed, lag, publish, synced, unchecked
+
+
+@pytest.fixture(params=["fast", "public"])
+def either_path(request: pytest.FixtureRequest, settings: Settings) -> Lifecycle:
+    """The lifecycle on nats-py's fast path and on its public API: the same results either way."""
+    return Lifecycle(settings, options=TickOptions(fast_path=request.param == "fast"))
+
+
+def test_success_acks_only_after_the_run(either_path: Lifecycle, tmp_path: Path) -> None:
+    """Messages stay unacked while the run is pending and are acked on the tick after it succeeded."""
+    life, settings = either_path, either_path.settings
+    run(publish(settings.nats_url, [synced("evt-a"), synced("evt-b", "u-2")]))
+    report = life.tick()
+    (batch,) = report.to_request
+    assert report.fetched == {"SIGNALS": 2}
+    assert lag(settings)["SIGNALS"] == 2, "nothing may be acked before the run has run"
+
+    report = life.tick()  # run not there yet: asked again
+    assert report.to_request == [batch]
+    assert report.kept_alive == 0, "+WPI is due only once ack_wait/4 has passed (see the keep-alive test)"
+
+    assert life.execute(batch)
+    assert lag(settings)["SIGNALS"] == 2, "a succeeded run alone acks nothing; the tick settles"
+    report = life.tick()
+    assert report.to_request == []
+    assert report.acked == 2 and report.settled_batches == 1
+    assert caught_up(settings)
+    assert not list((tmp_path / "staging").iterdir()), "a settled batch leaves no staged files"
+    rows = query(tmp_path / "store.duckdb", "SELECT user_id, signal_count_total FROM user_features ORDER BY 1")
+    assert rows == [("u-1", 1), ("u-2", 1)]
+
+
+def test_failed_run_naks_with_delay_then_dead_letters_on_last_delivery(either_path: Lifecycle, tmp_path: Path) -> None:
+    """max_deliver=3: two failed runs NAK (1 s, then 2 s delay), the third dead-letters with the run's error."""
+    life, settings = either_path, either_path.settings
+    run(publish(settings.nats_url, [synced("evt-fail")]))
+    for attempt in range(1, 4):
+        report = life.tick_until_request()
+        assert report.fetched == {"SIGNALS": 1}
+        assert not life.execute(report.to_request[0], fail=True)
+        report = life.tick()
+        if attempt < 3:
+            assert (report.nacked, report.dead_lettered) == (1, 0)
+        else:
+            assert (report.nacked, report.dead_lettered) == (0, 1)
+    dead = run(stream_messages(settings.nats_url, "DEADLETTER"))
+    assert len(dead) == 1
+    msg = dead[0]
+    assert msg.subject == "deadletter.signals.task.synced"
+    assert msg.headers["FP-Delivery-Count"] == "3"
+    assert msg.headers["FP-Original-Stream"] == "SIGNALS"
+    assert "gave up after 3 deliveries" in msg.headers["FP-Reason"]
+    assert "fail-run" in msg.headers["FP-Reason"], "the reason carries the run's own error"
+    assert b'"id":"evt-fail"' in msg.data, "the dead letter keeps the original body"
+    assert caught_up(settings, ("SIGNALS",)), "the original is TERMed"
+    assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(0,)]
+
+
+def test_redelivery_waits_for_the_nak_delay(settings: Settings) -> None:
+    """A NAK after a failed run carries a delay: the message is not back at once."""
+    life = Lifecycle(changed(settings, nak_delay_seconds=3))
+    run(publish(settings.nats_url, [synced("evt-delay")]))
+    (batch,) = life.tick().to_request
+    assert not life.execute(batch, fail=True)
+    report = life.tick()
+    assert report.nacked == 1
+    naked_at = time.monotonic()
+    report = life.tick()
+    assert report.to_request == [] and not report.fetched, "redelivered before the NAK delay"
+    life.tick_until_request(timeout=10)
+    assert time.monotonic() - naked_at >= 2.5
+
+
+def test_poison_is_dead_lettered_at_once_and_batch_mates_are_stored(either_path: Lifecycle, tmp_path: Path) -> None:
+    life, settings = either_path, either_path.settings
+    url = settings.nats_url
+    bad_type = make_envelope("evt-wrong", "task.completed", "u-1", datetime.now(UTC), {"task_id": "t"})
+    run(publish(url, [synced("evt-ok1"), ("signals.task.synced", b"{not json"), ("signals.task.synced", bad_type)]))
+    run(publish(url, [synced("evt-ok2")]))
+    report = life.tick()
+    assert report.poison == 2
+    assert life.execute(report.to_request[0])
+    # This tick settles the batch and fetches the two dead letters from DEADLETTER into a new one.
+    report = life.tick()
+    assert report.fetched == {"DEADLETTER": 2}
+    assert life.execute(report.to_request[0])
+    life.tick()
+    assert query(tmp_path / "store.duckdb", "SELECT event_id FROM signal_events ORDER BY 1") == [
+        ("evt-ok1",),
+        ("evt-ok2",),
+    ]
+    reasons = dict(query(tmp_path / "store.duckdb", "SELECT original_seq, reason FROM dead_letters"))
+    assert sorted(reasons) == [2, 3]
+    assert reasons[2].startswith("not valid JSON")
+    assert "does not match subject 'signals.task.synced'" in reasons[3]
+    assert caught_up(settings)
+
+
+def test_keep_alive_stops_ack_wait_redelivery(settings: Settings, nats_server: LocalNats) -> None:
+    """ack_wait=10 s, run pending for 14 s, ticks every 3 s: the batch is never redelivered."""
+    life = Lifecycle(changed(settings, durable_prefix="ka", ack_wait_seconds=10))
+    run(publish(nats_server.url, [synced("evt-slow")]))
+    (batch,) = life.tick().to_request
+    start = time.monotonic()
+    while time.monotonic() - start < 14:
+        time.sleep(3)
+        report = life.tick()
+        assert report.kept_alive == 1
+        assert not report.fetched, "the pending message was redelivered despite +WPI"
+    assert life.execute(batch)
+    report = life.tick()
+    assert report.acked == 1
+    info = run(consumer_states(nats_server.url, "ka"))["SIGNALS"]
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+
+
+def test_nats_down_keeps_batches_in_flight_and_settles_after_restart(
+    either_path: Lifecycle, nats_server: LocalNats, tmp_path: Path
+) -> None:
+    """Settle cannot reach NATS: the batch stays staged, the tick says why, and a later tick acks it.
+
+    Acks sent while a SIGKILLed server is still recovering its consumer can be dropped without an
+    error; then ack_wait (5 s here) redelivers the batch and the event ids absorb it. Either way the
+    end state must be: both events stored once, nothing pending."""
+    life = Lifecycle(unchecked(either_path.settings, ack_wait_seconds=5), options=either_path.options)
+    settings = life.settings
+    run(publish(nats_server.url, [synced("evt-x"), synced("evt-y")]))
+    (batch,) = life.tick().to_request
+    nats_server.kill()
+    assert life.execute(batch), "the run needs no NATS"
+    report = life.tick()
+    assert report.problem and f"cannot reach NATS at {nats_server.url}" in report.problem
+    assert report.in_flight == 1 and report.to_request == []
+    assert len(list((tmp_path / "staging").iterdir())) == 1
+    nats_server.start()
+    acked, deadline = 0, time.monotonic() + 40
+    while time.monotonic() < deadline:
+        report = life.tick()
+        acked += report.acked
+        for again in report.to_request:  # a redelivered copy, if the first acks were lost
+            assert life.execute(again)
+        if acked >= 2 and not report.in_flight and caught_up(settings, ("SIGNALS",), timeout=1):
+            break
+        time.sleep(0.3)
+    assert acked >= 2, "the staged batch was never acked after NATS came back"
+    assert caught_up(settings, ("SIGNALS",))
+    assert query(tmp_path / "store.duckdb", "SELECT event_id FROM signal_events ORDER BY 1") == [("evt-x",), ("evt-y",)]
+    assert query(tmp_path / "store.duckdb", "SELECT signal_count_total FROM user_features") == [(2,)]
+
+
+def test_orphan_batch_gets_its_run_requested_again(lifecycle: Lifecycle) -> None:
+    """A batch staged by a tick whose run request was lost (daemon died) is requested again, same batch id."""
+    run(publish(lifecycle.settings.nats_url, [synced("evt-o")]))
+    (batch,) = lifecycle.tick().to_request
+    (again,) = lifecycle.tick().to_request
+    assert again == batch
+
+
+def test_batch_staged_from_several_pulls_is_settled_as_one(either_path: Lifecycle, tmp_path: Path) -> None:
+    """A batch grows over several pulls (of 2 here) into one run: a failed run NAKs every message
+    of it, from every pull; the redelivered batch's successful run acks them all, stored once."""
+    life = Lifecycle(either_path.settings, options=TickOptions(fetch_chunk=2, fast_path=either_path.options.fast_path))
+    settings = life.settings
+    run(publish(settings.nats_url, [synced(f"evt-{i}", f"u-{i % 2}") for i in range(5)]))
+    report = life.tick()
+    (batch,) = report.to_request
+    assert report.fetched == {"SIGNALS": 5} and [m.size for m in report.staged] == [5]
+    assert not life.execute(batch, fail=True)
+    report = life.tick()
+    assert (report.nacked, report.acked, report.settled_batches) == (5, 0, 1)
+    report = life.tick_until_request()
+    (batch2,) = report.to_request
+    assert report.fetched == {"SIGNALS": 5} and batch2 != batch
+    assert life.execute(batch2)
+    report = life.tick()
+    assert (report.acked, report.nacked) == (5, 0)
+    assert caught_up(settings)
+    assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(5,)]
+    assert query(tmp_path / "store.duckdb", "SELECT user_id, signal_count_total FROM user_features ORDER BY 1") == [
+        ("u-0", 3),
+        ("u-1", 2),
+    ]
+
+
+def test_fetch_time_ends_the_batch_and_the_tick(settings: Settings) -> None:
+    """Past the tick's fetch time no further pull starts: the batch so far is staged and the rest waits."""
+
+    def slow_assemble(deliveries: Sequence[Delivery]) -> Assembled:
+        time.sleep(0.6)  # two pulls take longer than the second of fetch time
+        return assemble(deliveries)
+
+    life = Lifecycle(changed(settings, fetch_seconds=1), options=TickOptions(fetch_chunk=2, assemble=slow_assemble))
+    run(publish(settings.nats_url, [synced(f"evt-{i}") for i in range(6)]))
+    report = life.tick()
+    assert len(report.to_request) == 1
+    assert report.fetched == {"SIGNALS": 2}, "a pull that would end past the fetch time is not started"
+    assert len(report.staged) == 1
+    assert lag(settings)["SIGNALS"] == 6, "the rest is still pending"
+
+
+def test_no_new_batch_while_one_waits_for_its_run(lifecycle: Lifecycle) -> None:
+    """A second batch behind one whose run has not started would only add a run's start-up: the new
+    messages wait in the stream and join the next batch once the run has started or ended."""
+    url = lifecycle.settings.nats_url
+    run(publish(url, [synced("evt-1")]))
+    (batch,) = lifecycle.tick().to_request
+    run(publish(url, [synced("evt-2"), synced("evt-3")]))
+    report = lifecycle.tick()
+    assert report.to_request == [batch] and not report.fetched
+    assert report.holding == batch and "waits for its run to start" in report.summary()
+    lifecycle.runs.queue(batch)  # queued is still waiting to start
+    assert lifecycle.tick().holding == batch
+    assert lifecycle.execute(batch)
+    report = lifecycle.tick()
+    (batch2,) = report.to_request
+    assert report.acked == 1 and report.fetched == {"SIGNALS": 2} and report.staged[0].size == 2
+    assert lifecycle.execute(batch2)
+    lifecycle.tick()
+    assert caught_up(lifecycle.settings)
+
+
+def test_a_started_run_does_not_hold_new_batches_back(lifecycle: Lifecycle) -> None:
+    """Once a batch's run has left the queue, new messages go into a new batch at once."""
+    url = lifecycle.settings.nats_url
+    run(publish(url, [synced("evt-1")]))
+    (batch,) = lifecycle.tick().to_request
+    lifecycle.runs.finish(batch, "STARTED")
+    run(publish(url, [synced("evt-2")]))
+    report = lifecycle.tick()
+    assert report.holding is None and report.fetched == {"SIGNALS": 1} and report.in_flight == 2
