@@ -22,8 +22,8 @@ from typing import Any
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from feature_pipeline.cli import sample_data
 from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.samples import sample_data
 from feature_pipeline.testing import query  # noqa: F401 - re-exported for the phases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,10 +155,11 @@ async def connect(url: str, name: str) -> nats.aio.client.Client:
 
 
 async def ensure_streams(url: str) -> None:
-    from feature_pipeline.broker import Broker
+    from feature_pipeline.broker import topology
+    from feature_pipeline.broker.client import Broker
 
     async with await Broker.connect(url, name="bench-setup") as b:
-        await b.ensure_streams()
+        await topology.ensure_streams(b)
 
 
 class Publisher:

@@ -10,16 +10,13 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
-import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from common import (
-    REPO,
-    VENV_BIN,
     EventMaker,
     Publisher,
     connect,
@@ -28,13 +25,13 @@ from common import (
     log,
     on_cleanup,
     percentile,
-    query,
     slope,
     stop_group,
     total_lag,
 )
 
-from feature_pipeline import settings
+from feature_pipeline import settings, testing
+from feature_pipeline.broker.local import LocalNats
 
 # Batch and consumer knobs the bench passes through from its own environment; paths, URL and prefix are its own.
 KNOBS = (
@@ -51,81 +48,59 @@ KNOBS = (
 COUNT_SQL = "SELECT (SELECT count(*) FROM signal_events) + (SELECT count(*) FROM feedback_events)"
 
 
-class Pipeline:
-    def __init__(self, root: Path, nats_url: str, prefix: str = "bench") -> None:
-        self.root = root
-        self.nats_url = nats_url
-        self.prefix = prefix
-        self.home = root / "dagster_home"
-        self.db = root / "store.duckdb"
-        self.staging = root / "staging"
-        self.log_path = root / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self._cleanup = None
+def knob_env() -> dict[str, str]:
+    """Every knob as the bench's environment sets it, else at its default."""
+    return {k: os.environ.get(k, settings.BY_NAME[k].default) for k in KNOBS}
 
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_")) and k != "DAGSTER_HOME"}
-        env.update({k: os.environ[k] for k in KNOBS if k in os.environ})
-        env.update(
-            {
-                "DAGSTER_HOME": str(self.home),
-                "NATS_URL": self.nats_url,
-                "NATS_DURABLE_PREFIX": self.prefix,
-                "FEATURE_STORE_PATH": str(self.db),
-                "FEATURE_PIPELINE_STAGING_DIR": str(self.staging),
-                "FEATURE_PIPELINE_SERVING_PATH": str(self.staging.parent / "serving" / "user_features.parquet"),
-            }
-        )
-        return env
+
+class Pipeline(testing.Pipeline):
+    """`feature_pipeline.testing.Pipeline` on the bench's nats-server (never stopped here), plus the bench's needs.
+
+    The harness's paths, URL and prefix; the batch and consumer knobs come from the bench's own environment
+    (`KNOBS`), each at its documented default when unset (the harness's test intervals are not used).
+    """
+
+    def __init__(self, root: Path, nats: LocalNats, prefix: str = "bench") -> None:
+        super().__init__(root, knob_env(), nats=nats, prefix=prefix)
+        self.started_at = 0.0
+        self._cleanup: Callable[[], None] | None = None
 
     def settings(self) -> dict[str, str]:
         """The values in effect (validated the way the code location will), and where each came from."""
-        env = self.env()
-        cfg = settings.load(env)
+        cfg = settings.load(self.env)
         out = {}
         for name in ("NATS_URL", "NATS_DURABLE_PREFIX", *KNOBS):
-            value = getattr(cfg, settings.FIELDS[name])
+            value = getattr(cfg, settings.BY_NAME[name].field)
             source = "set by bench" if name not in KNOBS else "from env" if name in os.environ else "default"
             out[name] = f"{value} ({source})"
         return out
 
     def batch_max(self) -> int:
-        return settings.load(self.env()).batch_max_messages
+        return settings.load(self.env).batch_max_messages
 
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / "dagster.yaml", self.home / "dagster.yaml")
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+    def start_daemon(self) -> None:
+        """The drain's clock starts here: `started_at` is when the daemon is launched."""
         self.started_at = time.time()
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            cwd=REPO,
-            env=self.env(),
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
-        self._cleanup = on_cleanup(self.stop)
+        super().start_daemon()
+        if self._cleanup is None:
+            self._cleanup = on_cleanup(self.stop)
+
+    def stop_daemon(self) -> None:
+        super().stop_daemon()
+        if self.daemon is not None:
+            stop_group(self.daemon)  # and whatever its process group still holds (code server, run workers)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
+        self.close()
         if self._cleanup:
             forget_cleanup(self._cleanup)
             self._cleanup = None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def staged(self) -> int:
-        if not self.staging.exists():
-            return 0
-        return sum(1 for p in self.staging.iterdir() if not p.name.startswith("."))
+        return self.daemon is not None and self.daemon.poll() is None
 
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        return self.daemon_log.read_text(errors="replace")[-chars:] if self.daemon_log.exists() else ""
 
     # -- Dagster's own records -------------------------------------------------------------------
 
@@ -134,7 +109,7 @@ class Pipeline:
         import dagster as dg
 
         out: dict[str, Any] = {}
-        with dg.DagsterInstance.from_config(str(self.home)) as inst:
+        with self.instance() as inst:
             recs = [
                 r
                 for r in inst.get_run_records(filters=dg.RunsFilter(job_name="ingest"))
@@ -192,7 +167,7 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 
 
 async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
-    nc = await connect(p.nats_url, "bench-monitor")
+    nc = await connect(p.nats.url, "bench-monitor")
     js = nc.jetstream(timeout=5)
     t0 = p.started_at
     timeline: list[list[Any]] = []
@@ -206,9 +181,10 @@ async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]
             if now - t0 > timeout:
                 break
             if not p.alive():
-                raise RuntimeError(f"dagster-daemon exited with {p.proc.returncode}:\n{p.log_tail()}")
+                code = p.daemon.returncode if p.daemon else None
+                raise RuntimeError(f"dagster-daemon exited with {code}:\n{p.log_tail()}")
             lags = await lag(js, p.prefix)
-            staged = p.staged()
+            staged = len(p.staged())
             tl = total_lag(lags)
             timeline.append([round(now - t0, 2), lags["SIGNALS"], lags["FEEDBACK"], lags["DEADLETTER"], staged])
             if first_fetch is None and staged:
@@ -219,7 +195,7 @@ async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]
                 log(f"  +{now - t0:5.0f} s  lag {tl}  staged batches {staged}")
                 last_log = now
             if tl == 0 and not lags["DEADLETTER"] and staged == 0:
-                rows = (await asyncio.to_thread(query, p.db, COUNT_SQL) or [(0,)])[0][0]
+                rows = (await asyncio.to_thread(p.query, COUNT_SQL) or [(0,)])[0][0]
                 if rows >= expected:
                     done_at = now
                     break
@@ -235,7 +211,7 @@ async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]
     }
     end = done_at or time.time()
     if done_at is None:
-        rows = (await asyncio.to_thread(query, p.db, COUNT_SQL) or [(0,)])[0][0]
+        rows = (await asyncio.to_thread(p.query, COUNT_SQL) or [(0,)])[0][0]
     out["events_stored"] = rows
     out["seconds"] = round(end - t0, 2)
     out["events_per_s"] = round(rows / (end - t0), 1)
@@ -247,8 +223,7 @@ async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]
 def backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
     log(f"pipeline backlog drain: {expected} events, daemon started, timeout {timeout:.0f} s")
     r = asyncio.run(_backlog(p, expected, timeout))
-    checks = query(
-        p.db,
+    checks = p.query(
         "SELECT (SELECT count(*) FROM user_features), "
         "(SELECT count(DISTINCT user_id) FROM (SELECT user_id FROM signal_events UNION ALL "
         "SELECT user_id FROM feedback_events)), (SELECT count(*) FROM ingested_batches), "
@@ -277,8 +252,8 @@ def backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
 
 
 async def _steady(p: Pipeline, rate: int, seconds: float, drain_timeout: float, users: int, tag: str) -> dict[str, Any]:
-    pub_nc = await connect(p.nats_url, "bench-steady-producer")
-    mon = await connect(p.nats_url, "bench-steady-monitor")
+    pub_nc = await connect(p.nats.url, "bench-steady-producer")
+    mon = await connect(p.nats.url, "bench-steady-monitor")
     pub = await Publisher(pub_nc).start()
     mjs = mon.jetstream(timeout=5)
     maker = EventMaker(users, seed=rate)
@@ -320,7 +295,7 @@ async def _steady(p: Pipeline, rate: int, seconds: float, drain_timeout: float, 
             if not p.alive():
                 raise RuntimeError(f"dagster-daemon exited:\n{p.log_tail()}")
             tl = total_lag(await lag(mjs, p.prefix))
-            if tl == 0 and p.staged() == 0:
+            if tl == 0 and not p.staged():
                 drained_after = time.monotonic() - t0 - produced_s
                 break
             await asyncio.sleep(0.5)
@@ -329,8 +304,7 @@ async def _steady(p: Pipeline, rate: int, seconds: float, drain_timeout: float, 
         await mon.close()
 
     like = f"{tag}-%"
-    rows = query(
-        p.db,
+    rows = p.query(
         "WITH d AS (SELECT date_diff('microsecond', received_at, ingested_at) / 1e6 AS s FROM signal_events "
         "WHERE event_id LIKE $p UNION ALL SELECT date_diff('microsecond', received_at, ingested_at) / 1e6 "
         "FROM feedback_events WHERE event_id LIKE $p) "
@@ -379,12 +353,12 @@ def wait_idle(p: Pipeline, timeout: float) -> bool:
     """Between phases: wait until lag is 0 and nothing is staged."""
 
     async def go() -> bool:
-        nc = await connect(p.nats_url, "bench-idle")
+        nc = await connect(p.nats.url, "bench-idle")
         js = nc.jetstream(timeout=5)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if total_lag(await lag(js, p.prefix)) == 0 and p.staged() == 0:
+                if total_lag(await lag(js, p.prefix)) == 0 and not p.staged():
                     return True
                 await asyncio.sleep(0.5)
             return False

@@ -3,7 +3,7 @@
 The raw tables are pre-filled with DuckDB SQL (INSERT ... SELECT FROM range()), not through the pipeline;
 user_features is then rebuilt from them with the pipeline's own feature SQL. The batch is staged the way the
 sensor stages it: synthetic `Delivery` objects (as in feature_pipeline_tests/test_store.py) through
-`staging.assemble` and `Staging.stage`.
+`ingest.assemble.assemble` and `Staging.stage`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 
 from common import EventMaker, log
 
-from feature_pipeline.broker import Delivery
-from feature_pipeline.staging import Staging, assemble
-from feature_pipeline.store import FeatureStore
+from feature_pipeline.broker.deliveries import Delivery
+from feature_pipeline.ingest.assemble import assemble
+from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.store.feature_store import FeatureStore
 
 _SIGNALS_SQL = """
 INSERT INTO signal_events

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 from common import VENV_BIN, log, on_cleanup, run_cleanups  # noqa: E402
 
-from feature_pipeline.defs.sensors import FETCH_CHUNK  # noqa: E402
+from feature_pipeline.ingest.tick import FETCH_CHUNK  # noqa: E402
 
 PHASES = ("ceiling", "baseline", "drain", "steady", "growth")
 GIB_MIB = 1024.0
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     import drain
     import growth
 
-    from feature_pipeline.localnats import LocalNats
+    from feature_pipeline.broker.local import LocalNats
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         on_cleanup(nats_srv.kill)
         sampler.watch("nats", nats_srv.proc.pid)
         log(f"nats-server {nats_srv.url} (pid {nats_srv.proc.pid})")
-        p = drain.Pipeline(tmp / "pipeline", nats_srv.url)
+        p = drain.Pipeline(tmp / "pipeline", nats_srv)
         r["knobs"] = p.settings()
         log("pipeline settings: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
         # The pipeline's own pull size: one 250 000-message pull overflows the server's per-client
@@ -385,14 +385,15 @@ def main(argv: list[str] | None = None) -> int:
             r["baseline"] = baseline.run(nats_srv.url, tmp / "baseline.duckdb", a.baseline_events, 150)
         if "drain" in a.phases or "steady" in a.phases:
             p.start()
-            sampler.watch("daemon", p.proc.pid)
-            log(f"dagster-daemon pid {p.proc.pid}, DAGSTER_HOME {p.home}, log {p.log_path}")
+            assert p.daemon is not None
+            sampler.watch("daemon", p.daemon.pid)
+            log(f"dagster-daemon pid {p.daemon.pid}, DAGSTER_HOME {p.home}, log {p.daemon_log}")
             prof = None
             if "drain" in a.phases:
                 if a.profile:
                     time.sleep(3)  # py-spy cannot read an interpreter that has not finished starting
                     prof_raw = a.out / f"{stamp}-profile.raw.txt"
-                    prof = start_profiler(p.proc.pid, prof_raw, a.profile_rate)
+                    prof = start_profiler(p.daemon.pid, prof_raw, a.profile_rate)
                     log(f"py-spy recording the daemon tree into {prof_raw}")
                 d = drain.backlog(p, a.events, a.drain_timeout)
                 end = time.time()

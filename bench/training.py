@@ -25,8 +25,8 @@ from pathlib import Path
 from growth import _FEEDBACK_SQL, _SIGNALS_SQL
 
 from feature_pipeline import training_set
-from feature_pipeline.store import FeatureStore
-from feature_pipeline.training import write_table
+from feature_pipeline.read.training import write_table
+from feature_pipeline.store.feature_store import FeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_SECONDS = 30.0

@@ -181,10 +181,12 @@ class Lifecycle:
         self.runs.finish(batch_id, "SUCCESS")
         return True
 
-    def drain(self, rounds: int = 40) -> None:
-        """Tick and run what the ticks ask for until every consumer is at lag 0 and nothing is staged."""
+    def drain(self, timeout: float = 60.0) -> None:
+        """Tick and run what the ticks ask for until every consumer is at lag 0 and nothing is staged
+        (messages a killed tick had fetched come back only after ack_wait)."""
+        deadline = time.monotonic() + timeout
         report = None
-        for _ in range(rounds):
+        while time.monotonic() < deadline:
             report = self.tick()
             for batch_id in report.to_request:
                 self.execute(batch_id)
@@ -193,7 +195,7 @@ class Lifecycle:
                 return
             time.sleep(0.2)
         summary = report.summary() if report else "no tick"
-        raise AssertionError(f"not drained: lag {lag(self.settings)}, last tick: {summary}")
+        raise AssertionError(f"not drained in {timeout:.0f} s: lag {lag(self.settings)}, last tick: {summary}")
 
 
 def materialize(instance: dg.DagsterInstance, settings: Settings, tags: dict[str, str]) -> dg.ExecuteInProcessResult:

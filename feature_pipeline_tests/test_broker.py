@@ -3,14 +3,16 @@ whenever that check fails. (Both paths run the batch lifecycle end to end in tes
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 from nats.aio.client import Client
 
 from feature_pipeline.broker import fastpath
-from feature_pipeline.broker.client import Broker
+from feature_pipeline.broker.client import Broker, BrokerUnavailable
 from feature_pipeline.broker.local import LocalNats
 from feature_pipeline.testing import run
 
@@ -68,3 +70,19 @@ def test_connect_takes_the_path_asked_for(nats_server: LocalNats) -> None:
             return auto.fast, public.fast, fast.fast
 
     assert run(paths()) == (True, False, True)
+
+
+def test_work_waiting_on_a_server_that_dies_ends_at_once(nats_server: LocalNats) -> None:
+    """nats-py leaves requests in flight to time out when the connection drops; the broker cuts such
+    work short at once, saying so, so a tick that loses NATS does not stall for seconds."""
+
+    async def wait_then_kill() -> float:
+        async with await Broker.connect(nats_server.url) as b:
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, nats_server.kill)
+            with pytest.raises(BrokerUnavailable, match=r"lost the connection to NATS at nats://127\.0\.0\.1"):
+                await b.until_lost(asyncio.sleep(30))
+            return time.monotonic() - started
+
+    assert run(wait_then_kill()) < 3

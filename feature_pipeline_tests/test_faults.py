@@ -45,7 +45,8 @@ def test_nats_killed_at_random_moments_during_fetch_run_and_acks(
     lands inside the NATS calls), restart it on the same store: every event stored exactly once."""
     rng = random.Random(7)
     published = run(publish_events(nats_server.url, subjects=SUBJECTS, users=["a", "b", "c"], count=600, rate=None))
-    life = Lifecycle(changed(settings, batch_max_messages=100))
+    # ack_wait 10 s: what a killed tick had fetched comes back sooner (redelivered, and absorbed).
+    life = Lifecycle(changed(settings, batch_max_messages=100, ack_wait_seconds=10))
     kills = 0
     for _ in range(12):
         box: dict[str, Any] = {}

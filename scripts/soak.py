@@ -42,10 +42,13 @@ from typing import Any
 import duckdb
 from dagster import DagsterRunStatus
 
-from feature_pipeline.broker import STREAMS, Broker, consumer_name
-from feature_pipeline.cli import sample_data
+from feature_pipeline.broker import topology
+from feature_pipeline.broker.client import Broker
 from feature_pipeline.envelopes import DATA_MODELS, make_envelope
-from feature_pipeline.features import default_registry, inconsistent_users
+from feature_pipeline.samples import sample_data
+from feature_pipeline.store.features import inconsistent_users
+from feature_pipeline.store.loader import load_registry
+from feature_pipeline.streams import STREAMS, consumer_name
 from feature_pipeline.testing import Pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -259,7 +262,7 @@ class Publisher:
     async def _connect(self) -> Broker | None:
         try:
             broker = await Broker.connect(self.url, name="soak-publisher")
-            await broker.ensure_streams()
+            await topology.ensure_streams(broker)
         except Exception as exc:
             self.ledger.errors[f"connect: {type(exc).__name__}"] += 1
             if self.outage_since is None:
@@ -633,8 +636,8 @@ def reconcile(
         ]
         feature_rows = con.execute("SELECT count(*) FROM user_features").fetchone()[0]  # type: ignore[index]
         # Every row. Not sample=10**9: DuckDB's `USING SAMPLE reservoir(N ROWS)` sizes its buffers by N, and
-        # with the TIMESTAMPTZ column N=10**9 asks for 7.4 GiB and fails (features.py, inconsistent_users).
-        checked, bad_users = inconsistent_users(con, max(1, feature_rows), default_registry())
+        # with the TIMESTAMPTZ column N=10**9 asks for 7.4 GiB and fails (store/features.py, inconsistent_users).
+        checked, bad_users = inconsistent_users(con, max(1, feature_rows), load_registry())
     finally:
         con.close()
 

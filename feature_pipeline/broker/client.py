@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -30,6 +30,7 @@ from feature_pipeline.broker.fastpath import FastClient, new_client, subscriptio
 CONNECT_TIMEOUT_SECONDS = 2
 REQUEST_TIMEOUT_SECONDS = 5
 PENDING_BYTES = 256 * 1024 * 1024
+T = TypeVar("T")
 
 
 class BrokerUnavailable(RuntimeError):
@@ -106,10 +107,11 @@ class _Pull:
 class Broker:
     """One connection for one sensor tick or CLI call; connect, use, close."""
 
-    def __init__(self, nc: Client, url: str) -> None:
+    def __init__(self, nc: Client, url: str, lost: asyncio.Event | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=REQUEST_TIMEOUT_SECONDS)
         self.url = url
+        self.lost = lost or asyncio.Event()  # set when the connection drops: a waiting pull ends at once
 
     @property
     def fast(self) -> bool:
@@ -128,6 +130,11 @@ class Broker:
             # nats-py logs every failed attempt with a stack trace otherwise; the caller reports once.
             return None
 
+        lost = asyncio.Event()
+
+        async def on_lost() -> None:
+            lost.set()
+
         servers = url.split(",")
         try:
             options = (auth or NatsAuth()).connect_options(url)
@@ -144,6 +151,8 @@ class Broker:
                     allow_reconnect=False,
                     max_reconnect_attempts=0,
                     error_cb=quiet,
+                    disconnected_cb=on_lost,
+                    closed_cb=on_lost,
                     pending_size=PENDING_BYTES,
                     **options,
                 ),
@@ -151,7 +160,24 @@ class Broker:
             )
         except Exception as exc:
             raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {_reason(exc)}") from None
-        return cls(nc, url)
+        return cls(nc, url, lost)
+
+    async def until_lost(self, work: Awaitable[T]) -> T:
+        """`work`, cut short if the connection drops: nats-py leaves requests in flight to time out
+        (5 s each), which would stall whoever waits on them. Cut short means cancelled, as a crash there
+        would stop it; callers keep their state where a crash cannot lose it."""
+        task = asyncio.ensure_future(work)
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait([task, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise BrokerUnavailable(f"lost the connection to NATS at {redact(self.url)}")
+        return task.result()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -199,13 +225,18 @@ class Broker:
         return pull.got
 
     async def _wait(self, pull: _Pull, what: str, timeout: float) -> None:
+        """Until the pull is complete, the connection drops, or `timeout`; an empty pull then is an error."""
+        waits = [asyncio.ensure_future(pull.done.wait()), asyncio.ensure_future(self.lost.wait())]
         try:
-            await asyncio.wait_for(pull.done.wait(), timeout)
-        except TimeoutError:
-            if not pull.got:
-                raise BrokerUnavailable(
-                    f"NATS at {redact(self.url)} did not answer a pull on {what} in {timeout:.0f} s"
-                ) from None
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if pull.done.is_set() or pull.got:
+            return
+        if self.lost.is_set():
+            raise BrokerUnavailable(f"lost the connection to NATS at {redact(self.url)} during a pull on {what}")
+        raise BrokerUnavailable(f"NATS at {redact(self.url)} did not answer a pull on {what} in {timeout:.0f} s")
 
     # -- settling ---------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 The request is the one the UI's Materialize > Launch backfill makes. With a webserver running
 (`up` starts one) it goes through the webserver's public GraphQL API (`launchPartitionBackfill`);
-without one, it is written into the Dagster instance directly, through the one private Dagster
-call this project makes, kept in `add_backfill_to_instance`.
+without one, it is written into the Dagster instance directly, through Dagster's private API: the
+only use of it in the project, kept in `add_backfill_to_instance`.
 """
 
 from __future__ import annotations

@@ -81,21 +81,26 @@ class _Tick:
     deadline: float
 
     async def exchange(self, batches: list[Manifest], found: dict[str, BatchRun | None]) -> None:
-        t = time.monotonic()
         s, o = self.settings, self.options
+        t = time.monotonic()
         async with await Broker.connect(s.nats_url, o.client_name, s.nats_auth, fast=o.fast_path) as broker:
-            await self._ensure_topology(broker)
-            t = self.report.lap("connect", t)
-            remaining = [m for m in batches if not await self._settle_or_keep(broker, m, found[m.batch_id])]
-            self.report.in_flight = len(remaining)
-            t = self.report.lap("settle", t)
-            await self._fetch(broker, remaining, found)
-            t = self.report.lap("fetch", t)
-            # After fetching: the server announces a message it gives up on only when it is next asked for messages.
-            await self._rescue_exhausted(broker)
-            in_flight = [m.counts for m in (*remaining, *self.report.staged)]
-            self.report.stats = await collect(broker, s.durable_prefix, in_flight)
-            self.report.lap("observe", t)
+            await broker.until_lost(self._work(broker, batches, found, t))
+
+    async def _work(
+        self, broker: Broker, batches: list[Manifest], found: dict[str, BatchRun | None], t: float
+    ) -> None:
+        await self._ensure_topology(broker)
+        t = self.report.lap("connect", t)
+        remaining = [m for m in batches if not await self._settle_or_keep(broker, m, found[m.batch_id])]
+        self.report.in_flight = len(remaining)
+        t = self.report.lap("settle", t)
+        await self._fetch(broker, remaining, found)
+        t = self.report.lap("fetch", t)
+        # After fetching: the server announces a message it gives up on only when it is next asked for messages.
+        await self._rescue_exhausted(broker)
+        in_flight = [m.counts for m in (*remaining, *self.report.staged)]
+        self.report.stats = await collect(broker, self.settings.durable_prefix, in_flight)
+        self.report.lap("observe", t)
 
     async def _ensure_topology(self, broker: Broker) -> None:
         s = self.settings
