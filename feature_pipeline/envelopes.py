@@ -23,8 +23,6 @@ _Name = Annotated[
 _BIGINT = 2**63 - 1  # tasks_* are BIGINT in DuckDB
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
-STREAM_OF_PREFIX = {"signals": "SIGNALS", "feedback": "FEEDBACK"}
-
 
 class PoisonMessage(ValueError):
     """A message that can never be stored as it is; the text is its dead-letter reason."""

@@ -16,6 +16,7 @@ class StreamSpec:
     subject: str  # what it captures
     table: str  # the DuckDB table its messages land in
     carries_events: bool  # contract envelopes (validated); False: dead-letter copies
+    table_description: str  # what the table asset says in the Dagster UI
 
     @property
     def prefix(self) -> str:
@@ -23,9 +24,30 @@ class StreamSpec:
         return self.subject.split(".", 1)[0]
 
 
-SIGNALS = StreamSpec("signals", "SIGNALS", "signals.>", "signal_events", True)
-FEEDBACK = StreamSpec("feedback", "FEEDBACK", "feedback.>", "feedback_events", True)
-DEADLETTER = StreamSpec("deadletter", "DEADLETTER", "deadletter.>", "dead_letters", False)
+SIGNALS = StreamSpec(
+    "signals",
+    "SIGNALS",
+    "signals.>",
+    "signal_events",
+    True,
+    "One row per signal event id: subject, stream sequence, occurred_at, received_at, user_id, type, payload.",
+)
+FEEDBACK = StreamSpec(
+    "feedback",
+    "FEEDBACK",
+    "feedback.>",
+    "feedback_events",
+    True,
+    "One row per recommendation-feedback event id.",
+)
+DEADLETTER = StreamSpec(
+    "deadletter",
+    "DEADLETTER",
+    "deadletter.>",
+    "dead_letters",
+    False,
+    "Messages that could not be stored, with the reason: poison input or too many failed runs.",
+)
 
 STREAMS: tuple[StreamSpec, ...] = (SIGNALS, FEEDBACK, DEADLETTER)
 EVENT_STREAMS: tuple[StreamSpec, ...] = tuple(s for s in STREAMS if s.carries_events)

@@ -54,6 +54,11 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
+async def _quiet(_exc: Exception) -> None:
+    """nats-py logs every failed attempt with a stack trace otherwise; the caller reports once."""
+    return None
+
+
 def header_safe(text: str, limit: int = 1000) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -125,39 +130,32 @@ class Broker:
         """Connect once, without reconnecting: a caller that loses NATS reports it and tries on its next call.
 
         `fast`: None takes the fast path whenever nats-py passes the self-check; True or False forces it."""
-
-        async def quiet(_exc: Exception) -> None:
-            # nats-py logs every failed attempt with a stack trace otherwise; the caller reports once.
-            return None
-
+        try:
+            options = (auth or NatsAuth()).connect_options(url)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnavailable(f"cannot load the TLS files for NATS at {redact(url)}: {exc}") from None
         lost = asyncio.Event()
 
         async def on_lost() -> None:
             lost.set()
 
-        servers = url.split(",")
-        try:
-            options = (auth or NatsAuth()).connect_options(url)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerUnavailable(f"cannot load the TLS files for NATS at {redact(url)}: {exc}") from None
         nc = new_client(fast)
+        servers = url.split(",")
+        connecting = nc.connect(
+            servers=servers,
+            name=name,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            error_cb=_quiet,
+            disconnected_cb=on_lost,
+            closed_cb=on_lost,
+            pending_size=PENDING_BYTES,
+            **options,
+        )
         try:
             # nats-py's connect_timeout does not cover a hanging DNS lookup: bound the whole attempt.
-            await asyncio.wait_for(
-                nc.connect(
-                    servers=servers,
-                    name=name,
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    allow_reconnect=False,
-                    max_reconnect_attempts=0,
-                    error_cb=quiet,
-                    disconnected_cb=on_lost,
-                    closed_cb=on_lost,
-                    pending_size=PENDING_BYTES,
-                    **options,
-                ),
-                CONNECT_TIMEOUT_SECONDS * len(servers) + 1,
-            )
+            await asyncio.wait_for(connecting, CONNECT_TIMEOUT_SECONDS * len(servers) + 1)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {_reason(exc)}") from None
         return cls(nc, url, lost)

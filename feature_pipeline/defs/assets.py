@@ -21,27 +21,19 @@ from feature_pipeline.defs.runs import BATCH_TAG
 from feature_pipeline.defs.streams import stream_key
 from feature_pipeline.ingest.staging import Staging
 from feature_pipeline.store.feature_store import FeatureStore, Refresh
-from feature_pipeline.streams import EVENT_STREAMS, STREAMS
+from feature_pipeline.streams import DEADLETTER, EVENT_STREAMS, STREAMS
 
 REFRESH_TAG = "feature_pipeline/refresh"  # "windows": only move the clock (the schedule's runs)
 DUCKDB_POOL = "duckdb"
 LOGGED_IDS = 20
 RunOutput = Iterator[dg.MaterializeResult | dg.AssetCheckResult]
 
-_DESCRIPTIONS = {
-    "signal_events": "One row per signal event id: subject, stream sequence, occurred_at, received_at, user_id, "
-    "type, payload.",
-    "feedback_events": "One row per recommendation-feedback event id.",
-    "dead_letters": "Messages that could not be stored, with the reason: poison input or too many failed runs.",
-    "user_features": "One row per user, every feature of the registry (feature_defs.toml), correct as of the last "
-    "run's clock (valid_as_of in the metadata); updated_at is when the row was last recomputed.",
-}
 RAW_SPECS = {
     **{
         s.table: dg.AssetSpec(
             s.table,
             deps=[stream_key(s)],
-            description=_DESCRIPTIONS[s.table],
+            description=s.table_description,
             group_name="feature_store",
             kinds={"duckdb"},
             skippable=True,  # a window-refresh run observes user_features and materializes nothing
@@ -51,7 +43,8 @@ RAW_SPECS = {
     "user_features": dg.AssetSpec(
         "user_features",
         deps=[s.table for s in EVENT_STREAMS],
-        description=_DESCRIPTIONS["user_features"],
+        description="One row per user, every feature of the registry (feature_defs.toml), correct as of the last "
+        "run's clock (valid_as_of in the metadata); updated_at is when the row was last recomputed.",
         group_name="feature_store",
         kinds={"duckdb"},
         skippable=True,
@@ -152,7 +145,7 @@ def rebuild(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> Ru
         meta: dict[str, Any] = {"refresh": "rebuild"}
         if key == "user_features":
             meta.update(metadata.refresh(refresh))
-        if key == "dead_letters":
+        if key == DEADLETTER.table:
             meta.update(metadata.dead_letters(health))
         yield dg.MaterializeResult(asset_key=key, metadata=meta)
     yield from store_check_results(health, settings)

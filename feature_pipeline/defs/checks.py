@@ -22,7 +22,7 @@ from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamSt
 from feature_pipeline.ingest.staging import Staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import StoreHealth
-from feature_pipeline.streams import BY_NAME, STREAMS
+from feature_pipeline.streams import BY_NAME, DEADLETTER, STREAMS
 
 _SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
 
@@ -35,7 +35,7 @@ STREAM_CHECK_SPECS = [
     )
 ]
 DEAD_LETTERS_CHECK = dg.AssetCheckSpec(
-    "dead_letters_last_hour", asset="dead_letters", description="Dead letters recorded in the last hour."
+    "dead_letters_last_hour", asset=DEADLETTER.table, description="Dead letters recorded in the last hour."
 )
 CONSISTENCY_CHECK = dg.AssetCheckSpec(
     "matches_recomputation",
@@ -128,7 +128,7 @@ def store_check_results(health: StoreHealth, settings: Settings) -> list[dg.Asse
     bad = health.inconsistent_users
     return [
         dg.AssetCheckResult(
-            asset_key="dead_letters",
+            asset_key=DEADLETTER.table,
             check_name=DEAD_LETTERS_CHECK.name,
             passed=n <= warn,
             severity=dg.AssetCheckSeverity.ERROR if n > error else dg.AssetCheckSeverity.WARN,
