@@ -3,7 +3,7 @@
 The raw tables are pre-filled with DuckDB SQL (INSERT ... SELECT FROM range()), not through the pipeline;
 user_features is then rebuilt from them with the pipeline's own feature SQL. The batch is staged the way the
 sensor stages it: synthetic `Delivery` objects (as in feature_pipeline_tests/test_store.py) through
-`ingest.assemble.assemble` and `Staging.stage`.
+`ingest.assemble.assemble` and `FolderStaging.stage`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from common import EventMaker, log
 
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.ingest.assemble import assemble
-from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.store.feature_store import FeatureStore
 
 _SIGNALS_SQL = """
@@ -102,7 +102,7 @@ def one_size(root: Path, events: int, batch: int, users: int, reps: int) -> dict
     log(f"growth: pre-filling {events} events over {users} users")
     pre = prefill(store, events, users)
     log(f"  raw insert {pre['raw_insert_s']} s, features rebuild {pre['features_rebuild_s']} s")
-    staging = Staging(root / "staging")
+    staging = FolderStaging(root / "staging")
     applies, assembles, stages = [], [], []
     for rep in range(reps):
         deliveries = make_batch(batch, users, events + rep * batch, f"g{events}-{rep}")

@@ -110,6 +110,16 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _faults(raw: str) -> str:
     return ",".join(sorted(faults.parse(raw)))
 
@@ -156,6 +166,13 @@ class Settings:
         "matters when the sensor is down (10-3600).",
         _int_between(10, 3600),
     )
+    nats_replicas: int = _var(
+        "NATS_REPLICAS",
+        "1",
+        "Replicas of the streams, and of the staging buckets, that the pipeline creates: 3 on a three-node NATS "
+        "cluster (1-5). Streams that exist already keep theirs.",
+        _int_between(1, 5),
+    )
     feature_store_path: str = _var(
         "FEATURE_STORE_PATH", "./data/feature_store.duckdb", "The DuckDB feature store file.", _path
     )
@@ -164,6 +181,14 @@ class Settings:
         "./data/staging",
         "Where fetched batches are staged (Parquet + manifest) until their run is settled.",
         _path,
+    )
+    staging: str = _var(
+        "FEATURE_PIPELINE_STAGING",
+        "folder",
+        "Where staged batches live until settled: `folder` (FEATURE_PIPELINE_STAGING_DIR, on one host: the sensor "
+        "and the runs share its disk) or `nats` (the NATS object store, so runs and sensors on other hosts reach them; "
+        "FEATURE_PIPELINE_STAGING_DIR is then each host's scratch folder).",
+        _choice("folder", "nats"),
     )
     features_file: str = _var(
         "FEATURE_PIPELINE_FEATURES_FILE",

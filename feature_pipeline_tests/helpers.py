@@ -26,7 +26,8 @@ from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun
-from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.ingest.shared_staging import open_staging
+from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.ingest.tick import TickOptions, run_tick
 from feature_pipeline.settings import MIB, Settings, from_raw
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore
@@ -172,9 +173,9 @@ class Lifecycle:
     def execute(self, batch_id: str, fail: bool = False) -> bool:
         """The batch's run: True when it stored the batch (SUCCESS), False when it failed (FAILURE)."""
         hook = faults.before_commit({faults.FAIL_RUN} if fail else self.settings.fault_set)
-        staging = Staging(self.settings.staging_dir)
         try:
-            FeatureStore.from_settings(self.settings).apply_batch(staging.path(batch_id), batch_id, before_commit=hook)
+            with open_staging(self.settings) as staging, staging.local_copy(batch_id) as folder:
+                FeatureStore.from_settings(self.settings).apply_batch(folder, batch_id, before_commit=hook)
         except Exception as exc:
             self.runs.finish(batch_id, "FAILURE", f"run run-{batch_id} failed: {exc}")
             return False
@@ -288,7 +289,7 @@ class Feed:
 @dataclass
 class Env:
     store: FeatureStore
-    staging: Staging
+    staging: FolderStaging
     feed: Feed
 
     def stage(self, deliveries: Sequence[Delivery]) -> str:
@@ -337,7 +338,7 @@ def make_env(root: Path, registry: Any = None) -> Env:
         serving_path=root / "serving" / "user_features.parquet",
         allowed_lateness=timedelta(hours=1),
     )
-    return Env(store, Staging(root / "staging"), Feed())
+    return Env(store, FolderStaging(root / "staging"), Feed())
 
 
 def assert_rows_match_reference(env: Env) -> dict[str, dict[str, Any]]:

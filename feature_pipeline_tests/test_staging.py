@@ -21,7 +21,7 @@ from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.deliveries import Delivery, parse_reply, ts_from_nats
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import assemble
-from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, Staging, delivery_from_row
+from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, FolderStaging, delivery_from_row
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
 STORED_AT = datetime(2026, 11, 27, 5, 0, 0, 123456, tzinfo=UTC)
@@ -148,7 +148,7 @@ def test_schema_version_beyond_int32_does_not_break_staging(tmp_path: Path) -> N
         }
     ).encode()
     out = assemble([signal(1, "evt-1"), delivery("SIGNALS", "signals.task.completed", 2, body)])
-    Staging(tmp_path / "staging").stage(out)
+    FolderStaging(tmp_path / "staging").stage(out)
 
 
 # -- staging on disk ------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_schema_version_beyond_int32_does_not_break_staging(tmp_path: Path) -> N
 
 def test_stage_batches_and_deliveries(tmp_path: Path) -> None:
     """The manifest lists counts and seq ranges per stream; deliveries keep every reply subject and count."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     staged = [
         signal(10, "evt-1", num_delivered=3),
         signal(12, "evt-2"),
@@ -196,7 +196,7 @@ def test_stage_batches_and_deliveries(tmp_path: Path) -> None:
 
 def test_batches_are_listed_oldest_first(tmp_path: Path) -> None:
     """Batches are settled in the order they were fetched."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     first = staging.stage(assemble([signal(1, "a")]), batch_id="zzz")
     second = staging.stage(assemble([signal(2, "b")]), batch_id="aaa")
     assert [m.batch_id for m in staging.batches()] == [first.batch_id, second.batch_id]
@@ -204,7 +204,7 @@ def test_batches_are_listed_oldest_first(tmp_path: Path) -> None:
 
 def test_generated_batch_ids_are_unique(tmp_path: Path) -> None:
     """Two batches staged in the same second must not overwrite each other."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     ids = {staging.stage(assemble([signal(i, f"e{i}")])).batch_id for i in range(3)}
     assert len(ids) == 3
     assert {m.batch_id for m in staging.batches()} == ids
@@ -212,7 +212,7 @@ def test_generated_batch_ids_are_unique(tmp_path: Path) -> None:
 
 def test_empty_batch_can_be_staged(tmp_path: Path) -> None:
     """A fetch of only poison messages stages nothing but must not fail."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     manifest = staging.stage(assemble([delivery("SIGNALS", "signals.task.synced", 1, b"[]")]))
     assert manifest.counts == {}
     assert manifest.size == 0
@@ -221,7 +221,7 @@ def test_empty_batch_can_be_staged(tmp_path: Path) -> None:
 
 def test_remove_deletes_the_batch(tmp_path: Path) -> None:
     """A settled batch is gone from disk and from the listing."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     keep = staging.stage(assemble([signal(1, "a")]))
     gone = staging.stage(assemble([signal(2, "b")]))
     staging.remove(gone.batch_id)
@@ -232,12 +232,12 @@ def test_remove_deletes_the_batch(tmp_path: Path) -> None:
 
 def test_batches_of_a_missing_root_is_empty(tmp_path: Path) -> None:
     """Before the first fetch there is no staging folder; that is not an error."""
-    assert Staging(tmp_path / "nothing-here").batches() == []
+    assert FolderStaging(tmp_path / "nothing-here").batches() == []
 
 
 def test_leftover_temp_folder_is_ignored_then_removed_when_stale(tmp_path: Path) -> None:
     """A crashed tick's half-written batch is never settled (its messages come back) and is cleaned up later."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     real = staging.stage(assemble([signal(1, "a")]))
     tmp = staging.root / ".tmp-crashed"
     tmp.mkdir()
@@ -255,7 +255,7 @@ def test_leftover_temp_folder_is_ignored_then_removed_when_stale(tmp_path: Path)
 
 def test_folder_without_manifest_is_not_a_batch(tmp_path: Path) -> None:
     """Only complete batches (with manifest.json) are listed."""
-    staging = Staging(tmp_path / "staging")
+    staging = FolderStaging(tmp_path / "staging")
     (staging.root / "stray").mkdir(parents=True)
     (staging.root / "file.txt").write_text("x")
     assert staging.batches() == []
@@ -263,7 +263,7 @@ def test_folder_without_manifest_is_not_a_batch(tmp_path: Path) -> None:
 
 def test_check_writable_on_a_writable_folder(tmp_path: Path) -> None:
     """The probe creates the folder and leaves nothing behind."""
-    staging = Staging(tmp_path / "new" / "staging")
+    staging = FolderStaging(tmp_path / "new" / "staging")
     staging.check_writable()
     assert list(staging.root.iterdir()) == []
 

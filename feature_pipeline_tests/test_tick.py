@@ -26,10 +26,18 @@ from feature_pipeline.testing import consumer_states, query, run, stream_message
 from feature_pipeline_tests.helpers import Lifecycle, caught_up, changed, lag, publish, synced, unchecked
 
 
-@pytest.fixture(params=["fast", "public"])
+@pytest.fixture(params=["fast path, folder", "public API, folder", "fast path, nats"])
 def either_path(request: pytest.FixtureRequest, settings: Settings) -> Lifecycle:
-    """The lifecycle on nats-py's fast path and on its public API: the same results either way."""
-    return Lifecycle(settings, options=TickOptions(fast_path=request.param == "fast"))
+    """The lifecycle on nats-py's fast path and on its public API, and with batches staged in a folder or
+    in NATS: the same results every way."""
+    path, staging = request.param.split(", ")
+    return Lifecycle(changed(settings, staging=staging), options=TickOptions(fast_path=path == "fast path"))
+
+
+@pytest.fixture(params=["folder", "nats"])
+def lifecycle(request: pytest.FixtureRequest, settings: Settings) -> Lifecycle:
+    """Batches staged in a folder, or in NATS: the same results either way."""
+    return Lifecycle(changed(settings, staging=request.param))
 
 
 def test_success_acks_only_after_the_run(either_path: Lifecycle, tmp_path: Path) -> None:
@@ -122,9 +130,10 @@ def test_poison_is_dead_lettered_at_once_and_batch_mates_are_stored(either_path:
     assert caught_up(settings)
 
 
-def test_keep_alive_stops_ack_wait_redelivery(settings: Settings, nats_server: LocalNats) -> None:
+@pytest.mark.parametrize("staging", ["folder", "nats"])
+def test_keep_alive_stops_ack_wait_redelivery(settings: Settings, nats_server: LocalNats, staging: str) -> None:
     """ack_wait=10 s, run pending for 14 s, ticks every 3 s: the batch is never redelivered."""
-    life = Lifecycle(changed(settings, durable_prefix="ka", ack_wait_seconds=10))
+    life = Lifecycle(changed(settings, durable_prefix="ka", ack_wait_seconds=10, staging=staging))
     run(publish(nats_server.url, [synced("evt-slow")]))
     (batch,) = life.tick().to_request
     start = time.monotonic()
@@ -140,15 +149,17 @@ def test_keep_alive_stops_ack_wait_redelivery(settings: Settings, nats_server: L
     assert info.num_redelivered == 0 and info.num_ack_pending == 0
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "public API"])
 def test_nats_down_keeps_batches_in_flight_and_settles_after_restart(
-    either_path: Lifecycle, nats_server: LocalNats, tmp_path: Path
+    settings: Settings, nats_server: LocalNats, tmp_path: Path, fast: bool
 ) -> None:
     """Settle cannot reach NATS: the batch stays staged, the tick says why, and a later tick acks it.
 
     Acks sent while a SIGKILLed server is still recovering its consumer can be dropped without an
     error; then ack_wait (5 s here) redelivers the batch and the event ids absorb it. Either way the
-    end state must be: both events stored once, nothing pending."""
-    life = Lifecycle(unchecked(either_path.settings, ack_wait_seconds=5), options=either_path.options)
+    end state must be: both events stored once, nothing pending. (Batches staged in a folder: with
+    batches staged in NATS a tick cannot read them while NATS is down; test_shared_staging.py.)"""
+    life = Lifecycle(unchecked(settings, ack_wait_seconds=5), options=TickOptions(fast_path=fast))
     settings = life.settings
     run(publish(nats_server.url, [synced("evt-x"), synced("evt-y")]))
     (batch,) = life.tick().to_request

@@ -23,16 +23,17 @@ MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 ADVISORY_RETENTION_SECONDS = 7 * 24 * 3600
 
 
-async def ensure_streams(broker: Broker) -> None:
+async def ensure_streams(broker: Broker, replicas: int = 1) -> None:
     """Create the streams that are missing; existing ones are left as their owner made them."""
     for spec in streams.STREAMS:
         try:
             await broker.js.stream_info(spec.name)
         except NotFoundError:
+            config = StreamConfig(
+                name=spec.name, subjects=[spec.subject], storage=StorageType.FILE, num_replicas=replicas
+            )
             try:
-                await broker.js.add_stream(
-                    StreamConfig(name=spec.name, subjects=[spec.subject], storage=StorageType.FILE)
-                )
+                await broker.js.add_stream(config)
             except BadRequestError as exc:
                 raise TopologyError(f"cannot create stream {spec.name} for {spec.subject}: {exc}") from None
 
@@ -61,7 +62,7 @@ async def ensure_consumers(
             ) from None
 
 
-async def ensure_advisory_capture(broker: Broker, prefix: str) -> str:
+async def ensure_advisory_capture(broker: Broker, prefix: str, replicas: int = 1) -> str:
     """A stream and consumer that keep the server's MAX_DELIVERIES advisories for our consumers.
 
     The server drops a message from a consumer once it has been delivered max_deliver times
@@ -75,7 +76,13 @@ async def ensure_advisory_capture(broker: Broker, prefix: str) -> str:
         await broker.js.stream_info(name)
     except NotFoundError:
         await broker.js.add_stream(
-            StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, max_age=ADVISORY_RETENTION_SECONDS)
+            StreamConfig(
+                name=name,
+                subjects=subjects,
+                storage=StorageType.FILE,
+                max_age=ADVISORY_RETENTION_SECONDS,
+                num_replicas=replicas,
+            )
         )
     config = ConsumerConfig(durable_name=name, ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0, max_ack_pending=10_000)
     await broker.js.add_consumer(name, config)
@@ -91,9 +98,9 @@ class Exhausted:
     reply: str  # the advisory's own ack subject, to ack once handled
 
 
-async def exhausted(broker: Broker, prefix: str, limit: int = 1000) -> list[Exhausted]:
+async def exhausted(broker: Broker, prefix: str, replicas: int = 1, limit: int = 1000) -> list[Exhausted]:
     """Messages the server gave up on since the last call, with their originals where still stored."""
-    name = await ensure_advisory_capture(broker, prefix)
+    name = await ensure_advisory_capture(broker, prefix, replicas)
     out = []
     for adv in await broker.pull(name, name, batch=limit, max_bytes=8 * 1024 * 1024):
         info = json.loads(adv.data)

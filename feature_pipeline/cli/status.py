@@ -13,7 +13,7 @@ from feature_pipeline import settings
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import BrokerUnavailable
 from feature_pipeline.cli.common import EXIT_DEGRADED, EXIT_DOWN, EXIT_OK, dagster_home, load_settings
-from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.ingest.shared_staging import open_staging
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,9 +44,10 @@ def cmd_health(args: argparse.Namespace) -> int:
 def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
     from feature_pipeline.broker.stats import read_stream_stats
 
-    in_flight = [m.counts for m in Staging(cfg.staging_dir).batches()]
     report["streams"] = []
     try:
+        with open_staging(cfg) as staging:
+            in_flight = [m.counts for m in staging.batches()]
         stats = asyncio.run(
             read_stream_stats(cfg.nats_url, cfg.nats_auth, cfg.durable_prefix, in_flight, "feature-pipeline-health")
         )
@@ -62,9 +63,10 @@ def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
 
 def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
     try:
-        Staging(cfg.staging_dir).check_writable()
+        with open_staging(cfg) as staging:
+            staging.check_writable()
     except OSError as exc:
-        report["problems"].append(f"staging folder {cfg.staging_dir} is not writable, the sensor will not fetch: {exc}")
+        report["problems"].append(f"{staging.where} is not writable, the sensor will not fetch: {exc}")
         return EXIT_DEGRADED
     return EXIT_OK
 

@@ -19,8 +19,8 @@ from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, 
 from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.runs import BATCH_TAG
 from feature_pipeline.defs.streams import stream_key
-from feature_pipeline.ingest.staging import Staging
-from feature_pipeline.store.feature_store import FeatureStore, Refresh
+from feature_pipeline.ingest.shared_staging import open_staging
+from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
 from feature_pipeline.streams import DEADLETTER, EVENT_STREAMS, STREAMS
 
 REFRESH_TAG = "feature_pipeline/refresh"  # "windows": only move the clock (the schedule's runs)
@@ -83,39 +83,44 @@ def ingest_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource) 
 
 def store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str) -> RunOutput:
     settings = pipeline.settings
-    staging = Staging(settings.staging_dir)
-    manifest = staging.manifest(batch_id)
-    if manifest is None:
-        raise dg.Failure(
-            f"staged batch {batch_id} is not in {staging.root}: it was already settled (acked or "
-            "redelivered) by the sensor, so re-executing this run has nothing to store"
-        )
-    result = FeatureStore.from_settings(settings).apply_batch(
-        staging.path(batch_id),
-        batch_id,
-        consistency_sample=settings.consistency_sample,
-        before_commit=faults.before_commit(settings.fault_set),
-    )
+    with open_staging(settings) as staging:
+        manifest = staging.manifest(batch_id)
+        if manifest is None:
+            raise dg.Failure(
+                f"staged batch {batch_id} is not in {staging.where}: it was already settled (acked or "
+                "redelivered) by the sensor, so re-executing this run has nothing to store"
+            )
+        with staging.local_copy(batch_id) as folder:
+            result = FeatureStore.from_settings(settings).apply_batch(
+                folder,
+                batch_id,
+                consistency_sample=settings.consistency_sample,
+                before_commit=faults.before_commit(settings.fault_set),
+            )
+    _log_batch(context, result, settings.allowed_lateness_seconds)
+    common = metadata.batch_common(result, manifest)
+    for key, extra in metadata.batch_per_table(result).items():
+        yield dg.MaterializeResult(asset_key=key, metadata={**common, **extra})
+    yield from store_check_results(result.health, settings)
+
+
+def _log_batch(context: dg.AssetExecutionContext, result: BatchResult, allowed_lateness_seconds: int) -> None:
     _log_refresh(context, result.refresh)
     if result.late_events:
         context.log.warning(
-            f"{result.late_events} event(s) arrived more than {settings.allowed_lateness_seconds} s after they "
+            f"{result.late_events} event(s) arrived more than {allowed_lateness_seconds} s after they "
             f"occurred (up to {result.max_lateness_seconds:.0f} s), on {', '.join(result.late_days)}: stored and "
             "counted; snapshots of those days taken before now miss them until backfilled"
         )
     shown = ", ".join(result.event_ids[:LOGGED_IDS])
     more = len(result.event_ids) - LOGGED_IDS
     context.log.info(
-        f"stored batch {batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
+        f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
         f"{result.feedback_inserted} new feedback, {result.duplicates_absorbed} duplicates absorbed), "
         f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
         f"{result.users_touched} users refreshed; "
         f"events: {shown}{f' and {more} more' if more > 0 else ''}"
     )
-    common = metadata.batch_common(result, manifest)
-    for key, extra in metadata.batch_per_table(result).items():
-        yield dg.MaterializeResult(asset_key=key, metadata={**common, **extra})
-    yield from store_check_results(result.health, settings)
 
 
 def move_clock(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> Iterator[dg.AssetCheckResult]:

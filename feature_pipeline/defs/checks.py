@@ -19,7 +19,7 @@ from feature_pipeline.broker.stats import read_stream_stats
 from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.streams import stream_key
 from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, stream_checks, thresholds
-from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import StoreHealth
 from feature_pipeline.streams import BY_NAME, DEADLETTER, STREAMS
@@ -46,8 +46,9 @@ CONSISTENCY_CHECK = dg.AssetCheckSpec(
 
 def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str | None]:
     """The streams' figures, or why they could not be read (a line for the tick log and the checks)."""
-    in_flight = [m.counts for m in Staging(settings.staging_dir).batches()]
     try:
+        with open_staging(settings) as staging:
+            in_flight = [m.counts for m in staging.batches()]
         stats = asyncio.run(
             read_stream_stats(settings.nats_url, settings.nats_auth, settings.durable_prefix, in_flight, client)
         )

@@ -36,7 +36,7 @@ class Fetcher:
             try:
                 self.staging.check_writable()
             except OSError as exc:
-                self.report.problem = f"not fetching: staging folder {self.staging.root} is not writable ({exc})"
+                self.report.problem = f"not fetching: {self.staging.where} is not writable ({exc})"
                 return
             manifest, stop = await self._stage_one()
             if manifest is not None:

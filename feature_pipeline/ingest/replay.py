@@ -27,7 +27,7 @@ from feature_pipeline.broker.auth import NatsAuth
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery, parse_reply
 from feature_pipeline.ingest.assemble import assemble
-from feature_pipeline.ingest.staging import Staging
+from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.store.feature_store import FeatureStore
 
 IDLE_SECONDS = 5.0  # no message for this long before the range end: the rest is gone (retention)
@@ -132,7 +132,7 @@ async def _next(sub: Any, rng: ReplayRange, end_seq: int, report: ReplayReport) 
 @dataclass
 class _Replay:
     store: FeatureStore
-    staging: Staging
+    staging: FolderStaging  # a temp folder of this run's own
     rng: ReplayRange
     run_id: str
     log: Callable[[str], None]
@@ -189,7 +189,7 @@ def replay(
 
     async def go() -> ReplayReport:
         async with await Broker.connect(url, "feature-pipeline-replay", auth) as broker:
-            return await _Replay(store, Staging(work), rng, run_id, log).run(broker, chunk)
+            return await _Replay(store, FolderStaging(work), rng, run_id, log).run(broker, chunk)
 
     try:
         return asyncio.run(go())

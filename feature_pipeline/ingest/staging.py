@@ -1,13 +1,15 @@
-"""Staged micro-batches: what the sensor fetched, durable on disk until its run is settled.
+"""Staged micro-batches: what the sensor fetched, durable until its run is settled.
 
-A batch is a folder `<staging>/<batch_id>/` with
+A batch is
 - `events.parquet`: valid events, typed, ready for the raw tables;
 - `dead_letters.parquet`: messages read from the DEADLETTER stream, for the dead_letters table;
 - `deliveries.parquet`: every staged message's reply subject, delivery count and original
   bytes, which is all the sensor needs to ack, NAK or dead-letter it after the run;
-- `manifest.json`: counts and sequence ranges, for people and run metadata.
-It is written under a temporary name, fsynced and renamed, so a batch folder that
-exists is complete. The folder is removed only once every message in it is settled.
+- a manifest: counts and sequence ranges, for people and run metadata.
+It is written on this host first, fsynced, and only then committed, so a batch that is listed is
+complete; it is removed only once every message in it is settled. Where committed batches live is
+the `Staging`: a folder on one host (`FolderStaging`, the single-box default) or, so that runs and
+sensors on other hosts reach them, NATS itself (`shared_staging.NatsStaging`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -99,9 +102,9 @@ def _fsync_dir(path: Path) -> None:
 class BatchWriter:
     """One batch being staged, possibly from several fetches.
 
-    Each `add` appends the fetch's rows as Parquet row groups under `.tmp-<batch_id>/`, so the
-    sensor holds one fetch in memory however large the batch (and so the run) grows. `close`
-    fsyncs, writes the manifest and renames: a batch folder that exists is complete. `abort`
+    Each `add` appends the fetch's rows as Parquet row groups under `<root>/.tmp-<batch_id>/`, so
+    the sensor holds one fetch in memory however large the batch (and so the run) grows. `close`
+    fsyncs and hands the folder to the staging to commit: a listed batch is complete. `abort`
     removes the temp folder; its messages were never acked and come back after ack_wait.
     """
 
@@ -152,10 +155,7 @@ class BatchWriter:
             writer.close()
             _fsync_file(self.tmp / f"{name}.parquet")
         manifest = Manifest(self.batch_id, self.created_at, self.counts, self.ranges)
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
-        _fsync_dir(self.tmp)
-        os.rename(self.tmp, self.staging.path(self.batch_id))
-        _fsync_dir(self.staging.root)
+        self.staging.commit(self.tmp, manifest)
         return manifest
 
     def abort(self) -> None:
@@ -169,9 +169,16 @@ def new_batch_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:10]
 
 
-class Staging:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+class Staging(ABC):
+    """Where staged batches live until they are settled. `root` is this host's folder: the batches
+    themselves (`FolderStaging`), or where they are written and read (`NatsStaging`)."""
+
+    root: Path
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """Where the batches are, in words, for messages."""
 
     def _ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -187,16 +194,13 @@ class Staging:
             os.fsync(fh.fileno())
         probe.unlink()
 
-    def path(self, batch_id: str) -> Path:
-        return self.root / batch_id
-
     def writer(self, batch_id: str | None = None) -> BatchWriter:
         """A batch staged from several fetches, appended chunk by chunk (see BatchWriter)."""
         self._ensure_root()
         return BatchWriter(self, batch_id or new_batch_id())
 
     def stage(self, assembled: Assembled, batch_id: str | None = None) -> Manifest:
-        """Write a batch of one fetch durably; returns once it is complete on disk."""
+        """Write a batch of one fetch durably; returns once it is committed."""
         writer = self.writer(batch_id)
         try:
             writer.add(assembled)
@@ -205,25 +209,88 @@ class Staging:
             writer.abort()
             raise
 
-    def batches(self) -> list[Manifest]:
-        """Complete batches, oldest first. Temp folders of a crashed tick are removed once stale:
-        their messages were never acked and come back after ack_wait."""
+    def _sweep_temp_folders(self) -> None:
+        """Temp folders of a crashed tick are removed once stale: their messages were never acked
+        and come back after ack_wait."""
         if not self.root.is_dir():
-            return []
-        found = []
+            return
         now = time.time()
         for entry in self.root.iterdir():
-            if entry.name.startswith(".tmp-"):
-                if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
-                    shutil.rmtree(entry, ignore_errors=True)
-                continue
-            manifest = self.manifest(entry.name) if entry.is_dir() else None
-            if manifest is not None:
-                found.append(manifest)
-        return sorted(found, key=lambda m: (m.created_at, m.batch_id))
+            if entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def close(self) -> None:  # noqa: B027 - most stagings hold nothing open
+        """Let go of what the staging holds open (a connection, for shared staging)."""
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def commit(self, folder: Path, manifest: Manifest) -> None:
+        """Make the written files in `folder` the staged batch `manifest` names (and drop `folder`)."""
+
+    @abstractmethod
+    def batches(self) -> list[Manifest]:
+        """Committed batches, oldest first."""
+
+    @abstractmethod
+    def manifest(self, batch_id: str) -> Manifest | None:
+        """A committed batch's manifest; None when there is no such batch (never staged, or settled)."""
+
+    @abstractmethod
+    def iter_deliveries(
+        self, batch_id: str, columns: Sequence[str] | None = None, chunk: int = 20_000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The deliveries in chunks of rows, so settling a large batch never holds all its bodies at once."""
+
+    @abstractmethod
+    def kept_alive_at(self, manifest: Manifest) -> float:
+        """When the batch's messages were last kept alive (+WPI), else when its first pull was made.
+        Kept with the batch, so a restarted (or moved) code server carries on where the last one left off."""
+
+    @abstractmethod
+    def mark_kept_alive(self, batch_id: str, at: float) -> None: ...
+
+    @abstractmethod
+    def remove(self, batch_id: str) -> None:
+        """Forget a settled batch (removing one that is gone already is harmless)."""
+
+    @abstractmethod
+    def local_copy(self, batch_id: str) -> contextlib.AbstractContextManager[Path]:
+        """The batch's files in a folder on this host, for the run that stores them."""
+
+
+class FolderStaging(Staging):
+    """Batches as folders `<root>/<batch_id>/` on one host: the sensor and the runs share its disk."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def where(self) -> str:
+        return f"staging folder {self.root}"
+
+    def path(self, batch_id: str) -> Path:
+        return self.root / batch_id
+
+    def commit(self, folder: Path, manifest: Manifest) -> None:
+        """Write the manifest and rename the folder into place: a batch folder that exists is complete."""
+        (folder / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
+        _fsync_dir(folder)
+        os.rename(folder, self.path(manifest.batch_id))
+        _fsync_dir(self.root)
+
+    def batches(self) -> list[Manifest]:
+        self._sweep_temp_folders()
+        if not self.root.is_dir():
+            return []
+        found = [self.manifest(e.name) for e in self.root.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        return sorted((m for m in found if m is not None), key=lambda m: (m.created_at, m.batch_id))
 
     def manifest(self, batch_id: str) -> Manifest | None:
-        """A complete staged batch's manifest; None when there is no such batch (never staged, or settled)."""
         path = self.path(batch_id) / "manifest.json"
         if not path.is_file():
             return None
@@ -235,15 +302,9 @@ class Staging:
     def iter_deliveries(
         self, batch_id: str, columns: Sequence[str] | None = None, chunk: int = 20_000
     ) -> Iterator[list[dict[str, Any]]]:
-        """The deliveries in chunks of rows, so settling a large batch never holds all its bodies at once."""
-        pf = pq.ParquetFile(self.path(batch_id) / "deliveries.parquet")
-        for rb in pf.iter_batches(batch_size=chunk, columns=list(columns) if columns else None):
-            yield rb.to_pylist()
+        yield from iter_parquet(self.path(batch_id) / "deliveries.parquet", columns, chunk)
 
     def kept_alive_at(self, manifest: Manifest) -> float:
-        """When the batch's messages were last kept alive (+WPI), else when its first pull was made.
-
-        Kept on disk beside the batch, so a restarted code server carries on where the last one left off."""
         try:
             return (self.path(manifest.batch_id) / KEEPALIVE_MARK).stat().st_mtime
         except FileNotFoundError:
@@ -256,6 +317,16 @@ class Staging:
 
     def remove(self, batch_id: str) -> None:
         shutil.rmtree(self.path(batch_id), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def local_copy(self, batch_id: str) -> Iterator[Path]:
+        yield self.path(batch_id)
+
+
+def iter_parquet(path: Path, columns: Sequence[str] | None, chunk: int) -> Iterator[list[dict[str, Any]]]:
+    pf = pq.ParquetFile(path)
+    for rb in pf.iter_batches(batch_size=chunk, columns=list(columns) if columns else None):
+        yield rb.to_pylist()
 
 
 def delivery_from_row(row: dict[str, Any]) -> Delivery:

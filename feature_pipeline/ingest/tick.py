@@ -28,6 +28,7 @@ from feature_pipeline.ingest.fetch import Fetcher
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun, RunLookup
 from feature_pipeline.ingest.settle import Kind, RunOutcome, decide, keep_alive_due, outcome_of, waiting_to_start
+from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.staging import Manifest, Staging, delivery_from_row
 from feature_pipeline.settings import Settings
 
@@ -52,23 +53,30 @@ def run_tick(settings: Settings, runs: RunLookup, options: TickOptions | None = 
     started = time.monotonic()
     # Settling counts against the fetch time too: the tick should end inside the daemon's 5 s loop.
     deadline = started + settings.fetch_seconds
-    staging = Staging(settings.staging_dir)
-    batches = staging.batches()
-    found = {m.batch_id: runs.run_for(m.batch_id) for m in batches}
-    report = TickReport(in_flight=len(batches))
-    report.lap("runs", started)
-    tick = _Tick(settings, staging, runs, options, report, deadline)
-    try:
-        asyncio.run(tick.exchange(batches, found))
-    except BrokerUnavailable as exc:
-        report.problem = str(exc)
-    except (NatsError, TimeoutError, ConnectionError) as exc:
-        report.problem = f"lost NATS at {redact(settings.nats_url)} during the tick: {exc!r}"
-    except (TopologyError, OSError) as exc:
-        report.problem = f"{type(exc).__name__}: {exc} (NATS {redact(settings.nats_url)})"
-    orphans = [m.batch_id for m in batches if found[m.batch_id] is None and staging.path(m.batch_id).exists()]
-    report.to_request = orphans + [m.batch_id for m in report.staged]
+    report = TickReport()
+    with open_staging(settings) as staging:
+        try:
+            batches = staging.batches()
+            found = {m.batch_id: runs.run_for(m.batch_id) for m in batches}
+            report.in_flight = len(batches)
+            report.lap("runs", started)
+            # Staged batches without a run get it requested (again: the batch id is the run key, so the
+            # orchestrator never starts two); so do the batches this tick stages.
+            report.to_request = [m.batch_id for m in batches if found[m.batch_id] is None]
+            asyncio.run(_Tick(settings, staging, runs, options, report, deadline).exchange(batches, found))
+        except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError, TopologyError, OSError) as exc:
+            report.problem = _problem(exc, settings)
+        report.to_request += [m.batch_id for m in report.staged]
     return report
+
+
+def _problem(exc: Exception, settings: Settings) -> str:
+    """What ended a tick early, in a line for the tick log and the checks."""
+    if isinstance(exc, BrokerUnavailable):
+        return str(exc)
+    if isinstance(exc, NatsError | TimeoutError | ConnectionError):
+        return f"lost NATS at {redact(settings.nats_url)} during the tick: {exc!r}"
+    return f"{type(exc).__name__}: {exc} (NATS {redact(settings.nats_url)})"
 
 
 @dataclass
@@ -104,7 +112,7 @@ class _Tick:
 
     async def _ensure_topology(self, broker: Broker) -> None:
         s = self.settings
-        await topology.ensure_streams(broker)
+        await topology.ensure_streams(broker, s.nats_replicas)
         await topology.ensure_consumers(
             broker,
             s.durable_prefix,
@@ -190,7 +198,7 @@ class _Tick:
 
     async def _rescue_exhausted(self, broker: Broker) -> None:
         """Copy to DEADLETTER what the server stopped delivering on its own (see topology.ensure_advisory_capture)."""
-        found = await topology.exhausted(broker, self.settings.durable_prefix)
+        found = await topology.exhausted(broker, self.settings.durable_prefix, self.settings.nats_replicas)
         reason = (
             "the server gave up after {n} deliveries that were never acked (NATS_MAX_DELIVER="
             f"{self.settings.max_deliver}); the pipeline was not able to settle them"
