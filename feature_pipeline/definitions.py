@@ -7,6 +7,7 @@ from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshnes
 from feature_pipeline.defs.checks import stream_checks_on_demand
 from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.defs.resources import build_resources
+from feature_pipeline.defs.retention import prune_ingest_runs, prune_ingest_runs_job
 from feature_pipeline.defs.schedules import refresh_feature_windows
 from feature_pipeline.defs.sensors import build_ingest_sensor, stream_monitor
 from feature_pipeline.defs.snapshots import build_snapshot_asset, snapshot_job, snapshot_schedule
@@ -23,9 +24,9 @@ defs = dg.Definitions(
         snapshots,
     ],
     asset_checks=[stream_checks_on_demand],
-    jobs=[ingest_job, snapshot_job, replay_stream],
+    jobs=[ingest_job, snapshot_job, replay_stream, prune_ingest_runs_job],
     sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
-    schedules=[refresh_feature_windows, snapshot_schedule],
+    schedules=[refresh_feature_windows, snapshot_schedule, prune_ingest_runs],
     resources=build_resources(),
     # Backfills and UI launches too: one process per run (the multiprocess executor adds seconds per run).
     executor=dg.in_process_executor,

@@ -99,6 +99,20 @@ def _features_file(raw: str) -> str:
     return path
 
 
+def _celery_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.match(r"^(redis|rediss|amqp|amqps|pyamqp|sqla\+[a-z0-9+]+)://", value):
+        raise ValueError(f"must be a Celery broker or result backend URL like redis://host:6379/0, got {raw!r}")
+    return value
+
+
+def _queue(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", value):
+        raise ValueError(f"must be letters, digits, '.', '-' or '_', got {raw!r}")
+    return value
+
+
 def _day(raw: str) -> str:
     try:
         return date.fromisoformat(raw.strip()).isoformat()
@@ -263,6 +277,34 @@ class Settings:
         "An ingest run still going after this long is failed by Dagster's run monitoring (tag dagster/max_runtime), "
         "so a run whose worker was killed releases its batch for redelivery (10-86400).",
         _int_between(10, 86400),
+    )
+    celery_broker: str = _var(
+        "FEATURE_PIPELINE_CELERY_BROKER",
+        "",
+        "Celery broker of the warm run workers (deploy/dagster.yaml, `feature-pipeline worker`), e.g. "
+        "redis://host:6379/0; unset on a single box.",
+        _celery_url,
+    )
+    celery_backend: str = _var(
+        "FEATURE_PIPELINE_CELERY_BACKEND",
+        "",
+        "Celery result backend, the same for the launcher and every worker (run monitoring reads task states "
+        "from it), e.g. redis://host:6379/0.",
+        _celery_url,
+    )
+    celery_queue: str = _var(
+        "FEATURE_PIPELINE_CELERY_QUEUE",
+        "feature-pipeline",
+        "The Celery queue the runs are sent to; exactly one worker, of concurrency 1, serves it, on the host that "
+        "owns the DuckDB file.",
+        _queue,
+    )
+    run_retention_days: int = _var(
+        "FEATURE_PIPELINE_RUN_RETENTION_DAYS",
+        "7",
+        "The schedule prune_ingest_runs deletes succeeded ingest runs older than this many days, failed and canceled "
+        "ones older than four times as many, with their logs and the materializations they recorded (1-3650).",
+        _int_between(1, 3650),
     )
     lag_warn: int = _var(
         "FEATURE_PIPELINE_LAG_WARN",

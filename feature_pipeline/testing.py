@@ -8,6 +8,7 @@ checkout (it reads workspace.yaml and dagster.yaml next to the package).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -90,6 +91,13 @@ def query(db: Path, sql: str, params: Any = None, timeout: float = 20.0) -> list
     raise AssertionError(f"could not open {db} read-only")
 
 
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process started in its own session, and everything it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
 class Pipeline:
     """nats-server + dagster-daemon (and, if asked, the webserver) on this repo's workspace, in temp folders.
 
@@ -105,6 +113,7 @@ class Pipeline:
         nats: LocalNats | None = None,
         prefix: str = "e2e",
         webserver: bool = False,
+        instance_yaml: Path = REPO / "dagster.yaml",
     ) -> None:
         self.root = root
         self.owns_nats = nats is None
@@ -119,6 +128,8 @@ class Pipeline:
         self.daemon_log = root / "daemon.log"
         self.webserver_port = free_port() if webserver else None
         self.webserver: subprocess.Popen[bytes] | None = None
+        self.instance_yaml = instance_yaml
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     @property
     def env(self) -> dict[str, str]:
@@ -142,7 +153,7 @@ class Pipeline:
         if self.owns_nats:
             self.nats.start()
         self.home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / "dagster.yaml", self.home / "dagster.yaml")
+        shutil.copyfile(self.instance_yaml, self.home / "dagster.yaml")
         with self.instance():  # create the storage here, so no reader races the daemon's schema migration
             pass
         self.start_daemon()
@@ -155,12 +166,19 @@ class Pipeline:
     def start_daemon(self) -> None:
         self.daemon = self._spawn(["dagster-daemon", "run", "-w", str(REPO / "workspace.yaml")], self.daemon_log)
 
-    def _spawn(self, cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """A warm Celery run worker (`feature-pipeline worker`, for deploy/dagster.yaml) in its own process
+        group, with these variables on top of the pipeline's (say, its own FEATURE_PIPELINE_STAGING_DIR)."""
+        worker = self._spawn(["feature-pipeline", "worker"], self.root / f"worker{len(self.workers)}.log", env)
+        self.workers.append(worker)
+        return worker
+
+    def _spawn(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
             return subprocess.Popen(
                 [str(BIN / cmd[0]), *cmd[1:]],
                 cwd=REPO,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -181,15 +199,27 @@ class Pipeline:
                 self.daemon.wait(10)
 
     def close(self) -> None:
+        for worker in self.workers:
+            kill_group(worker)
         self.stop_daemon()
-        if self.webserver and self.webserver.poll() is None:
-            os.killpg(self.webserver.pid, signal.SIGKILL)
-            self.webserver.wait(10)
+        if self.webserver:
+            kill_group(self.webserver)
         if self.owns_nats:
             self.nats.kill()
 
     def instance(self) -> dg.DagsterInstance:
-        return dg.DagsterInstance.from_config(str(self.home))
+        """The pipeline's Dagster instance, read from this process (its dagster.yaml may name variables of
+        the pipeline's environment, such as DAGSTER_POSTGRES_URL, which this process gets for the read)."""
+        saved = {k: os.environ.get(k) for k in self.extra_env}
+        os.environ.update(self.extra_env)
+        try:
+            return dg.DagsterInstance.from_config(str(self.home))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def runs(self, *statuses: dg.DagsterRunStatus) -> list[dg.DagsterRun]:
         with self.instance() as inst:

@@ -5,10 +5,14 @@ tests, and a guard that fails a test which leaves Dagster's load context pointin
 from __future__ import annotations
 
 import gc
+import os
+import socket
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -50,6 +54,51 @@ def make_pipeline(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca
         if failed is not None and failed.failed:
             print(p.diagnostics())
         p.close()
+
+
+ADMIN_POSTGRES = os.environ.get(
+    "FEATURE_PIPELINE_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+)
+REDIS = os.environ.get("FEATURE_PIPELINE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A database of this test's own on the machine's PostgreSQL (FEATURE_PIPELINE_TEST_POSTGRES, a libpq
+    connection string to an account that may create databases), dropped afterwards; skipped without one."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(ADMIN_POSTGRES, connect_timeout=3)
+    except psycopg2.Error as exc:
+        pytest.skip(f"no PostgreSQL at {ADMIN_POSTGRES!r}: {str(exc).strip()}")
+    admin.autocommit = True
+    name = f"fp_test_{uuid.uuid4().hex[:12]}"
+    params = admin.get_dsn_parameters()
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{params['user']}@{params['host']}:{params['port']}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis (FEATURE_PIPELINE_TEST_REDIS), for Celery; skipped without one."""
+    parsed = urlparse(REDIS)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            answer = sock.recv(64)
+    except OSError as exc:
+        pytest.skip(f"no Redis at {REDIS}: {exc}")
+    if not answer.startswith(b"+PONG"):
+        pytest.skip(f"no Redis at {REDIS}: it answered {answer!r}")
+    return REDIS
 
 
 @pytest.fixture(autouse=True)

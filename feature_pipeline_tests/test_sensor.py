@@ -169,3 +169,23 @@ def test_a_backfill_without_a_webserver_is_the_one_the_ui_would_request() -> Non
 def test_a_backfill_range_outside_the_partitions_is_refused() -> None:
     with pytest.raises(ValueError, match="is not a range of user_feature_snapshots partitions"):
         partition_keys(date(2020, 1, 1), date(2020, 1, 2))
+
+
+def test_old_ingest_runs_are_pruned_failed_ones_later_other_jobs_never() -> None:
+    """prune_ingest_runs: succeeded ingest runs past the retention go; failed ones stay four times as long
+    (they explain dead letters); runs of other jobs stay."""
+    from feature_pipeline.definitions import defs
+    from feature_pipeline.defs.retention import prune
+
+    ingest, snapshots = defs.resolve_job_def("ingest"), defs.resolve_job_def("snapshot_job")
+    with dg.instance_for_test() as inst:
+        done = [inst.create_run_for_job(ingest, status=dg.DagsterRunStatus.SUCCESS).run_id for _ in range(3)]
+        failed = inst.create_run_for_job(ingest, status=dg.DagsterRunStatus.FAILURE).run_id
+        running = inst.create_run_for_job(ingest, status=dg.DagsterRunStatus.STARTED).run_id
+        other = inst.create_run_for_job(snapshots, status=dg.DagsterRunStatus.SUCCESS).run_id
+        now = datetime.now(UTC)
+        assert prune(inst, 7, now + timedelta(days=6)) == {"succeeded": 0, "failed": 0}
+        assert prune(inst, 7, now + timedelta(days=8)) == {"succeeded": 3, "failed": 0}
+        assert prune(inst, 7, now + timedelta(days=29)) == {"succeeded": 0, "failed": 1}
+        left = {r.dagster_run.run_id for r in inst.get_run_records()}
+    assert left == {running, other} and not left & {*done, failed}

@@ -14,6 +14,7 @@ from feature_pipeline.ingest.settle import (
     decide,
     nak_delay,
     outcome_of,
+    waiting_to_start,
 )
 
 BASE = 2.0
@@ -153,3 +154,21 @@ def test_outcome_of_covers_every_dagster_status() -> None:
             assert outcome_of(status.name) is not RunOutcome.SUCCEEDED, status.name
         else:
             assert outcome_of(status.name) is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "waiting"),
+    [
+        (None, True),
+        ("NOT_STARTED", True),
+        ("QUEUED", True),
+        ("STARTING", True),
+        ("STARTED", False),
+        ("SUCCESS", False),
+        ("FAILURE", False),
+        ("CANCELED", False),
+    ],
+)
+def test_a_run_that_has_not_started_its_code_holds_new_batches_back(status: str | None, waiting: bool) -> None:
+    """Launched but not running yet (a task waiting for a warm worker) counts as waiting, like queued."""
+    assert waiting_to_start(status) is waiting

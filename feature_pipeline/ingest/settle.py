@@ -31,7 +31,8 @@ _DAGSTER_STATUS = {
 }
 
 
-_NOT_STARTED = frozenset({"NOT_STARTED", "QUEUED"})
+# STARTING: launched, but not yet running its code (a new process, or a task waiting for a warm worker).
+_NOT_STARTED = frozenset({"NOT_STARTED", "QUEUED", "STARTING"})
 
 
 def outcome_of(status_name: str | None) -> RunOutcome:
@@ -42,7 +43,7 @@ def outcome_of(status_name: str | None) -> RunOutcome:
 
 
 def waiting_to_start(status_name: str | None) -> bool:
-    """No run yet, or one still in the queue (a STARTING or STARTED run has left it)."""
+    """No run yet, or one that has not started running its code (queued, or being launched)."""
     return status_name is None or status_name in _NOT_STARTED
 
 

@@ -1,0 +1,41 @@
+"""`feature-pipeline worker`: a warm Celery run worker for the runs of deploy/dagster.yaml's launcher.
+
+The worker keeps the code location imported between runs, so a batch's run starts in a fraction of
+a second instead of spawning a Python process. It must see the same Dagster instance (DAGSTER_HOME
+with the same dagster.yaml), the same result backend as the launcher and the same variables as the
+code location; it stores batches in FEATURE_STORE_PATH, so it runs on the host that owns the file.
+After a deploy, restart it: a warm worker keeps the code it imported when it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from feature_pipeline.cli.common import dagster_home, fail, load_settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = sub.add_parser("worker", help="a warm Celery run worker (deployments with deploy/dagster.yaml)")
+    worker.add_argument("--concurrency", type=int, default=1, help="runs at once (default 1: one DuckDB writer)")
+    worker.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    cfg = load_settings()
+    if not (cfg.celery_broker and cfg.celery_backend):
+        return fail("set FEATURE_PIPELINE_CELERY_BROKER and FEATURE_PIPELINE_CELERY_BACKEND (see docs/deploy.md)")
+    home = dagster_home()
+    if not (home / "dagster.yaml").is_file():
+        return fail(f"no Dagster instance at {home}: copy deploy/dagster.yaml there (or set DAGSTER_HOME)")
+    config = home / "feature-pipeline-worker.yaml"
+    config.write_text(f"execution:\n  config:\n    broker: {cfg.celery_broker}\n    backend: {cfg.celery_backend}\n")
+    config.chmod(0o600)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    argv = [str(bin_dir / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(config)]
+    argv += ["-q", cfg.celery_queue, "--", "-c", str(args.concurrency)]
+    print(f"warm run worker on queue {cfg.celery_queue} (DAGSTER_HOME={home}); Ctrl-C stops it", flush=True)
+    os.execve(argv[0], argv, env)

@@ -1,0 +1,60 @@
+"""Run retention: at one run per batch the instance gains thousands of runs a day; old ingest runs go.
+
+A deleted run takes its event log with it, so the materializations and check results it recorded
+leave the assets' history too; the latest ones, from recent runs, stay. Runs of other jobs
+(snapshots, replay) are kept. Ticks are pruned by Dagster itself (`retention` in dagster.yaml).
+"""
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from feature_pipeline.defs.assets import ingest_job
+from feature_pipeline.defs.resources import PipelineResource
+
+FAILED_KEPT_TIMES = 4  # failed and canceled runs are kept this many times as long: they explain dead letters
+PAGE = 500
+
+
+def prune(instance: dg.DagsterInstance, days: int, now: datetime) -> dict[str, int]:
+    """Delete ingest runs created before their cutoff; returns how many of each kind went."""
+    kinds = {
+        "succeeded": ([dg.DagsterRunStatus.SUCCESS], now - timedelta(days=days)),
+        "failed": (
+            [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
+            now - timedelta(days=days * FAILED_KEPT_TIMES),
+        ),
+    }
+    deleted = dict.fromkeys(kinds, 0)
+    for kind, (statuses, cutoff) in kinds.items():
+        filters = dg.RunsFilter(job_name=ingest_job.name, statuses=statuses, created_before=cutoff)
+        while records := instance.get_run_records(filters=filters, limit=PAGE):
+            for record in records:
+                instance.delete_run(record.dagster_run.run_id)
+            deleted[kind] += len(records)
+    return deleted
+
+
+@dg.op(description="Delete ingest runs older than FEATURE_PIPELINE_RUN_RETENTION_DAYS (failed ones: 4x as old).")
+def prune_runs(context: dg.OpExecutionContext, pipeline: PipelineResource) -> None:
+    days = pipeline.settings.run_retention_days
+    deleted = prune(context.instance, days, datetime.now(UTC))
+    context.log.info(
+        f"deleted {deleted['succeeded']} succeeded ingest runs older than {days} days and {deleted['failed']} "
+        f"failed or canceled ones older than {days * FAILED_KEPT_TIMES} days"
+    )
+
+
+@dg.job(executor_def=dg.in_process_executor, description="Deletes old ingest runs (see prune_ingest_runs).")
+def prune_ingest_runs_job() -> None:
+    prune_runs()
+
+
+prune_ingest_runs = dg.ScheduleDefinition(
+    name="prune_ingest_runs",
+    job=prune_ingest_runs_job,
+    cron_schedule="30 3 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every day at 03:30 UTC: delete old ingest runs, so the instance does not grow without bound.",
+)
