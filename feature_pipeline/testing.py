@@ -23,7 +23,7 @@ import dagster as dg
 import duckdb
 
 from feature_pipeline.broker.client import Broker
-from feature_pipeline.broker.local import LocalNats, free_port
+from feature_pipeline.broker.local import LocalCluster, LocalNats, free_port
 from feature_pipeline.streams import STREAMS, consumer_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,14 +110,14 @@ class Pipeline:
         root: Path,
         env: dict[str, str] | None = None,
         *,
-        nats: LocalNats | None = None,
+        nats: LocalNats | LocalCluster | None = None,
         prefix: str = "e2e",
         webserver: bool = False,
         instance_yaml: Path = REPO / "dagster.yaml",
     ) -> None:
         self.root = root
         self.owns_nats = nats is None
-        self.nats = nats or LocalNats(root / "nats", log_file=str(root / "nats.log"))
+        self.nats: LocalNats | LocalCluster = nats or LocalNats(root / "nats", log_file=str(root / "nats.log"))
         self.home = root / "dagster_home"
         self.db = root / "store.duckdb"
         self.staging = root / "staging"

@@ -132,13 +132,14 @@ def test_poison_is_dead_lettered_at_once_and_batch_mates_are_stored(either_path:
 
 @pytest.mark.parametrize("staging", ["folder", "nats"])
 def test_keep_alive_stops_ack_wait_redelivery(settings: Settings, nats_server: LocalNats, staging: str) -> None:
-    """ack_wait=10 s, run pending for 14 s, ticks every 3 s: the batch is never redelivered."""
-    life = Lifecycle(changed(settings, durable_prefix="ka", ack_wait_seconds=10, staging=staging))
+    """ack_wait=4 s, run pending for 7 s, ticks every 1.2 s: the batch is never redelivered."""
+    fast_clock = unchecked(changed(settings, durable_prefix="ka", staging=staging), ack_wait_seconds=4)
+    life = Lifecycle(fast_clock)
     run(publish(nats_server.url, [synced("evt-slow")]))
     (batch,) = life.tick().to_request
     start = time.monotonic()
-    while time.monotonic() - start < 14:
-        time.sleep(3)
+    while time.monotonic() - start < 7:
+        time.sleep(1.2)
         report = life.tick()
         assert report.kept_alive == 1
         assert not report.fetched, "the pending message was redelivered despite +WPI"
