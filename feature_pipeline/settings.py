@@ -108,7 +108,7 @@ def _celery_url(raw: str) -> str:
 
 def _queue(raw: str) -> str:
     value = raw.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", value):
+    if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", value):
         raise ValueError(f"must be letters, digits, '.', '-' or '_', got {raw!r}")
     return value
 
@@ -294,9 +294,9 @@ class Settings:
     )
     celery_queue: str = _var(
         "FEATURE_PIPELINE_CELERY_QUEUE",
-        "feature-pipeline",
-        "The Celery queue the runs are sent to; exactly one worker, of concurrency 1, serves it, on the host that "
-        "owns the DuckDB file.",
+        "",
+        "The Celery queue the runs are sent to, e.g. feature-pipeline; exactly one worker, of concurrency 1, serves "
+        "it, on the host that owns the DuckDB file.",
         _queue,
     )
     run_retention_days: int = _var(

@@ -2,7 +2,7 @@
 (Redis broker and result backend) with a scratch folder of its own, batches staged in NATS. Real
 processes throughout: the daemon, `feature-pipeline worker`, nats-server, PostgreSQL, Redis. Skipped,
 saying why, where PostgreSQL or Redis is not there. (Killing the whole worker and waiting for the
-max-runtime backstop is in scripts/deploy_check.py: it takes longer than the suite can spend.)"""
+max-runtime backstop is in scripts/multihost_check.py: it takes longer than the suite can spend.)"""
 
 from __future__ import annotations
 

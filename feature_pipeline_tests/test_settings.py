@@ -55,7 +55,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         run_timeout_seconds=600,
         celery_broker="",
         celery_backend="",
-        celery_queue="feature-pipeline",
+        celery_queue="",
         run_retention_days=7,
         lag_warn=100_000,
         lag_error=1_000_000,

@@ -36,6 +36,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+async def _quiet(_exc: Exception) -> None:
+    """A node going down is what this check does on purpose: no traceback per reconnect."""
+
+
 class Producer(threading.Thread):
     """Publishes sample events with Nats-Msg-Id, retrying each until the cluster confirms it."""
 
@@ -49,7 +53,9 @@ class Producer(threading.Thread):
         asyncio.run(self._publish())
 
     async def _publish(self) -> None:
-        nc = await nats.connect(servers=self.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        nc = await nats.connect(
+            servers=self.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_quiet
+        )
         js = nc.jetstream(timeout=5)
         started = time.monotonic()
         for i in range(self.count):

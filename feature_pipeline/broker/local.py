@@ -104,16 +104,24 @@ class LocalCluster:
 
     `nodes[i]` can be killed and started again like any LocalNats; `url` lists every node, as NATS_URL may."""
 
-    def __init__(self, root: str | os.PathLike[str], size: int = 3, hosts: list[str] | None = None,
-                 prefixes: list[list[str]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        size: int = 3,
+        hosts: list[str] | None = None,
+        prefixes: list[list[str]] | None = None,
+        roots: list[Path] | None = None,
+    ) -> None:
+        """`hosts`, `prefixes` and `roots` (store and log folder) per node, for nodes on test hosts."""
         hosts = hosts or ["127.0.0.1"] * size
+        roots = roots or [Path(root)] * size
         cluster_ports = [free_port() for _ in range(size)]
         routes = ",".join(f"nats-route://{h}:{p}" for h, p in zip(hosts, cluster_ports, strict=True))
         self.names = [f"n{i}" for i in range(size)]
         self.nodes = [
             LocalNats(
-                Path(root) / f"n{i}",
-                log_file=str(Path(root) / f"n{i}.log"),
+                roots[i] / f"n{i}",
+                log_file=str(roots[i] / f"n{i}.log"),
                 extra_args=[
                     *("--server_name", self.names[i], "--cluster_name", "fp"),
                     *("--cluster", f"nats://{hosts[i]}:{cluster_ports[i]}", "--routes", routes),

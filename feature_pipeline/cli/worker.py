@@ -25,8 +25,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     cfg = load_settings()
-    if not (cfg.celery_broker and cfg.celery_backend):
-        return fail("set FEATURE_PIPELINE_CELERY_BROKER and FEATURE_PIPELINE_CELERY_BACKEND (see docs/deploy.md)")
+    if not (cfg.celery_broker and cfg.celery_backend and cfg.celery_queue):
+        return fail(
+            "set FEATURE_PIPELINE_CELERY_BROKER, FEATURE_PIPELINE_CELERY_BACKEND and FEATURE_PIPELINE_CELERY_QUEUE, "
+            "as for the instance (see docs/deploy.md)"
+        )
     home = dagster_home()
     if not (home / "dagster.yaml").is_file():
         return fail(f"no Dagster instance at {home}: copy deploy/dagster.yaml there (or set DAGSTER_HOME)")
