@@ -60,8 +60,17 @@ class Pipeline(testing.Pipeline):
     (`KNOBS`), each at its documented default when unset (the harness's test intervals are not used).
     """
 
-    def __init__(self, root: Path, nats: LocalNats, prefix: str = "bench") -> None:
-        super().__init__(root, knob_env(), nats=nats, prefix=prefix)
+    def __init__(
+        self,
+        root: Path,
+        nats: LocalNats,
+        prefix: str = "bench",
+        env: dict[str, str] | None = None,
+        instance_yaml: Path | None = None,
+    ) -> None:
+        """`env` and `instance_yaml`: for a deployment (deploy/dagster.yaml and its variables, see bench/deploy.py)."""
+        extra = {"instance_yaml": instance_yaml} if instance_yaml else {}
+        super().__init__(root, {**knob_env(), **(env or {})}, nats=nats, prefix=prefix, **extra)
         self.started_at = 0.0
         self._cleanup: Callable[[], None] | None = None
 
