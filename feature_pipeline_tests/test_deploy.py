@@ -19,7 +19,6 @@ import pytest
 from feature_pipeline.samples import publish_events
 from feature_pipeline.testing import REPO, Pipeline, run, wait_for
 
-pytestmark = pytest.mark.e2e
 CELERY_TASK_TAG = "dagster-celery/task_id"
 SUBJECTS = ["signals.task.synced", "signals.task.completed", "feedback.recommendation.shown"]
 
@@ -40,14 +39,14 @@ def deployment(make_pipeline: Any, postgres_url: str, redis_url: str, **env: str
 
 
 def pool_children(worker: subprocess.Popen[bytes]) -> list[int]:
-    """The Celery pool processes of a worker: `feature-pipeline worker` runs Celery's main process, whose
-    children do the runs."""
+    """The Celery pool processes of a worker: `feature-pipeline worker` becomes Celery's main process,
+    whose children do the runs."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True)
     pairs = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
-    mains = {pid for pid, ppid in pairs if ppid == worker.pid}
-    return [pid for pid, ppid in pairs if ppid in mains]
+    return [pid for pid, ppid in pairs if ppid == worker.pid]
 
 
+@pytest.mark.e2e
 def test_postgres_instance_warm_worker_and_shared_staging(
     make_pipeline: Any, postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -81,3 +80,14 @@ def test_postgres_instance_warm_worker_and_shared_staging(
     assert p.query("SELECT sum(signal_count_total) FROM user_features") == [
         (len(p.query("SELECT 1 FROM signal_events")),)
     ]
+
+
+@pytest.mark.parametrize("section", ["concurrency", "run_monitoring", "retention", "sensors", "telemetry"])
+def test_the_deployment_instance_keeps_the_single_box_settings(section: str) -> None:
+    """deploy/dagster.yaml differs from dagster.yaml only where a deployment must (storage, coordinator,
+    launcher): the pools, run monitoring, retention and sensor threads stay the same."""
+    import yaml
+
+    single, deployed = (yaml.safe_load((REPO / name).read_text()) for name in ("dagster.yaml", "deploy/dagster.yaml"))
+    assert deployed[section] == single[section]
+    assert set(deployed) - set(single) == {"storage", "run_coordinator", "run_launcher"}

@@ -226,8 +226,15 @@ def _scenario(a: argparse.Namespace, cluster: LocalCluster, hosts: list[Host]) -
     backlog.run()
     log(f"backlog of {len(backlog.confirmed)} events; starting the daemon on A and the worker on B")
     daemon = [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")]
+    t0 = time.monotonic()
     a_host.spawn(daemon, env_a, "daemon.log")
     worker = b_host.spawn([str(BIN / "feature-pipeline"), "worker"], env_b, "worker.log")
+    db = b_host.root / "store.duckdb"
+    wait_for(lambda: len(stored(db)) >= len(backlog.confirmed) and lag(cluster.url) == 0, a.timeout, "the backlog")
+    drain_seconds = time.monotonic() - t0
+    rate = len(backlog.confirmed) / drain_seconds
+    log(f"backlog drained across hosts in {drain_seconds:.1f} s from daemon start: {rate:,.0f} events/s")
+    log("now a live stream, the worker killed inside a run, a NATS node killed")
     live = Producer(cluster.url, a.rate * a.seconds, a.rate, seed=2)
     live.start()
     started = wait_for(lambda: runs(env_a, dg.DagsterRunStatus.STARTED), 180, "a run on host B")[0]
@@ -242,7 +249,6 @@ def _scenario(a: argparse.Namespace, cluster: LocalCluster, hosts: list[Host]) -
     cluster.node("n1").start()
     live.join()
     confirmed = set(backlog.confirmed + live.confirmed)
-    db = b_host.root / "store.duckdb"
     log(f"{len(confirmed)} events confirmed; waiting for them to be stored")
     wait_for(lambda: len(stored(db)) >= len(confirmed) and lag(cluster.url) == 0, a.timeout, "every event stored")
     return _report(db, confirmed, a_host, b_host, env_a, cluster.url)
@@ -280,7 +286,7 @@ def _ok(fn: object) -> bool:
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backlog", type=int, default=10_000)
+    parser.add_argument("--backlog", type=int, default=100_000, help="events drained first, timed")
     parser.add_argument("--rate", type=int, default=100, help="events per second published meanwhile")
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--timeout", type=float, default=300)

@@ -33,12 +33,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
     home = dagster_home()
     if not (home / "dagster.yaml").is_file():
         return fail(f"no Dagster instance at {home}: copy deploy/dagster.yaml there (or set DAGSTER_HOME)")
-    config = home / "feature-pipeline-worker.yaml"
-    config.write_text(f"execution:\n  config:\n    broker: {cfg.celery_broker}\n    backend: {cfg.celery_backend}\n")
-    config.chmod(0o600)
+    config = _celery_config(home, cfg.celery_broker, cfg.celery_backend)
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "DAGSTER_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    argv = [str(bin_dir / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(config)]
-    argv += ["-q", cfg.celery_queue, "--", "-c", str(args.concurrency)]
-    print(f"warm run worker on queue {cfg.celery_queue} (DAGSTER_HOME={home}); Ctrl-C stops it", flush=True)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": _path(config, os.environ.get("PYTHONPATH"))}
+    argv = [str(bin_dir / "celery"), "-A", "dagster_celery.app", "worker", "--prefetch-multiplier=1"]
+    argv += ["-Q", cfg.celery_queue, "-c", str(args.concurrency), "-n", "feature-pipeline@%h", "--loglevel", "INFO"]
+    print(
+        f"warm run worker (pid {os.getpid()}) on queue {cfg.celery_queue}, DAGSTER_HOME={home}; "
+        "SIGTERM lets a running run finish, then stops",
+        flush=True,
+    )
     os.execve(argv[0], argv, env)
+
+
+def _celery_config(home: Path, broker: str, backend: str) -> Path:
+    """The settings module dagster_celery's app reads (`dagster_celery_config`), in a folder of its own."""
+    folder = home / "feature-pipeline-worker"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    module = folder / "dagster_celery_config.py"
+    module.write_text(f"broker_url = {broker!r}\nresult_backend = {backend!r}\n")
+    module.chmod(0o600)
+    return folder
+
+
+def _path(first: Path, rest: str | None) -> str:
+    return os.pathsep.join([str(first), *([rest] if rest else [])])
