@@ -82,7 +82,9 @@ def main() -> int:
             )
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\nmachine: nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; peak RSS {peak_mib:,.0f} MiB")
-        print(f"| labels x events | received_cutoff | join s | write s | total s | labels/s | target < {TARGET_SECONDS:.0f} s |")
+        print(
+            f"| labels x events | received_cutoff | join s | write s | total s | labels/s | target < {TARGET_SECONDS:.0f} s |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             verdict = "PASS" if r["total_seconds"] < TARGET_SECONDS else "FAIL"
@@ -92,7 +94,9 @@ def main() -> int:
             )
         RESULTS.mkdir(exist_ok=True)
         out = RESULTS / f"training-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        out.write_text(json.dumps({"args": vars(args), "setup_seconds": setup, "peak_rss_mib": peak_mib, "runs": rows}, indent=2))
+        out.write_text(
+            json.dumps({"args": vars(args), "setup_seconds": setup, "peak_rss_mib": peak_mib, "runs": rows}, indent=2)
+        )
         print(f"\nwrote {out}")
         return 0 if all(r["total_seconds"] < TARGET_SECONDS for r in rows) else 1
     finally:

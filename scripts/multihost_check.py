@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = {n: top / n for n in "abc"}
     for d in dirs.values():
         d.mkdir(mode=0o711)
-    hosts = [
-        Host(n, f"{NET}.{11 + i}", dirs[n], [d for m, d in dirs.items() if m != n]) for i, n in enumerate("abc")
-    ]
+    hosts = [Host(n, f"{NET}.{11 + i}", dirs[n], [d for m, d in dirs.items() if m != n]) for i, n in enumerate("abc")]
     cluster: LocalCluster | None = None
     network_down(hosts)
     network_up(hosts)

@@ -1,11 +1,11 @@
 """One NATS connection: raw pulls, acks by reply subject, dead letters, stream state.
 
 Pulls are raw `$JS.API.CONSUMER.MSG.NEXT` requests with `no_wait` on a core inbox: several
-times faster than `PullSubscription.fetch`, and the request ends with a status message, so no
-delivered message is left in flight when the connection closes (a `fetch` that times out can
-leave stragglers that come back only after ack_wait). Acks are plain publishes to the reply
-subjects, which work from any connection and after restarts, so a batch can be settled by a
-later sensor tick than the one that fetched it.
+times faster than `PullSubscription.fetch`, and the request ends with a status message that says
+how many messages it delivered, so no delivered message is left in flight when the connection
+closes (a `fetch` that times out can leave stragglers that come back only after ack_wait).
+Acks are plain publishes to the reply subjects, which work from any connection and after
+restarts, so a batch can be settled by a later sensor tick than the one that fetched it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from feature_pipeline.broker.deliveries import Delivery, parse_reply
 from feature_pipeline.broker.fastpath import FastClient, new_client, subscription_id
 
 CONNECT_TIMEOUT_SECONDS = 2
+PENDING_MESSAGES_HEADER = "Nats-Pending-Messages"
 REQUEST_TIMEOUT_SECONDS = 5
 PENDING_BYTES = 256 * 1024 * 1024
 T = TypeVar("T")
@@ -65,25 +66,39 @@ def header_safe(text: str, limit: int = 1000) -> str:
 
 
 class _Pull:
-    """Collects one pull's replies until `batch` messages or the server's closing status."""
+    """Collects one pull's replies until every message the server says it sent has arrived.
+
+    The server ends a pull with a status: 404 (nothing to deliver), or 408/409 with
+    `Nats-Pending-Messages`, the part of the request it did not fill. On a single server the status
+    follows the last message; in a cluster the consumer's leader may be another server and the status
+    can overtake messages still in transit, so the pull counts: it is complete when `batch` minus the
+    pending count have arrived. Closing earlier would drop those messages until ack_wait returns them.
+    """
 
     def __init__(self, stream: str, batch: int) -> None:
         self.stream = stream
         self.batch = batch
+        self.expected = batch
         self.got: list[Delivery] = []
         self.done = asyncio.Event()
         self.status: dict[str, str] = {}
 
     def on_status(self, hdrs: dict[str, str] | None) -> None:
-        if hdrs and "Status" in hdrs:
-            self.status.update(code=hdrs["Status"], text=hdrs.get("Description", ""))
-            if hdrs["Status"] != "100":  # 100 = heartbeat; 404/408/409 end the request
-                self.done.set()
+        if not hdrs or "Status" not in hdrs or hdrs["Status"] == "100":  # 100 = heartbeat
+            return
+        self.status.update(code=hdrs["Status"], text=hdrs.get("Description", ""))
+        pending = hdrs.get(PENDING_MESSAGES_HEADER)
+        # Without a count (404 nothing to deliver, a leader change) nothing more is coming that we can wait for.
+        self.expected = self.batch - int(pending) if pending and pending.isdigit() else len(self.got)
+        self._check()
 
     def on_delivery(self, subject: str, reply: str, data: bytes, hdrs: dict[str, str] | None) -> None:
         _, delivered, seq, stored = parse_reply(reply)
         self.got.append(Delivery(self.stream, subject, reply, data, hdrs, seq, delivered, stored))
-        if len(self.got) >= self.batch:
+        self._check()
+
+    def _check(self) -> None:
+        if len(self.got) >= self.expected:
             self.done.set()
 
     async def on_msg(self, msg: Msg) -> None:

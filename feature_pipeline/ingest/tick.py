@@ -94,9 +94,7 @@ class _Tick:
         async with await Broker.connect(s.nats_url, o.client_name, s.nats_auth, fast=o.fast_path) as broker:
             await broker.until_lost(self._work(broker, batches, found, t))
 
-    async def _work(
-        self, broker: Broker, batches: list[Manifest], found: dict[str, BatchRun | None], t: float
-    ) -> None:
+    async def _work(self, broker: Broker, batches: list[Manifest], found: dict[str, BatchRun | None], t: float) -> None:
         await self._ensure_topology(broker)
         t = self.report.lap("connect", t)
         remaining = [m for m in batches if not await self._settle_or_keep(broker, m, found[m.batch_id])]
