@@ -99,9 +99,13 @@ def _features_file(raw: str) -> str:
     return path
 
 
+CELERY_URL = r"^((redis|rediss|amqp|amqps|pyamqp|sqla\+[a-z0-9+]+)://|filesystem://$|file:///)"
+
+
 def _celery_url(raw: str) -> str:
+    """A network broker or backend; or, for `up --warm` on one machine, Celery's folder transport and file backend."""
     value = raw.strip()
-    if value and not re.match(r"^(redis|rediss|amqp|amqps|pyamqp|sqla\+[a-z0-9+]+)://", value):
+    if value and not re.match(CELERY_URL, value):
         raise ValueError(f"must be a Celery broker or result backend URL like redis://host:6379/0, got {raw!r}")
     return value
 
@@ -282,7 +286,7 @@ class Settings:
         "FEATURE_PIPELINE_CELERY_BROKER",
         "",
         "Celery broker of the warm run workers (deploy/dagster.yaml, `feature-pipeline worker`), e.g. "
-        "redis://host:6379/0; unset on a single box.",
+        "redis://host:6379/0; unset on a single box (`up --warm` sets its own filesystem://).",
         _celery_url,
     )
     celery_backend: str = _var(

@@ -38,12 +38,12 @@ def deployment(make_pipeline: Any, postgres_url: str, redis_url: str, **env: str
     )
 
 
-def pool_children(worker: subprocess.Popen[bytes]) -> list[int]:
+def pool_children(worker_pid: int) -> list[int]:
     """The Celery pool processes of a worker: `feature-pipeline worker` becomes Celery's main process,
     whose children do the runs."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True)
     pairs = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
-    return [pid for pid, ppid in pairs if ppid == worker.pid]
+    return [pid for pid, ppid in pairs if ppid == worker_pid]
 
 
 @pytest.mark.e2e
@@ -69,7 +69,7 @@ def test_postgres_instance_warm_worker_and_shared_staging(
     )
     second = run(publish_events(p.nats.url, subjects=SUBJECTS, users=["u-1", "u-2"], count=10, rate=None))
     killed = wait_for(lambda: p.runs(dg.DagsterRunStatus.STARTED), 90, "a run on the slow worker")[0]
-    (child,) = wait_for(lambda: pool_children(slow), 10, "the worker's pool process")
+    (child,) = wait_for(lambda: pool_children(slow.pid), 10, "the worker's pool process")
     os.kill(child, signal.SIGKILL)
     wait_for(lambda: p.run_status(killed.run_id) == dg.DagsterRunStatus.FAILURE, 60, "run monitoring to fail it")
     os.killpg(slow.pid, signal.SIGKILL)

@@ -117,6 +117,8 @@ def test_good_values_are_parsed(tmp_path: Path) -> None:
         ("FEATURE_PIPELINE_STAGING", "s3", ["one of folder, nats", "'s3'"]),
         ("NATS_REPLICAS", "7", ["between 1 and 5"]),
         ("FEATURE_PIPELINE_CELERY_BROKER", "localhost:6379", ["Celery broker", "redis://"]),
+        ("FEATURE_PIPELINE_CELERY_BROKER", "filesystem://x", ["Celery broker"]),
+        ("FEATURE_PIPELINE_CELERY_BACKEND", "file://relative/path", ["result backend"]),
         ("FEATURE_PIPELINE_CELERY_QUEUE", "a queue", ["letters, digits"]),
     ],
 )

@@ -1,16 +1,19 @@
-"""`feature-pipeline up`: a local NATS when none answers, then the Dagster UI and daemon."""
+"""`feature-pipeline up`: a local NATS when none answers, then the Dagster UI and daemon (and, with
+`--warm`, a warm run worker)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from feature_pipeline import local_worker
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.local import LocalNats, port_open
 from feature_pipeline.cli.common import dagster_home, fail, load_settings, prepare_dagster_home
@@ -21,6 +24,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = sub.add_parser("up", help="start NATS (if none answers), the Dagster UI and daemon with the sensor on")
     up.add_argument("--host", default="127.0.0.1", help="webserver bind address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=3000)
+    up.add_argument(
+        "--warm",
+        action="store_true",
+        help="run batches on a warm local worker (Celery on folders, no service) instead of a process per run",
+    )
     up.set_defaults(func=cmd_up)
 
 
@@ -36,6 +44,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return fail(str(exc))
     home = dagster_home()
     prepare_dagster_home(home, project)
+    problem = _instance_config(home, project, args.warm)
+    if problem:
+        return fail(problem)
     env["DAGSTER_HOME"] = str(home)
     # Absolute paths, so the code server and run workers agree whatever their working directory.
     env["FEATURE_STORE_PATH"] = cfg.feature_store_path
@@ -43,13 +54,40 @@ def cmd_up(args: argparse.Namespace) -> int:
     env["FEATURE_PIPELINE_SERVING_PATH"] = cfg.serving_path
     if cfg.features_file:
         env["FEATURE_PIPELINE_FEATURES_FILE"] = cfg.features_file
+    worker = _start_worker(home, env) if args.warm else None
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
     print("then, in another shell: feature-pipeline publish --user u-42 && feature-pipeline features u-42")
     try:
         return _run_dagster(project, home, env, args.host, args.port)
     finally:
+        if worker:
+            _stop_group(worker, signal.SIGTERM, grace=60)  # Celery's warm shutdown: a running run finishes
         if local:
             local.stop()
+
+
+def _instance_config(home: Path, project: Path, warm: bool) -> str | None:
+    """With --warm, DAGSTER_HOME's dagster.yaml sends runs to the local worker; plain `up` puts the project's
+    back. A dagster.yaml of the user's own is never replaced: --warm says so instead."""
+    target, original = home / "dagster.yaml", project / "dagster.yaml"
+    written_by_warm = target.read_text().startswith(local_worker.MARKER)
+    if not warm:
+        if written_by_warm:
+            shutil.copyfile(original, target)
+        return None
+    if not written_by_warm and target.read_text() != original.read_text():
+        return f"{target} is not a copy of {original}; `up --warm` would replace it: move it away, or run plain `up`"
+    target.write_text(local_worker.instance_config(original, home))
+    return None
+
+
+def _start_worker(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    env.update(local_worker.celery_env(home))
+    local_worker.prepare(home)
+    cmd = [str(Path(sys.executable).parent / "feature-pipeline"), "worker"]
+    worker = subprocess.Popen(cmd, env=env, start_new_session=True)
+    print(f"warm run worker: pid {worker.pid}, queue folder {home / 'celery'}")
+    return worker
 
 
 def _nats(cfg: Settings, project: Path, env: dict[str, str]) -> LocalNats | None:
@@ -86,9 +124,9 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int:
+def _stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, grace: float = 20.0) -> int:
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
     try:
         return proc.wait(grace)
     except subprocess.TimeoutExpired:

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from feature_pipeline import local_worker
 from feature_pipeline.cli.common import dagster_home, fail, load_settings
 
 
@@ -50,8 +51,12 @@ def _celery_config(home: Path, broker: str, backend: str) -> Path:
     """The settings module dagster_celery's app reads (`dagster_celery_config`), in a folder of its own."""
     folder = home / "feature-pipeline-worker"
     folder.mkdir(mode=0o700, exist_ok=True)
+    settings = f"broker_url = {broker!r}\nresult_backend = {backend!r}\n"
+    if broker == local_worker.BROKER:  # `up --warm`: the queue is a folder under DAGSTER_HOME
+        local_worker.prepare(home)
+        settings += f"broker_transport_options = {local_worker.transport_options(home)!r}\n"
     module = folder / "dagster_celery_config.py"
-    module.write_text(f"broker_url = {broker!r}\nresult_backend = {backend!r}\n")
+    module.write_text(settings)
     module.chmod(0o600)
     return folder
 

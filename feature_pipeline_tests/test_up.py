@@ -1,0 +1,106 @@
+"""`feature-pipeline up`, as a user starts it: the instance config it writes, and `up --warm` end to end
+(dagster dev, a warm run worker on Celery's folder transport, no service besides its own NATS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from feature_pipeline.broker.local import LocalNats, free_port
+from feature_pipeline.cli.up import _instance_config
+from feature_pipeline.samples import publish_events
+from feature_pipeline.testing import BIN, REPO, Pipeline, kill_group, run, wait_for
+from feature_pipeline_tests.test_deploy import CELERY_TASK_TAG, SUBJECTS, pool_children
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", folder / "dagster.yaml")
+    return folder
+
+
+def test_warm_sends_runs_to_the_local_worker_and_plain_up_puts_the_original_back(project: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(project / "dagster.yaml", home / "dagster.yaml")
+    assert _instance_config(home, project, warm=True) is None
+    warm = yaml.safe_load((home / "dagster.yaml").read_text())
+    single = yaml.safe_load((project / "dagster.yaml").read_text())
+    assert warm["run_launcher"]["class"] == "CeleryRunLauncher"
+    assert warm["run_launcher"]["config"]["config_source"]["broker_transport_options"]["data_folder_in"].startswith(
+        str(home)
+    )
+    assert "run_queue" not in warm
+    assert {k: v for k, v in warm.items() if k not in ("run_launcher", "run_coordinator")} == {
+        k: v for k, v in single.items() if k != "run_queue"
+    }
+    assert _instance_config(home, project, warm=True) is None, "a second `up --warm` rewrites its own file"
+    assert _instance_config(home, project, warm=False) is None
+    assert (home / "dagster.yaml").read_text() == (project / "dagster.yaml").read_text()
+
+
+def test_warm_never_replaces_an_instance_config_of_the_users_own(project: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    own = "storage:\n  postgres:\n    postgres_url: postgresql+psycopg2://me@db/dagster\n"
+    (home / "dagster.yaml").write_text(own)
+    problem = _instance_config(home, project, warm=True)
+    assert problem and "is not a copy of" in problem and "plain `up`" in problem
+    assert _instance_config(home, project, warm=False) is None
+    assert (home / "dagster.yaml").read_text() == own
+
+
+@pytest.mark.e2e
+def test_up_warm_stores_every_event_once_when_the_worker_pool_is_killed_mid_run(
+    tmp_path: Path, nats_server: LocalNats
+) -> None:
+    """The quick start with --warm: runs go to the local warm worker; a run whose pool process is killed
+    inside its transaction is failed by run monitoring (the task state is read from the file backend),
+    its batch comes back and is stored once; SIGTERM stops dagster dev and the worker."""
+    p = Pipeline(tmp_path / "p", {"FEATURE_PIPELINE_FAULTS": "slow-commit"}, nats=nats_server)
+    log = tmp_path / "up.log"
+    cmd = [str(BIN / "feature-pipeline"), "up", "--warm", "--port", str(free_port())]
+    with open(log, "ab") as out:
+        up = subprocess.Popen(cmd, cwd=REPO, env=p.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    worker_pid = 0
+    try:
+        started = wait_for(lambda: re.search(r"warm run worker: pid (\d+)", log.read_text()), 30, "the worker")
+        worker_pid = int(started[1])
+        published = run(publish_events(p.nats.url, subjects=SUBJECTS, users=["u-1", "u-2"], count=20, rate=None))
+        killed = wait_for(lambda: p.runs(dg.DagsterRunStatus.STARTED), 120, "a run on the warm worker")[0]
+        assert CELERY_TASK_TAG in killed.tags, "the run went to the Celery worker"
+        (child,) = wait_for(lambda: pool_children(worker_pid), 10, "the worker's pool process")
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: p.run_status(killed.run_id) == dg.DagsterRunStatus.FAILURE, 60, "run monitoring to fail it")
+        wait_for(lambda: sorted(p.stored_ids()) == sorted(published) and p.settled(), 120, "every event stored once")
+        assert all(CELERY_TASK_TAG in r.tags for r in p.runs(dg.DagsterRunStatus.SUCCESS))
+        up.send_signal(signal.SIGTERM)
+        up.wait(90)
+        assert not _alive(worker_pid), "stopping `up` stops its worker"
+        assert not (REPO / "control").exists(), "Celery's folders stay under DAGSTER_HOME, not the working directory"
+    except BaseException:
+        print(log.read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        kill_group(up)
+        if worker_pid and _alive(worker_pid):
+            os.killpg(worker_pid, signal.SIGKILL)
+        p.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
