@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,6 +61,27 @@ ADMIN_POSTGRES = os.environ.get(
     "FEATURE_PIPELINE_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 )
 REDIS = os.environ.get("FEATURE_PIPELINE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """A real filesystem of a given size (tmpfs), for disk-full tests; skipped where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs", str(where)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a {mib} MiB tmpfs here (needs root): {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.defs.resources import RESOURCE_KEY, PipelineResource, pipeline_resource
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import assemble
+from feature_pipeline.ingest.failures import Cause, RunFailure, cause_of
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun
 from feature_pipeline.ingest.shared_staging import open_staging
@@ -103,6 +105,13 @@ def lag(settings: Settings) -> dict[str, int]:
     return {k: v.num_pending + v.num_ack_pending for k, v in infos.items()}
 
 
+def redeliveries(settings: Settings) -> int:
+    """Deliveries beyond the first, over every consumer: each delivery takes a consumer sequence number,
+    and with one consumer per stream the last stream sequence delivered is the number of messages."""
+    infos = run(consumer_states(settings.nats_url, settings.durable_prefix))
+    return sum(i.delivered.consumer_seq - i.delivered.stream_seq for i in infos.values() if i.delivered)
+
+
 def caught_up(
     settings: Settings, names: tuple[str, ...] = ("SIGNALS", "FEEDBACK", "DEADLETTER"), timeout: float = 10.0
 ) -> bool:
@@ -131,21 +140,24 @@ class InMemoryRuns:
     """The run lookup of the tick, as a dictionary: a batch's run is what `execute` recorded for it."""
 
     runs: dict[str, BatchRun] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, RunFailure] = field(default_factory=dict)
 
     def run_for(self, batch_id: str) -> BatchRun | None:
         return self.runs.get(batch_id)
 
-    def failure(self, run: BatchRun) -> str:
-        return self.failures.get(run.run_id, f"run {run.run_id} failed")
+    def failure(self, run: BatchRun) -> RunFailure:
+        return self.failures.get(run.run_id, RunFailure(f"run {run.run_id} failed", Cause.INFRASTRUCTURE))
 
-    def queue(self, batch_id: str) -> None:
-        self.runs[batch_id] = BatchRun(f"run-{batch_id}", "QUEUED")
+    def queue(self, batch_id: str, attempt: int = 0) -> None:
+        self.runs[batch_id] = BatchRun(f"run-{batch_id}-{attempt}", "QUEUED", attempt)
 
-    def finish(self, batch_id: str, status: str, failure: str = "") -> None:
-        self.runs[batch_id] = BatchRun(f"run-{batch_id}", status)
+    def finish(
+        self, batch_id: str, status: str, failure: str = "", cause: Cause = Cause.MESSAGES, attempt: int = 0
+    ) -> None:
+        run_id = f"run-{batch_id}-{attempt}"
+        self.runs[batch_id] = BatchRun(run_id, status, attempt, time.time())
         if failure:
-            self.failures[f"run-{batch_id}"] = failure
+            self.failures[run_id] = RunFailure(failure, cause)
 
 
 @dataclass
@@ -170,16 +182,17 @@ class Lifecycle:
             time.sleep(0.3)
         raise AssertionError(f"no batch staged within {timeout} s")
 
-    def execute(self, batch_id: str, fail: bool = False) -> bool:
+    def execute(self, batch_id: str, fail: bool = False, attempt: int = 0) -> bool:
         """The batch's run: True when it stored the batch (SUCCESS), False when it failed (FAILURE)."""
         hook = faults.before_commit({faults.FAIL_RUN} if fail else self.settings.fault_set)
         try:
             with open_staging(self.settings) as staging, staging.local_copy(batch_id) as folder:
                 FeatureStore.from_settings(self.settings).apply_batch(folder, batch_id, before_commit=hook)
         except Exception as exc:
-            self.runs.finish(batch_id, "FAILURE", f"run run-{batch_id} failed: {exc}")
+            failure = f"run run-{batch_id} failed: {exc}"
+            self.runs.finish(batch_id, "FAILURE", failure, cause_of(exc), attempt)
             return False
-        self.runs.finish(batch_id, "SUCCESS")
+        self.runs.finish(batch_id, "SUCCESS", attempt=attempt)
         return True
 
     def drain(self, timeout: float = 60.0) -> None:
@@ -190,7 +203,7 @@ class Lifecycle:
         while time.monotonic() < deadline:
             report = self.tick()
             for batch_id in report.to_request:
-                self.execute(batch_id)
+                self.execute(batch_id, attempt=report.attempts.get(batch_id, 0))
             done = not report.to_request and report.problem is None and not report.in_flight
             if done and not any(lag(self.settings).values()):
                 return
@@ -222,11 +235,12 @@ class DagsterLifecycle(Lifecycle):
     def tick(self) -> TickReport:
         return run_tick(self.settings, self.dagster_runs, self.options)
 
-    def execute(self, batch_id: str, fail: bool = False) -> bool:
+    def execute(self, batch_id: str, fail: bool = False, attempt: int = 0) -> bool:
         from feature_pipeline.defs.runs import batch_tags
 
         settings = changed(self.settings, faults=faults.FAIL_RUN) if fail else self.settings
-        return materialize(self.instance, settings, batch_tags(batch_id, settings.run_timeout_seconds)).success
+        tags = batch_tags(batch_id, settings.run_timeout_seconds, attempt)
+        return materialize(self.instance, settings, tags).success
 
 
 # -- the store without NATS -----------------------------------------------------------------------
@@ -389,3 +403,16 @@ def deliveries_for(
 def unchecked(settings: Settings, **changes: Any) -> Settings:
     """Settings with values the checks forbid (say, ack_wait below 10 s), for tests that need a fast clock."""
     return dataclasses.replace(settings, **changes)
+
+
+def fill(folder: Path, leave_bytes: int = 0) -> Path:
+    """Write a file that leaves `leave_bytes` free on folder's disk (0: until the disk is full)."""
+    filler = folder / "filler"
+    with open(filler, "ab") as fh:
+        while (free := shutil.disk_usage(folder).free) > leave_bytes:
+            try:
+                fh.write(b"\0" * min(free - leave_bytes, 1 << 20))
+                fh.flush()
+            except OSError:  # ENOSPC: full
+                break
+    return filler

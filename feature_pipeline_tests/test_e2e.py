@@ -261,6 +261,40 @@ def test_failing_runs_redeliver_then_dead_letter_and_recover(make_pipeline: Any)
     assert p.stored_ids() == []
 
 
+def test_a_store_outage_longer_than_the_retry_budget_dead_letters_nothing(make_pipeline: Any, tmp_path: Path) -> None:
+    """The DuckDB folder cannot be created (its parent is a file) for longer than NATS_MAX_DELIVER=2 runs:
+    every run fails outside its messages, so the batch stays staged and is retried, nothing is NAKed or
+    dead-lettered, the sensor fetches nothing new, and `health` says why. Fixed, every event is stored once."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    p = make_pipeline({"FEATURE_STORE_PATH": str(blocked / "store.duckdb"), "NATS_MAX_DELIVER": "2"})
+    p.db = blocked / "store.duckdb"
+    published = run(publish_events(p.nats.url, subjects=SIGNAL_SUBJECTS, users=["u-1", "u-2"], count=20, rate=None))
+
+    def failed_batch_runs() -> list[dg.DagsterRun]:  # not the window-refresh schedule's runs, which fail too
+        return [r for r in p.runs(dg.DagsterRunStatus.FAILURE) if "feature_pipeline/batch_id" in r.tags]
+
+    failed = wait_for(lambda: len(runs := failed_batch_runs()) >= 3 and runs, 120, "three failed runs of the batch")
+    assert len({r.tags["feature_pipeline/batch_id"] for r in failed}) == 1, "the same batch, retried"
+    assert {r.tags.get("feature_pipeline/attempt", "0") for r in failed} >= {"0", "1", "2"}
+    health = wait_for(lambda: (h := p.cli("health", "--json")).returncode == 1 and "retrying" in h.stdout and h,
+                      30, "health to name the retried batch")  # fmt: skip
+    problems = " ".join(json.loads(health.stdout)["problems"])
+    assert str(blocked) in problems and "not fetching" in problems
+    run(publish(p.nats.url, [synced("evt-during-outage", "u-3")]))
+    time.sleep(3)
+    assert p.lag()["SIGNALS"] == len(published) + 1, "nothing acked, the new event not fetched"
+    assert not run(stream_messages(p.nats.url, "DEADLETTER")), "an outage dead-letters nothing"
+
+    blocked.unlink()  # the store comes back
+    everything = sorted([*published, "evt-during-outage"])
+    wait_for(lambda: sorted(p.stored_ids()) == everything and p.settled(), 120, "every event stored once")
+    assert p.query("SELECT count(*) FROM dead_letters") == [(0,)]
+    assert p.query("SELECT sum(signal_count_total) FROM user_features") == [(len(everything),)]
+    recovered = wait_for(lambda: (h := p.cli("health", "--json")).returncode == 0 and h, 30, "health ok again")
+    assert json.loads(recovered.stdout)["retrying"] == []
+
+
 def _worker_pid(p: Pipeline, run_id: str) -> int | None:
     """The live run worker of a run, from the engine event the launcher writes ("Started process for run (pid: N)")."""
     with p.instance() as inst:

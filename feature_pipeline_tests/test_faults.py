@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +21,22 @@ from hypothesis import strategies as st
 
 from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
+from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.local import LocalNats
-from feature_pipeline.envelopes import PoisonMessage, validate
+from feature_pipeline.envelopes import PoisonMessage, make_envelope, validate
+from feature_pipeline.ingest.assemble import Assembled, assemble
+from feature_pipeline.ingest.tick import TickOptions
 from feature_pipeline.samples import publish_events
-from feature_pipeline.settings import Settings
+from feature_pipeline.settings import MIB, Settings
 from feature_pipeline.testing import consumer_states, query, run
 from feature_pipeline_tests.helpers import (
     Lifecycle,
     caught_up,
     changed,
+    data_for,
+    fill,
     publish,
+    redeliveries,
     settings_for,
     stored_ids,
     synced,
@@ -135,6 +143,56 @@ def test_unwritable_staging_stops_fetching_without_burning_deliveries(settings: 
     assert stored_ids(settings) == ["evt-wait"]
 
 
+def test_a_nearly_full_staging_disk_stops_fetching_before_any_delivery(
+    settings: Settings, small_disk: Callable[[int], Path]
+) -> None:
+    """A real 24 MiB filesystem with 8 MiB free: too little for a batch plus the margin, so nothing is
+    pulled (the deliveries stay unspent) and the tick says how much is free; freed, ingest resumes."""
+    disk = small_disk(24)
+    filler = fill(disk, leave_bytes=8 * MIB)
+    life = Lifecycle(changed(settings, staging_dir=disk / "staging"))
+    run(publish(settings.nats_url, [synced(f"evt-{i}", f"u-{i}") for i in range(50)]))
+    for _ in range(2):
+        report = life.tick()
+        assert not report.fetched and report.to_request == []
+        assert report.problem and "MiB free" in report.problem and str(disk) in report.problem
+    info = run(consumer_states(settings.nats_url, "t"))["SIGNALS"]
+    assert info.num_pending == 50 and info.num_ack_pending == 0 and info.delivered.consumer_seq == 0
+    filler.unlink()
+    life.drain()
+    assert sorted(stored_ids(settings)) == sorted(f"evt-{i}" for i in range(50))
+    assert redeliveries(settings) == 0
+
+
+def test_disk_full_while_staging_releases_the_pulled_messages_at_once(
+    settings: Settings, small_disk: Callable[[int], Path]
+) -> None:
+    """The disk fills up (another writer) between the space check and the batch's files: staging fails with
+    a real ENOSPC, the messages already pulled are NAKed at once (not left to wait out ack_wait), fetching
+    stops; once there is room every event is stored once."""
+    disk = small_disk(40)
+    fillers: list[Path] = []
+
+    def assemble_then_fill(deliveries: Sequence[Delivery]) -> Assembled:
+        if not fillers:
+            fillers.append(fill(disk))
+        return assemble(deliveries)
+
+    opts = TickOptions(fetch_chunk=20, assemble=assemble_then_fill)
+    life = Lifecycle(changed(settings, staging_dir=disk / "staging"), options=opts)
+    run(publish(settings.nats_url, [synced(f"evt-{i}", f"u-{i}") for i in range(60)]))
+    report = life.tick()
+    assert report.to_request == [] and report.nacked > 0
+    assert report.problem and "released to NATS at once" in report.problem and str(disk) in report.problem
+    assert report.nacked == sum(report.fetched.values()) == 60, report.summary()
+    fillers[0].unlink()
+    started = time.monotonic()
+    Lifecycle(changed(settings, staging_dir=disk / "staging")).drain(timeout=settings.ack_wait_seconds - 10)
+    assert time.monotonic() - started < settings.ack_wait_seconds, "redelivered at once, not after ack_wait"
+    assert sorted(stored_ids(settings)) == sorted(f"evt-{i}" for i in range(60))
+    assert redeliveries(settings) == 60, "JetStream counts the delivery a NAK returns: one each, no more"
+
+
 def test_nats_unreachable_at_start_recovers_by_itself(tmp_path: Path) -> None:
     server = LocalNats(tmp_path / "late-nats")
     life = Lifecycle(settings_for(tmp_path, server.url))
@@ -192,6 +250,38 @@ def test_duplicate_id_with_different_content_is_recorded_not_silently_merged(
     (reason,) = query(db, "SELECT reason FROM dead_letters")
     assert reason[0] == "duplicate id evt-twin with different content; kept the first stored version (SIGNALS #1)"
     assert query(db, "SELECT original_seq FROM dead_letters") == [(3,)]
+
+
+def test_an_id_reused_on_another_stream_is_recorded_not_stored_twice(lifecycle: Lifecycle, tmp_path: Path) -> None:
+    """Ids are unique across streams: the first stored version stays; the other stream's event with the same
+    id goes to dead_letters saying which event holds the id, in a later batch and in the same batch."""
+    url = lifecycle.settings.nats_url
+    now = datetime.now(UTC)
+    shown = data_for("feedback.recommendation.shown")
+
+    def feedback(event_id: str) -> tuple[str, bytes]:
+        return "feedback.recommendation.shown", make_envelope(event_id, "recommendation.shown", "u-1", now, shown)
+
+    run(publish(url, [synced("evt-x")]))
+    lifecycle.drain()
+    run(publish(url, [feedback("evt-x")]))
+    lifecycle.drain()
+    run(publish(url, [synced("evt-y"), feedback("evt-y")]))
+    lifecycle.drain()
+    db = tmp_path / "store.duckdb"
+    assert sorted(stored_ids(lifecycle.settings)) == ["evt-x", "evt-y"]
+    assert query(db, "SELECT count(*) FROM feedback_events") == [(0,)]
+    reasons = query(db, "SELECT original_stream, original_seq, reason FROM dead_letters ORDER BY original_seq")
+    assert reasons == [
+        (
+            "FEEDBACK",
+            seq,
+            f"id {eid} is already used by signals.task.synced (SIGNALS #{n}); ids must be unique "
+            "across streams; kept the first stored version",
+        )
+        for seq, eid, n in [(1, "evt-x", 1), (2, "evt-y", 2)]
+    ]
+    assert query(db, "SELECT signal_count_total, rec_shown_7d FROM user_features") == [(2, 0)]
 
 
 _BODIES = st.one_of(

@@ -6,6 +6,8 @@ Real DuckDB files and real staged batches; the clock is passed in so windows can
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -207,6 +209,26 @@ def test_labels_for_unknown_users_and_bad_labels(env: Env, tmp_path: Path) -> No
         training_set(pd.DataFrame({"user_id": ["u"], "ts": [ts], "signal_count_7d": [1]}), store=env.store)
     with pytest.raises(LabelsError, match="does not exist"):
         training_set(tmp_path / "nope.parquet", store=env.store)
+
+
+def test_naive_label_times_are_utc_and_ids_stay_text_whatever_the_process_zone(env: Env, tmp_path: Path) -> None:
+    """A CSV with naive times and ids that look like numbers, read by the CLI in a process on India time."""
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event("a", "signals.task.completed", "007", t0)], now=t0)
+    env.apply([env.feed.event("b", "signals.task.completed", "007", t0 + timedelta(hours=3))], now=t0)
+    labels = tmp_path / "naive.csv"
+    labels.write_text("user_id,ts\n007,2026-06-01 13:00:00\n")
+    out = tmp_path / "kol.parquet"
+    cli = Path(sys.executable).parent / "feature-pipeline"
+    proc_env = {**os.environ, "TZ": "Asia/Kolkata", "FEATURE_STORE_PATH": str(env.store.path)}
+    done = subprocess.run(
+        [str(cli), "training-set", str(labels), "--out", str(out)], env=proc_env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = pd.read_parquet(out).to_dict("records")
+    assert row["user_id"] == "007", "leading zeros kept"
+    assert row["ts"] == pd.Timestamp("2026-06-01 13:00", tz="UTC")
+    assert row["signal_count_total"] == 1, "13:00 UTC sees the 12:00 event only"
 
 
 # -- serving ---------------------------------------------------------------------------------

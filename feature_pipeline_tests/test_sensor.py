@@ -12,11 +12,15 @@ import pytest
 
 from feature_pipeline.cli.backfill import add_backfill_to_instance, partition_keys
 from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
+from feature_pipeline.defs.checks import runs_evaluation
 from feature_pipeline.defs.runs import BATCH_TAG, MAX_RUNTIME_TAG, DagsterRuns, batch_tags
 from feature_pipeline.defs.schedules import refresh_feature_windows
 from feature_pipeline.defs.sensors import build_ingest_sensor
+from feature_pipeline.ingest.failures import Cause, RunFailure
+from feature_pipeline.ingest.report import TickReport
+from feature_pipeline.ingest.tick import blocked_batches
 from feature_pipeline.settings import Settings
-from feature_pipeline.testing import query, run
+from feature_pipeline.testing import query, run, wait_for
 from feature_pipeline_tests.helpers import (
     DagsterLifecycle,
     caught_up,
@@ -24,6 +28,7 @@ from feature_pipeline_tests.helpers import (
     lag,
     materialize,
     publish,
+    redeliveries,
     resources,
     stored_ids,
     synced,
@@ -64,13 +69,32 @@ def test_a_failed_runs_own_error_becomes_the_dead_letter_reason(settings: Settin
         assert not life.execute(batch, fail=True)
         found = DagsterRuns(inst).run_for(batch)
         assert found is not None and found.status == "FAILURE"
-        text = DagsterRuns(inst).failure(found)
-        assert text.startswith(f"run {found.run_id} failed: ") and "fail-run" in text
+        failure = DagsterRuns(inst).failure(found)
+        assert failure.text.startswith(f"run {found.run_id} failed: ") and "fail-run" in failure.text
+        assert failure.cause is Cause.MESSAGES, "the fail-run drill stands for an error the messages cause"
         assert life.tick().nacked == 1
 
 
-def test_canceled_run_redelivers_its_batch(settings: Settings) -> None:
-    """A run canceled from the UI ends CANCELED: its batch is NAKed, never acked, and stored later."""
+def test_re_executing_a_settled_batch_run_does_nothing_and_succeeds(settings: Settings) -> None:
+    """ "Re-execute" on a finished ingest run's page: its batch is gone from staging. The run says what
+    became of the batch and succeeds, storing and materializing nothing (health stays ok)."""
+    run(publish(settings.nats_url, [synced("evt-once")]))
+    with dg.instance_for_test() as inst:
+        life = DagsterLifecycle(settings, inst)
+        (batch,) = life.tick().to_request
+        assert life.execute(batch)
+        assert life.tick().acked == 1
+        again = materialize(inst, settings, batch_tags(batch, settings.run_timeout_seconds))
+        assert again.success
+        assert not again.get_asset_materialization_events()
+        logged = " ".join(e.user_message for e in inst.all_logs(again.run_id))
+        assert f"nothing to do: batch {batch} is no longer staged" in logged and "was stored at" in logged
+    assert stored_ids(settings) == ["evt-once"]
+
+
+def test_canceled_run_is_retried_without_spending_a_delivery(settings: Settings) -> None:
+    """A run canceled from the UI ends CANCELED: nothing of its batch is acked or NAKed; the batch stays
+    staged and a new run (attempt 1) stores it."""
     run(publish(settings.nats_url, [synced("evt-cancel")]))
     with dg.instance_for_test() as inst:
         life = DagsterLifecycle(settings, inst)
@@ -81,34 +105,55 @@ def test_canceled_run_redelivers_its_batch(settings: Settings) -> None:
         canceled = inst.create_run_for_job(job, tags=batch_tags(batch, settings.run_timeout_seconds))
         inst.report_run_canceled(canceled, "canceled from the UI (test)")
         found = DagsterRuns(inst).run_for(batch)
-        assert found is not None and DagsterRuns(inst).failure(found) == f"run {canceled.run_id} was canceled"
-        report = life.tick()
-        assert report.nacked == 1 and report.acked == 0
-        life.drain()
+        assert found is not None
+        assert DagsterRuns(inst).failure(found) == RunFailure(
+            f"run {canceled.run_id} was canceled", Cause.INFRASTRUCTURE
+        )
+        report = wait_for(lambda: _requested(life), 10, "the retry")
+        assert report.nacked == 0 and report.acked == 0 and report.attempts == {batch: 1}
+        assert life.execute(batch, attempt=1)
+        after = DagsterRuns(inst).run_for(batch)
+        assert after is not None and (after.attempt, after.status) == (1, "SUCCESS")
+        assert life.tick().acked == 1
     assert stored_ids(settings) == ["evt-cancel"]
+    assert redeliveries(settings) == 0
 
 
-def test_unwritable_store_fails_the_run_clearly_and_nothing_is_acked(settings: Settings, tmp_path: Path) -> None:
-    """The DuckDB path cannot be created: the run fails saying so, the message is NAKed (not acked) and
-    stored once the path is fixed."""
+def _requested(life: DagsterLifecycle) -> TickReport | None:
+    report = life.tick()
+    return report if report.to_request else None
+
+
+def test_unwritable_store_retries_the_batch_and_spends_no_delivery(settings: Settings, tmp_path: Path) -> None:
+    """The DuckDB path cannot be created: the run fails saying so, as an infrastructure failure. The batch
+    stays staged and kept alive, nothing is NAKed, no new batch is fetched, and the check says why; once the
+    path is fixed the retry stores it, with every message still on its first delivery."""
     blocked = tmp_path / "blocked-db"
     blocked.write_text("not a folder")
     broken = changed(settings, feature_store_path=blocked / "store.duckdb")
     run(publish(settings.nats_url, [synced("evt-disk")]))
     with dg.instance_for_test() as inst:
-        life = DagsterLifecycle(settings, inst)
+        life = DagsterLifecycle(broken, inst)
         (batch,) = life.tick().to_request
-        result = materialize(inst, broken, batch_tags(batch, settings.run_timeout_seconds))
-        assert not result.success
-        failure = result.get_step_failure_events()[0].step_failure_data.error
-        assert failure is not None
-        while failure.cause is not None:
-            failure = failure.cause
-        assert str(blocked) in failure.message
+        assert not life.execute(batch)
+        found = DagsterRuns(inst).run_for(batch)
+        assert found is not None
+        failure = DagsterRuns(inst).failure(found)
+        assert failure.cause is Cause.INFRASTRUCTURE and str(blocked) in failure.text
+        run(publish(settings.nats_url, [synced("evt-later", "u-2")]))
         report = life.tick()
-        assert report.nacked == 1 and report.acked == 0
+        assert report.nacked == 0 and report.acked == 0 and not report.fetched
+        assert report.retrying and str(blocked) in report.retrying[0]
+        assert "not fetching while a run fails outside its messages" in report.summary()
+        assert blocked_batches(broken, DagsterRuns(inst)) == [f"batch {batch}: {failure.text}"]
+        evaluation = runs_evaluation(report.retrying)
+        assert not evaluation.passed and str(blocked) in (evaluation.description or "")
+
+        life.settings = settings  # the store is back
         life.drain()
-    assert stored_ids(settings) == ["evt-disk"]
+        assert not blocked_batches(settings, DagsterRuns(inst))
+    assert sorted(stored_ids(settings)) == ["evt-disk", "evt-later"]
+    assert redeliveries(settings) == 0
 
 
 def test_window_refresh_run_observes_user_features_and_materializes_nothing(settings: Settings, tmp_path: Path) -> None:

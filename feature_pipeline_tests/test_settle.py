@@ -1,10 +1,15 @@
 """Settle decisions: a message is acked only after its run succeeded, retried with backoff
-while it fails, and dead-lettered once NATS would stop redelivering it."""
+while it fails, and dead-lettered once NATS would stop redelivering it; and which failures may spend
+deliveries at all (only those the messages cause)."""
 
 from __future__ import annotations
 
+import duckdb
 import pytest
+from nats.errors import NoServersError
 
+from feature_pipeline.faults import InjectedFault
+from feature_pipeline.ingest.failures import Cause, cause_of
 from feature_pipeline.ingest.settle import (
     ACK,
     NAK_DELAY_CAP_SECONDS,
@@ -16,6 +21,7 @@ from feature_pipeline.ingest.settle import (
     outcome_of,
     waiting_to_start,
 )
+from feature_pipeline.store.db import StoreBusy
 
 BASE = 2.0
 
@@ -172,3 +178,28 @@ def test_outcome_of_covers_every_dagster_status() -> None:
 def test_a_run_that_has_not_started_its_code_holds_new_batches_back(status: str | None, waiting: bool) -> None:
     """Launched but not running yet (a task waiting for a warm worker) counts as waiting, like queued."""
     assert waiting_to_start(status) is waiting
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (OSError(28, "No space left on device"), Cause.INFRASTRUCTURE),
+        (PermissionError("denied"), Cause.INFRASTRUCTURE),
+        (FileExistsError("a file where the folder should be"), Cause.INFRASTRUCTURE),
+        (TimeoutError(), Cause.INFRASTRUCTURE),
+        (MemoryError(), Cause.INFRASTRUCTURE),
+        (StoreBusy("held for 120 s"), Cause.INFRASTRUCTURE),
+        (duckdb.IOException("IO Error: No space left on device"), Cause.INFRASTRUCTURE),
+        (duckdb.OutOfMemoryException("out of memory"), Cause.INFRASTRUCTURE),
+        (duckdb.TransactionException("conflict"), Cause.INFRASTRUCTURE),
+        (duckdb.FatalException("database invalidated"), Cause.INFRASTRUCTURE),
+        (NoServersError(), Cause.INFRASTRUCTURE),
+        (duckdb.ConversionException("could not convert"), Cause.MESSAGES),
+        (duckdb.ConstraintException("constraint"), Cause.MESSAGES),
+        (duckdb.InvalidInputException("bad input"), Cause.MESSAGES),
+        (InjectedFault("fail-run"), Cause.MESSAGES),
+        (ValueError("unexpected value"), Cause.MESSAGES),
+    ],
+)
+def test_only_errors_the_messages_cause_spend_deliveries(error: BaseException, cause: Cause) -> None:
+    assert cause_of(error) is cause

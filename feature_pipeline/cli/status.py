@@ -34,7 +34,7 @@ def cmd_settings(_args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     cfg = load_settings()
     report: dict[str, Any] = {"nats_url": redact(cfg.nats_url), "status": "ok", "problems": []}
-    code = max(_streams(cfg, report), _staging(cfg, report), _dagster(report))
+    code = max(_streams(cfg, report), _staging(cfg, report), _dagster(cfg, report))
     code = max(code, _graded(report))
     report["status"] = {EXIT_OK: "ok", EXIT_DEGRADED: "degraded", EXIT_DOWN: "down"}[code]
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report))
@@ -71,18 +71,19 @@ def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _dagster(report: dict[str, Any]) -> int:
-    report.update(last_ingest_run=None, checks={}, freshness={})
+def _dagster(cfg: settings.Settings, report: dict[str, Any]) -> int:
+    report.update(last_ingest_run=None, checks={}, freshness={}, retrying=[])
     try:
-        report.update(_dagster_state() or {})
+        report.update(_dagster_state(cfg) or {})
     except Exception as exc:
         report["problems"].append(f"cannot read the Dagster instance at {dagster_home()}: {exc}")
         return EXIT_DOWN
     return EXIT_OK
 
 
-def _dagster_state() -> dict[str, Any] | None:
-    """The last ingest run, the latest result of every asset check, and user_features freshness."""
+def _dagster_state(cfg: settings.Settings) -> dict[str, Any] | None:
+    """The last ingest run, batches retried after failures outside their messages, the latest result of
+    every asset check, and user_features freshness."""
     home = dagster_home()
     if not (home / "dagster.yaml").exists():
         return None
@@ -90,8 +91,12 @@ def _dagster_state() -> dict[str, Any] | None:
 
     os.environ["DAGSTER_HOME"] = str(home)
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        from feature_pipeline.defs.runs import DagsterRuns
+        from feature_pipeline.ingest.tick import blocked_batches
+
         return {
             "last_ingest_run": _last_run(instance),
+            "retrying": blocked_batches(cfg, DagsterRuns(instance)),
             "checks": _checks(instance),
             "freshness": {
                 key.to_user_string(): state.freshness_state.value
@@ -115,9 +120,9 @@ def _last_run(instance: Any) -> dict[str, Any]:
 
 
 def _checks(instance: Any) -> dict[str, Any]:
-    from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, STREAM_CHECK_SPECS
+    from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, RUNS_CHECK, STREAM_CHECK_SPECS
 
-    keys = [s.key for s in (*STREAM_CHECK_SPECS, DEAD_LETTERS_CHECK, CONSISTENCY_CHECK)]
+    keys = [s.key for s in (*STREAM_CHECK_SPECS, DEAD_LETTERS_CHECK, CONSISTENCY_CHECK, RUNS_CHECK)]
     latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     out = {}
     for key in keys:
@@ -136,9 +141,9 @@ def _checks(instance: Any) -> dict[str, Any]:
 
 
 def _graded(report: dict[str, Any]) -> int:
-    """A failed last run, a failed check or stale features make the pipeline degraded."""
+    """A failed last run, a batch waiting for a retry, a failed check or stale features: degraded."""
     last = report.get("last_ingest_run") or {}
-    degraded = []
+    degraded = [f"not fetching; retrying {b}" for b in report["retrying"]]
     if last.get("status") in ("FAILURE", "CANCELED"):
         degraded.append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
     for name, check in report["checks"].items():

@@ -17,8 +17,9 @@ from feature_pipeline import faults
 from feature_pipeline.defs import metadata
 from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, store_check_results
 from feature_pipeline.defs.resources import PipelineResource
-from feature_pipeline.defs.runs import BATCH_TAG
+from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
 from feature_pipeline.defs.streams import stream_key
+from feature_pipeline.ingest.failures import Cause, cause_of
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
 from feature_pipeline.streams import DEADLETTER, EVENT_STREAMS, STREAMS
@@ -82,14 +83,32 @@ def ingest_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource) 
 
 
 def store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str) -> RunOutput:
+    """The batch's events into the store, or a Failure that says whether its messages caused it (which
+    decides whether settling spends their deliveries: see `ingest.failures`)."""
+    try:
+        outputs = list(_store_batch(context, pipeline, batch_id))
+    except Exception as exc:
+        cause = cause_of(exc)
+        raise dg.Failure(
+            description=f"storing batch {batch_id} failed ({_CAUSE_WORDS[cause]}): {type(exc).__name__}: {exc}",
+            metadata={CAUSE_KEY: cause.value},
+        ) from exc
+    yield from outputs
+
+
+_CAUSE_WORDS = {
+    Cause.MESSAGES: "caused by its messages: their deliveries are spent",
+    Cause.INFRASTRUCTURE: "not caused by its messages: the batch stays staged and is retried",
+}
+
+
+def _store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str) -> RunOutput:
     settings = pipeline.settings
     with open_staging(settings) as staging:
         manifest = staging.manifest(batch_id)
         if manifest is None:
-            raise dg.Failure(
-                f"staged batch {batch_id} is not in {staging.where}: it was already settled (acked or "
-                "redelivered) by the sensor, so re-executing this run has nothing to store"
-            )
+            yield from _already_settled(context, pipeline, batch_id, staging.where)
+            return
         with staging.local_copy(batch_id) as folder:
             result = FeatureStore.from_settings(settings).apply_batch(
                 folder,
@@ -102,6 +121,21 @@ def store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, b
     for key, extra in metadata.batch_per_table(result).items():
         yield dg.MaterializeResult(asset_key=key, metadata={**common, **extra})
     yield from store_check_results(result.health, settings)
+
+
+def _already_settled(
+    context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str, where: str
+) -> Iterator[dg.AssetCheckResult]:
+    """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
+    settings = pipeline.settings
+    stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
+    what = (
+        f"was stored at {stored_at.isoformat()} and acked"
+        if stored_at
+        else "was never stored: its messages went back to NATS and are stored by a later batch"
+    )
+    context.log.warning(f"nothing to do: batch {batch_id} is no longer staged in {where}; it {what}")
+    yield from store_check_results(health, settings)
 
 
 def _log_batch(context: dg.AssetExecutionContext, result: BatchResult, allowed_lateness_seconds: int) -> None:
@@ -165,7 +199,9 @@ def _log_refresh(context: dg.AssetExecutionContext, refresh: Refresh) -> None:
 
 ingest_job = dg.define_asset_job(
     "ingest",
-    selection=dg.AssetSelection.assets(ingest_batch),
+    # The asset's own checks, not the on-demand one of user_features (it reads the instance, for no batch).
+    selection=dg.AssetSelection.assets(ingest_batch).without_checks()
+    | dg.AssetSelection.checks(DEAD_LETTERS_CHECK.key, CONSISTENCY_CHECK.key),
     # One process per run: the default multiprocess executor adds ~4 s per micro-batch.
     executor_def=dg.in_process_executor,
     description="Stores one staged micro-batch; launched by ingest_sensor, which settles it afterwards.",

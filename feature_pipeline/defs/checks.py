@@ -20,6 +20,7 @@ from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.streams import stream_key
 from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, stream_checks, thresholds
 from feature_pipeline.ingest.shared_staging import open_staging
+from feature_pipeline.ingest.tick import blocked_batches
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import StoreHealth
 from feature_pipeline.streams import BY_NAME, DEADLETTER, STREAMS
@@ -42,6 +43,40 @@ CONSISTENCY_CHECK = dg.AssetCheckSpec(
     asset="user_features",
     description="A sample of rows equals a recomputation from the raw tables at each row's updated_at.",
 )
+
+RUNS_CHECK = dg.AssetCheckSpec(
+    "runs_not_failing_outside_messages",
+    asset="user_features",
+    description="No staged batch waits for a retry because its run failed for a reason outside its messages "
+    "(store unreachable or not writable, disk full, lock timeout, killed worker, lost run). While one waits, the "
+    "sensor fetches nothing new and no delivery is spent.",
+)
+
+
+def runs_evaluation(blocked: list[str]) -> dg.AssetCheckEvaluation:
+    """The ingest sensor grades RUNS_CHECK every tick from the batches it is retrying."""
+    return dg.AssetCheckEvaluation(**_runs_graded(blocked))
+
+
+def _runs_graded(blocked: list[str]) -> dict[str, Any]:
+    shown = "; ".join(blocked[:5]) + (f"; and {len(blocked) - 5} more" if len(blocked) > 5 else "")
+    return {
+        "asset_key": RUNS_CHECK.asset_key,
+        "check_name": RUNS_CHECK.name,
+        "passed": not blocked,
+        "severity": dg.AssetCheckSeverity.ERROR,
+        "metadata": {"batches_waiting": len(blocked)},
+        "description": f"not fetching; retrying {shown}" if blocked else "no batch waits for a retry",
+    }
+
+
+@dg.asset_check(asset="user_features", name=RUNS_CHECK.name, description=RUNS_CHECK.description)
+def runs_check_on_demand(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource) -> dg.AssetCheckResult:
+    """Run from the UI: the same grading the ingest sensor makes every tick."""
+    from feature_pipeline.defs.runs import DagsterRuns
+
+    blocked = blocked_batches(pipeline.settings, DagsterRuns(context.instance))
+    return dg.AssetCheckResult(**_runs_graded(blocked))
 
 
 def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str | None]:

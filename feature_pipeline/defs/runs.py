@@ -6,9 +6,12 @@ run_status_sensor, whose cursor moves on even when its handler fails (the work w
 
 import dagster as dg
 
+from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.runs import BatchRun
 
 BATCH_TAG = "feature_pipeline/batch_id"
+ATTEMPT_TAG = "feature_pipeline/attempt"  # absent on a batch's first run
+CAUSE_KEY = "failure_cause"  # in the metadata of the ingest step's Failure: a `failures.Cause` value
 # The default run launcher cannot see a killed run worker; run monitoring fails runs past this tag.
 MAX_RUNTIME_TAG = "dagster/max_runtime"
 FAILURE_TEXT_LIMIT = 300
@@ -24,12 +27,15 @@ class DagsterRuns:
         records = self.instance.get_run_records(filters=dg.RunsFilter(tags={BATCH_TAG: batch_id}), limit=1)
         if not records:
             return None
-        run = records[0].dagster_run
-        return BatchRun(run.run_id, run.status.value)
+        record = records[0]
+        run = record.dagster_run
+        return BatchRun(run.run_id, run.status.value, int(run.tags.get(ATTEMPT_TAG, 0)), record.end_time)
 
-    def failure(self, run: BatchRun) -> str:
+    def failure(self, run: BatchRun) -> RunFailure:
+        """The asset's own error and the cause it gave; a run that ended without one (canceled, its worker
+        killed, failed by run monitoring or its max runtime) failed for reasons outside its messages."""
         if run.status == dg.DagsterRunStatus.CANCELED.value:
-            return f"run {run.run_id} was canceled"
+            return RunFailure(f"run {run.run_id} was canceled", Cause.INFRASTRUCTURE)
         conn = self.instance.get_records_for_run(
             run.run_id,
             of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE},
@@ -37,14 +43,29 @@ class DagsterRuns:
         )
         for record in conn.records:
             event = record.event_log_entry.dagster_event
-            error = getattr(event.event_specific_data, "error", None) if event else None
+            data = event.event_specific_data if event else None
+            error = getattr(data, "error", None)
             if error is not None:
                 while error.cause is not None:  # Dagster wraps the asset's own exception; show that one
                     error = error.cause
-                return f"run {run.run_id} failed: {' '.join(error.message.split())[:FAILURE_TEXT_LIMIT]}"
-        return f"run {run.run_id} failed"
+                text = f"run {run.run_id} failed: {' '.join(error.message.split())[:FAILURE_TEXT_LIMIT]}"
+                return RunFailure(text, _cause(data))
+        return RunFailure(f"run {run.run_id} failed", Cause.INFRASTRUCTURE)
 
 
-def batch_tags(batch_id: str, run_timeout_seconds: int) -> dict[str, str]:
+def _cause(data: object) -> Cause:
+    user_data = getattr(data, "user_failure_data", None)
+    entry = (user_data.metadata or {}).get(CAUSE_KEY) if user_data is not None else None
+    value = getattr(entry, "value", None)
+    return Cause.MESSAGES if value == Cause.MESSAGES.value else Cause.INFRASTRUCTURE
+
+
+def batch_tags(batch_id: str, run_timeout_seconds: int, attempt: int = 0) -> dict[str, str]:
     """The tags of the run that stores a batch."""
-    return {BATCH_TAG: batch_id, MAX_RUNTIME_TAG: str(run_timeout_seconds)}
+    tags = {BATCH_TAG: batch_id, MAX_RUNTIME_TAG: str(run_timeout_seconds)}
+    return {**tags, ATTEMPT_TAG: str(attempt)} if attempt else tags
+
+
+def run_key(batch_id: str, attempt: int = 0) -> str:
+    """One run per batch and attempt: the orchestrator never starts two for the same key."""
+    return f"{batch_id}.retry-{attempt}" if attempt else batch_id

@@ -7,9 +7,9 @@ Python; this module turns a tick's report into run requests, observations and a 
 import dagster as dg
 
 from feature_pipeline.defs.assets import ingest_job
-from feature_pipeline.defs.checks import read_stats, stream_events
+from feature_pipeline.defs.checks import read_stats, runs_evaluation, stream_events
 from feature_pipeline.defs.resources import PipelineResource
-from feature_pipeline.defs.runs import DagsterRuns, batch_tags
+from feature_pipeline.defs.runs import DagsterRuns, batch_tags, run_key
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import run_tick
 from feature_pipeline.settings import Settings
@@ -19,7 +19,7 @@ MONITOR_INTERVAL_SECONDS = 30
 
 
 def _log(context: dg.SensorEvaluationContext, report: TickReport) -> None:
-    (context.log.warning if report.problem else context.log.info)(report.summary())
+    (context.log.warning if report.problem or report.retrying else context.log.info)(report.summary())
 
 
 def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
@@ -43,13 +43,14 @@ def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
 def to_result(report: TickReport, settings: Settings) -> dg.SensorResult:
     """A tick's report as Dagster sees it: one run request per batch that needs a run, and the streams'
     observations and checks."""
-    requests = [
-        dg.RunRequest(run_key=batch_id, tags=batch_tags(batch_id, settings.run_timeout_seconds))
-        for batch_id in report.to_request
-    ]
+    timeout = settings.run_timeout_seconds
+    requests = []
+    for batch_id in report.to_request:
+        attempt = report.attempts.get(batch_id, 0)
+        requests.append(dg.RunRequest(run_key=run_key(batch_id, attempt), tags=batch_tags(batch_id, timeout, attempt)))
     return dg.SensorResult(
         run_requests=requests,
-        asset_events=stream_events(report.stats, report.problem, settings),
+        asset_events=[*stream_events(report.stats, report.problem, settings), runs_evaluation(report.retrying)],
         skip_reason=None if requests else report.summary(),
     )
 

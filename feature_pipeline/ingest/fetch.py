@@ -16,8 +16,10 @@ from feature_pipeline.broker.client import Broker, MessageTooLarge
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.ingest.assemble import Assembled
 from feature_pipeline.ingest.report import TickReport
-from feature_pipeline.ingest.staging import BatchWriter, Manifest, Staging
-from feature_pipeline.settings import Settings
+from feature_pipeline.ingest.staging import STAGING_MARGIN_BYTES, BatchWriter, Manifest, Staging
+from feature_pipeline.settings import MIB, Settings
+
+MIN_BATCH_BYTES = 2 * MIB  # a batch must hold at least one message of the server's largest default size
 
 
 @dataclass
@@ -33,32 +35,61 @@ class Fetcher:
     async def stage_batches(self, in_flight: int) -> None:
         """Stage new batches while there is room in flight and time left in the tick."""
         while in_flight < self.settings.max_batches_in_flight and time.monotonic() < self.deadline:
-            try:
-                self.staging.check_writable()
-            except OSError as exc:
-                self.report.problem = f"not fetching: {self.staging.where} is not writable ({exc})"
+            max_bytes = self._room()
+            if max_bytes is None:
                 return
-            manifest, stop = await self._stage_one()
+            manifest, stop = await self._stage_one(max_bytes)
             if manifest is not None:
                 self.report.staged.append(manifest)
                 in_flight += 1
             if stop:
                 return
 
-    async def _stage_one(self) -> tuple[Manifest | None, bool]:
+    def _room(self) -> int | None:
+        """The payload bytes the next batch may hold: never fetch what cannot be staged (it would only
+        spend the messages' deliveries). None, with the reason in the report, when there is no room."""
+        try:
+            self.staging.check_writable()
+            room, free = self.staging.payload_room()
+        except OSError as exc:
+            self.report.problem = f"not fetching: {self.staging.where} is not writable ({exc})"
+            return None
+        if room < MIN_BATCH_BYTES:
+            self.report.problem = (
+                f"not fetching: {self.staging.where} has {free / MIB:.1f} MiB free; a batch needs at least "
+                f"{(2 * MIN_BATCH_BYTES + STAGING_MARGIN_BYTES) / MIB:.0f} MiB there"
+            )
+            return None
+        return min(room, self.settings.batch_max_bytes)
+
+    async def _stage_one(self, max_bytes: int) -> tuple[Manifest | None, bool]:
         """One batch, pull by pull. Returns (its manifest, or None if nothing came; whether to stop fetching)."""
         writer = self.staging.writer()
+        pulled: list[str] = []
         try:
-            stop = await self._fill(writer)
+            stop = await self._fill(writer, max_bytes, pulled)
             if writer.size == 0:
                 writer.abort()
                 return None, True
             return writer.close(), stop
+        except OSError as exc:  # the disk filled up (or went away) under the batch
+            writer.abort()
+            await self._release(pulled, exc)
+            return None, True
         except BaseException:
             writer.abort()
             raise
 
-    async def _fill(self, writer: BatchWriter) -> bool:
+    async def _release(self, pulled: list[str], exc: OSError) -> None:
+        """NAK what this batch had pulled, at once, rather than let it wait out ack_wait unacked."""
+        released = await self.broker.nak([(reply, 0.0) for reply in pulled])
+        self.report.nacked += released
+        self.report.problem = (
+            f"not fetching: staging a batch in {self.staging.where} failed ({exc}); its {released} pulled "
+            "messages were released to NATS at once (NAK)"
+        )
+
+    async def _fill(self, writer: BatchWriter, max_bytes: int, pulled: list[str]) -> bool:
         """Pull into `writer` until it is full (False) or fetching should stop for this tick (True)."""
         limit = self.settings.batch_max_messages
         pull_seconds = 0.0
@@ -67,7 +98,7 @@ class Fetcher:
             if started + pull_seconds >= self.deadline:  # the next pull would end past the deadline
                 return True
             want = min(self.chunk, limit - writer.size)
-            room = self.settings.batch_max_bytes - writer.bytes
+            room = max_bytes - writer.bytes
             if room <= 0:
                 return False
             try:
@@ -76,6 +107,7 @@ class Fetcher:
                 if writer.size == 0:
                     raise
                 return False  # full by bytes
+            pulled.extend(d.reply for d in deliveries)
             await self._add(writer, deliveries)
             if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
                 return True

@@ -28,6 +28,10 @@ class TickReport:
     # Staged batches that need a run: the new ones and those whose request was lost. Requesting one
     # again is harmless: the batch id is the run key, so the orchestrator never starts two.
     to_request: list[str] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)  # retries among to_request: batch id -> attempt
+    # Batches whose last run failed outside their messages: staged, kept alive, retried with backoff;
+    # no new batch is fetched while there is one (it would only wait behind the same outage).
+    retrying: list[str] = field(default_factory=list)
 
     def lap(self, phase: str, since: float) -> float:
         now = time.monotonic()
@@ -48,6 +52,8 @@ class TickReport:
         parts = []
         if self.fetched:
             parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
+        elif self.retrying:
+            parts.append("not fetching while a run fails outside its messages: " + "; ".join(self.retrying))
         elif self.holding:
             parts.append(f"not fetching while batch {self.holding} waits for its run to start")
         elif not self.problem:

@@ -45,6 +45,7 @@ _DELIVERIES_SCHEMA_FIELDS: list[tuple[str, pa.DataType]] = [
 ]
 DELIVERIES_SCHEMA = pa.schema(_DELIVERIES_SCHEMA_FIELDS)
 STALE_TEMP_SECONDS = 600
+STAGING_MARGIN_BYTES = 16 * 1024 * 1024  # left free on the staging disk, for everything else on it
 KEEPALIVE_MARK = "kept-alive"  # its mtime: the batch's last +WPI
 
 
@@ -193,6 +194,13 @@ class Staging(ABC):
             fh.flush()
             os.fsync(fh.fileno())
         probe.unlink()
+
+    def payload_room(self) -> tuple[int, int]:
+        """(payload bytes a new batch may hold here, free bytes on the disk). A staged batch keeps each
+        body at most twice (the delivery's bytes and its parsed event), and the disk keeps a margin."""
+        self._ensure_root()
+        free = shutil.disk_usage(self.root).free
+        return max(0, (free - STAGING_MARGIN_BYTES) // 2), free
 
     def writer(self, batch_id: str | None = None) -> BatchWriter:
         """A batch staged from several fetches, appended chunk by chunk (see BatchWriter)."""

@@ -24,10 +24,19 @@ from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyEr
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.stats import collect
 from feature_pipeline.ingest.assemble import Assembled, assemble
+from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.fetch import Fetcher
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun, RunLookup
-from feature_pipeline.ingest.settle import Kind, RunOutcome, decide, keep_alive_due, outcome_of, waiting_to_start
+from feature_pipeline.ingest.settle import (
+    Kind,
+    RunOutcome,
+    decide,
+    keep_alive_due,
+    nak_delay,
+    outcome_of,
+    waiting_to_start,
+)
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.staging import Manifest, Staging, delivery_from_row
 from feature_pipeline.settings import Settings
@@ -68,6 +77,20 @@ def run_tick(settings: Settings, runs: RunLookup, options: TickOptions | None = 
             report.problem = _problem(exc, settings)
         report.to_request += [m.batch_id for m in report.staged]
     return report
+
+
+def blocked_batches(settings: Settings, runs: RunLookup) -> list[str]:
+    """Staged batches whose last run failed outside their messages, each with why (for health and checks)."""
+    out = []
+    with open_staging(settings) as staging:
+        for manifest in staging.batches():
+            run = runs.run_for(manifest.batch_id)
+            if run is None or outcome_of(run.status) is not RunOutcome.FAILED:
+                continue
+            failure = runs.failure(run)
+            if failure.cause is Cause.INFRASTRUCTURE:
+                out.append(f"batch {manifest.batch_id}: {failure.text}")
+    return out
 
 
 def _problem(exc: Exception, settings: Settings) -> str:
@@ -122,6 +145,8 @@ class _Tick:
     async def _fetch(self, broker: Broker, remaining: list[Manifest], found: dict[str, BatchRun | None]) -> None:
         # One batch waiting for its run to start is enough: staging another behind it would only add a
         # run (seconds of start-up each); held back, the messages join the next batch instead.
+        if self.report.retrying:
+            return
         waiting = [m.batch_id for m in remaining if waiting_to_start(_status(found.get(m.batch_id)))]
         if waiting:
             self.report.holding = waiting[0]
@@ -134,14 +159,30 @@ class _Tick:
     # -- settling -------------------------------------------------------------------------------
 
     async def _settle_or_keep(self, broker: Broker, manifest: Manifest, run: BatchRun | None) -> bool:
-        """Settle the batch if its run has ended (True), else keep its messages alive (False)."""
+        """Settle the batch if its run has ended (True), else keep its messages alive (False).
+
+        A run that failed outside its messages settles nothing: the batch is retried instead."""
         outcome = outcome_of(_status(run))
-        if outcome is RunOutcome.PENDING:
+        failure = self.runs.failure(run) if run is not None and outcome is RunOutcome.FAILED else None
+        if outcome is RunOutcome.PENDING or (failure and failure.cause is Cause.INFRASTRUCTURE):
             await self._keep_alive(broker, manifest)
+            if run is not None and failure is not None:
+                self._retry_later(manifest.batch_id, run, failure)
             return False
-        failure = self.runs.failure(run) if run is not None and outcome is RunOutcome.FAILED else ""
-        await self._settle(broker, manifest, outcome, failure)
+        await self._settle(broker, manifest, outcome, failure.text if failure else "")
         return True
+
+    def _retry_later(self, batch_id: str, run: BatchRun, failure: RunFailure) -> None:
+        """Request the batch's next run once its backoff has passed (doubling from NAK_DELAY, at most 5 min)."""
+        attempt = run.attempt + 1
+        due = (run.ended_at or 0.0) + nak_delay(attempt, self.settings.nak_delay_seconds)
+        if time.time() >= due:
+            self.report.to_request.append(batch_id)
+            self.report.attempts[batch_id] = attempt
+            when = "now"
+        else:
+            when = f"in {due - time.time():.0f} s"
+        self.report.retrying.append(f"batch {batch_id}: {failure.text}; retry {attempt} {when}")
 
     async def _keep_alive(self, broker: Broker, manifest: Manifest) -> None:
         if faults.NO_KEEPALIVE in self.settings.fault_set:

@@ -49,7 +49,9 @@ def read_labels(labels: Labels) -> pa.Table:
             return pq.read_table(path)
         if suffix in (".csv", ".tsv"):
             opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            return pacsv.read_csv(path, parse_options=opts)
+            # Ids are text: inferred as numbers, "007" would become 7 and match no user.
+            types = pacsv.ConvertOptions(column_types={"user_id": pa.string()})
+            return pacsv.read_csv(path, parse_options=opts, convert_options=types)
     except (pa.ArrowInvalid, OSError) as exc:
         raise LabelsError(f"cannot read labels {path}: {exc}") from None
     raise LabelsError(f"labels {path}: expected a .parquet or .csv file")

@@ -1,7 +1,8 @@
 """The steps that store one staged batch, each a statement or two inside the caller's transaction.
 
-Idempotent: events are keyed by id (a redelivered or duplicated event is absorbed), dead letters
-by original stream and sequence, and an id seen again with other content is recorded, not merged.
+Idempotent: events are keyed by id across every stream (a redelivered or duplicated event is
+absorbed), dead letters by original stream and sequence. An id seen again with other content, or on
+another stream, is recorded in dead_letters, not merged: the first stored version stays.
 """
 
 from __future__ import annotations
@@ -62,24 +63,31 @@ def write(con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now
 
 
 def load_events(con: duckdb.DuckDBPyConnection, files: StagedFiles) -> int:
-    """The batch's events into a temp table, one per (stream, id); returns how many the batch held."""
+    """The batch's events into a temp table, one per id (the first the streams stored); returns how many
+    the batch held."""
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {EVENTS} AS SELECT * FROM read_parquet($p) "
-        "QUALIFY row_number() OVER (PARTITION BY stream, event_id ORDER BY stream_seq) = 1",
+        "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at, stream, stream_seq) = 1",
         {"p": files.events},
     )
     return int(scalar(con, "SELECT count(*) FROM read_parquet($p)", {"p": files.events}))
 
 
 def insert_events(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime) -> dict[str, int]:
+    """New ids into their stream's table; an id another stream's table already holds is not inserted."""
     inserted = {}
     for spec in streams.EVENT_STREAMS:
+        elsewhere = " ".join(
+            f"AND NOT EXISTS (SELECT 1 FROM {o.table} o WHERE o.event_id = b.event_id)"
+            for o in streams.EVENT_STREAMS
+            if o is not spec
+        )
         inserted[spec.name] = int(
             scalar(
                 con,
                 f"INSERT INTO {spec.table} SELECT event_id, subject, stream_seq, occurred_at, received_at, $now, "
-                f"user_id, type, schema_version, data, known_type, $batch FROM {EVENTS} "
-                "WHERE stream = $stream ON CONFLICT DO NOTHING",
+                f"user_id, type, schema_version, data, known_type, $batch FROM {EVENTS} b "
+                f"WHERE stream = $stream {elsewhere} ON CONFLICT DO NOTHING",
                 {"now": now, "batch": batch_id, "stream": spec.name},
             )
         )
@@ -102,9 +110,9 @@ def insert_dead_letters(con: duckdb.DuckDBPyConnection, files: StagedFiles, batc
 def record_conflicting_duplicates(
     con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now: datetime
 ) -> int:
-    """An id seen again with other content is not absorbed silently: the first stored version stays,
-    each other version goes to dead_letters with its body and both sequences in the reason
-    (deadletter_seq 0: recorded by the run, not republished on DEADLETTER)."""
+    """An id seen again with other content, or on another stream, is not absorbed silently: the first
+    stored version stays, each other version goes to dead_letters with its body and both sequences in
+    the reason (deadletter_seq 0: recorded by the run, not republished on DEADLETTER)."""
     total = 0
     for spec in streams.EVENT_STREAMS:
         total += int(
@@ -113,15 +121,21 @@ def record_conflicting_duplicates(
                 f"""
                 INSERT INTO {streams.DEADLETTER.table}
                 SELECT b.stream, b.subject, b.stream_seq, b.num_delivered,
-                       'duplicate id ' || b.event_id || ' with different content; kept the first stored version ('
-                       || $stream || ' #' || e.stream_seq || ')',
+                       CASE WHEN b.stream = $stream
+                            THEN 'duplicate id ' || b.event_id || ' with different content; kept the first '
+                                 || 'stored version (' || $stream || ' #' || e.stream_seq || ')'
+                            ELSE 'id ' || b.event_id || ' is already used by ' || e.subject || ' ('
+                                 || $stream || ' #' || e.stream_seq || '); ids must be unique across streams; '
+                                 || 'kept the first stored version'
+                       END,
                        $now, 0, d.body, $now, $batch
                 FROM read_parquet($events) b
                 JOIN {spec.table} e ON e.event_id = b.event_id
                 LEFT JOIN read_parquet($deliveries) d ON d.stream = b.stream AND d.stream_seq = b.stream_seq
-                WHERE b.stream = $stream AND e.stream_seq <> b.stream_seq
-                  AND (e.user_id, e.type, e.occurred_at, CAST(e.data AS VARCHAR))
-                      IS DISTINCT FROM (b.user_id, b.type, b.occurred_at, b.data)
+                WHERE (b.stream <> $stream OR e.stream_seq <> b.stream_seq)
+                  AND (b.stream <> $stream
+                       OR (e.user_id, e.type, e.occurred_at, CAST(e.data AS VARCHAR))
+                          IS DISTINCT FROM (b.user_id, b.type, b.occurred_at, b.data))
                 ON CONFLICT DO NOTHING
                 """,
                 {

@@ -39,6 +39,8 @@ def open_file(path: Path, *, read_only: bool, wait_seconds: float) -> duckdb.Duc
             pause = min(pause * 2, 1.0)
     if not read_only:
         os.chmod(path, 0o600)
+    # Naive timestamps (training labels, CLI arguments) mean UTC, whatever the process's TZ is.
+    con.execute("SET TimeZone = 'UTC'")
     return con
 
 

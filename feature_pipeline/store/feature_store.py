@@ -302,6 +302,13 @@ class FeatureStore:
     def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
         return int(scalar(con, f"SELECT count(*) FROM {table}"))
 
+    def batch_state(self, batch_id: str, consistency_sample: int = 1000) -> tuple[datetime | None, StoreHealth]:
+        """When a batch was stored (None: never), and the store's checks: for a run with nothing to store."""
+        with self._connection() as con:
+            found = con.execute("SELECT committed_at FROM ingested_batches WHERE batch_id = $b", {"b": batch_id})
+            row = found.fetchone()
+            return (None if row is None else row[0]), self._health(con, consistency_sample)
+
     def user_features(self, user_id: str, *, wait_seconds: float = 30.0) -> dict[str, Any] | None:
         con = self.connect(read_only=True, wait_seconds=wait_seconds)
         try:
