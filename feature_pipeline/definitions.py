@@ -5,6 +5,7 @@ import dagster as dg
 from feature_pipeline import settings
 from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshness
 from feature_pipeline.defs.checks import runs_check_on_demand, stream_checks_on_demand
+from feature_pipeline.defs.redrive import redrive_job
 from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.defs.resources import build_resources
 from feature_pipeline.defs.retention import prune_ingest_runs, prune_ingest_runs_job
@@ -24,7 +25,7 @@ defs = dg.Definitions(
         snapshots,
     ],
     asset_checks=[stream_checks_on_demand, runs_check_on_demand],
-    jobs=[ingest_job, snapshot_job, replay_stream, prune_ingest_runs_job],
+    jobs=[ingest_job, snapshot_job, replay_stream, redrive_job, prune_ingest_runs_job],
     sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
     schedules=[refresh_feature_windows, snapshot_schedule, prune_ingest_runs],
     resources=build_resources(),

@@ -9,13 +9,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import duckdb
+
+from feature_pipeline.store.batch import EVENTS
+
 FAIL_RUN = "fail-run"
+FAIL_MARKED = "fail-marked"
+MARK = "fail-"  # FAIL_MARKED: event ids that make their batch's run fail
 SLOW_COMMIT = "slow-commit"
 NO_KEEPALIVE = "no-keepalive"
 SLOW_COMMIT_SECONDS = 10
 
 FAULTS = {
     FAIL_RUN: "every ingest run fails just before COMMIT",
+    FAIL_MARKED: f"an ingest run fails just before COMMIT when its batch holds an event whose id starts with {MARK!r} "
+    "(a message that breaks its batch, to bisect)",
     SLOW_COMMIT: f"every ingest run waits {SLOW_COMMIT_SECONDS} s inside its transaction before COMMIT "
     "(to kill or cancel it there)",
     NO_KEEPALIVE: "the sensor sends no +WPI, so ack_wait can expire under a waiting batch",
@@ -35,16 +43,21 @@ def parse(raw: str) -> frozenset[str]:
     return names
 
 
-def before_commit(faults: Iterable[str]) -> Callable[[], None] | None:
+def before_commit(faults: Iterable[str]) -> Callable[[duckdb.DuckDBPyConnection], None] | None:
     """What an ingest run does inside its transaction just before COMMIT, or None for nothing."""
     chosen = set(faults)
-    if not chosen & {FAIL_RUN, SLOW_COMMIT}:
+    if not chosen & {FAIL_RUN, FAIL_MARKED, SLOW_COMMIT}:
         return None
 
-    def hook() -> None:
+    def hook(con: duckdb.DuckDBPyConnection) -> None:
         if SLOW_COMMIT in chosen:
             time.sleep(SLOW_COMMIT_SECONDS)
         if FAIL_RUN in chosen:
             raise InjectedFault(f"FEATURE_PIPELINE_FAULTS={FAIL_RUN}: failing before COMMIT (nothing is stored)")
+        if FAIL_MARKED in chosen:
+            marked = con.execute(f"SELECT min(event_id) FROM {EVENTS} WHERE starts_with(event_id, $m)", {"m": MARK})
+            found = (marked.fetchone() or [None])[0]
+            if found:
+                raise InjectedFault(f"FEATURE_PIPELINE_FAULTS={FAIL_MARKED}: event {found} breaks this batch")
 
     return hook

@@ -381,6 +381,39 @@ def test_named_bad_inputs_in_one_batch(lifecycle: Lifecycle, tmp_path: Path) -> 
     assert caught_up(lifecycle.settings)
 
 
+def test_poison_at_the_servers_max_payload_is_dead_lettered_whole_and_its_mates_stored(
+    lifecycle: Lifecycle, tmp_path: Path
+) -> None:
+    """A non-JSON message as large as the server allows: its copy plus the dead-letter headers would be
+    refused (and the connection dropped), so the copy is cut to fit and the whole body is kept in the
+    DEADLETTER_BODIES object store; its batch-mates are stored, on their first delivery."""
+    url = lifecycle.settings.nats_url
+
+    async def publish_big() -> bytes:
+        async with await Broker.connect(url) as b:
+            await topology.ensure_streams(b)
+            body = b"\xff not json " + b"z" * (b.nc.max_payload - 300)
+            await b.js.publish("signals.task.synced", body)
+            return body
+
+    big = run(publish_big())
+    run(publish(url, [synced("evt-mate-a"), synced("evt-mate-b", "u-2")]))
+    lifecycle.drain()
+    assert sorted(stored_ids(lifecycle.settings)) == ["evt-mate-a", "evt-mate-b"]
+    assert redeliveries(lifecycle.settings) == 0, "no delivery was lost to a dropped connection"
+    ((reason, length),) = query(tmp_path / "store.duckdb", "SELECT reason, octet_length(body) FROM dead_letters")
+    assert reason.startswith("not valid JSON")
+    assert "kept whole in object store DEADLETTER_BODIES/SIGNALS.1" in reason
+    assert 0 < length < len(big)
+
+    async def whole_body() -> bytes:
+        async with await Broker.connect(url) as b:
+            store = await b.js.object_store("DEADLETTER_BODIES")
+            return bytes((await store.get("SIGNALS.1")).data or b"")
+
+    assert run(whole_body()) == big
+
+
 def test_messages_the_server_gives_up_on_are_rescued_to_the_dead_letters(
     settings: Settings, nats_server: LocalNats, tmp_path: Path
 ) -> None:

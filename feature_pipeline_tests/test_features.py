@@ -231,6 +231,16 @@ def test_naive_label_times_are_utc_and_ids_stay_text_whatever_the_process_zone(e
     assert row["signal_count_total"] == 1, "13:00 UTC sees the 12:00 event only"
 
 
+def test_numeric_user_ids_in_labels_are_read_as_text_with_a_warning(env: Env, tmp_path: Path) -> None:
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event("a", "signals.task.completed", "7", t0)], now=t0)
+    labels = tmp_path / "ints.parquet"
+    pd.DataFrame({"user_id": [7], "ts": [t0 + timedelta(hours=1)]}).to_parquet(labels)
+    with pytest.warns(UserWarning, match="user_id holds int64, not text"):
+        (row,) = training_set(labels, store=env.store).to_pylist()
+    assert row["user_id"] == "7" and row["signal_count_total"] == 1
+
+
 # -- serving ---------------------------------------------------------------------------------
 
 

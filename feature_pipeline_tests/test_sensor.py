@@ -75,6 +75,24 @@ def test_a_failed_runs_own_error_becomes_the_dead_letter_reason(settings: Settin
         assert life.tick().nacked == 1
 
 
+def test_dagster_runs_bisect_a_batch_their_messages_fail(settings: Settings) -> None:
+    """Through real runs of the ingest asset: the run of a batch with a breaking event fails with the cause
+    `messages` in its metadata, the batch is split into halves with runs of their own, and every other
+    event is stored on its first delivery."""
+    broken = changed(settings, faults="fail-marked")
+    run(publish(settings.nats_url, [synced("evt-1"), synced("evt-2", "u-2"), synced("fail-3"), synced("evt-4")]))
+    with dg.instance_for_test() as inst:
+        life = DagsterLifecycle(broken, inst)
+        (batch,) = life.tick().to_request
+        assert not life.execute(batch)
+        found = DagsterRuns(inst).run_for(batch)
+        assert found is not None and DagsterRuns(inst).failure(found).cause is Cause.MESSAGES
+        report = life.tick()
+        assert report.to_request == [f"{batch}-a", f"{batch}-b"] and report.nacked == 0
+        life.drain(timeout=60)
+    assert sorted(stored_ids(settings)) == ["evt-1", "evt-2", "evt-4"]
+
+
 def test_re_executing_a_settled_batch_run_does_nothing_and_succeeds(settings: Settings) -> None:
     """ "Re-execute" on a finished ingest run's page: its batch is gone from staging. The run says what
     became of the batch and succeeds, storing and materializing nothing (health stays ok)."""

@@ -23,7 +23,17 @@ from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.tick import TickOptions
 from feature_pipeline.settings import Settings
 from feature_pipeline.testing import consumer_states, query, run, stream_messages
-from feature_pipeline_tests.helpers import Lifecycle, caught_up, changed, lag, publish, synced, unchecked
+from feature_pipeline_tests.helpers import (
+    Lifecycle,
+    caught_up,
+    changed,
+    lag,
+    publish,
+    redeliveries,
+    stored_ids,
+    synced,
+    unchecked,
+)
 
 
 @pytest.fixture(params=["fast path, folder", "public API, folder", "fast path, nats"])
@@ -194,9 +204,30 @@ def test_orphan_batch_gets_its_run_requested_again(lifecycle: Lifecycle) -> None
     assert again == batch
 
 
+def test_a_failing_message_is_bisected_out_and_only_it_spends_deliveries(
+    either_path: Lifecycle, tmp_path: Path
+) -> None:
+    """One event breaks any batch that holds it (the fail-marked drill): its batch is split until it is
+    alone; its 7 batch-mates are stored on their first delivery, and only it is NAKed, redelivered and,
+    after NATS_MAX_DELIVER=3 deliveries, dead-lettered with the run's error."""
+    settings = changed(either_path.settings, faults="fail-marked")
+    life = Lifecycle(settings, options=either_path.options)
+    ids = [f"evt-{i}" for i in range(8)]
+    ids[5] = "fail-5"
+    run(publish(settings.nats_url, [synced(i, f"u-{n % 3}") for n, i in enumerate(ids)]))
+    life.drain(timeout=90)
+    assert sorted(stored_ids(settings)) == sorted(i for i in ids if i != "fail-5")
+    ((seq, count, reason),) = query(
+        tmp_path / "store.duckdb", "SELECT original_seq, delivery_count, reason FROM dead_letters"
+    )
+    assert (seq, count) == (6, 3) and "gave up after 3 deliveries" in reason and "event fail-5 breaks" in reason
+    assert redeliveries(settings) == 2, "only the culprit was redelivered"
+
+
 def test_batch_staged_from_several_pulls_is_settled_as_one(either_path: Lifecycle, tmp_path: Path) -> None:
-    """A batch grows over several pulls (of 2 here) into one run: a failed run NAKs every message
-    of it, from every pull; the redelivered batch's successful run acks them all, stored once."""
+    """A batch grows over several pulls (of 2 here) into one run: when that run fails because of its
+    messages, the batch is split into halves (every message of every pull in one of them, none NAKed);
+    the halves' successful runs ack them all, stored once."""
     life = Lifecycle(either_path.settings, options=TickOptions(fetch_chunk=2, fast_path=either_path.options.fast_path))
     settings = life.settings
     run(publish(settings.nats_url, [synced(f"evt-{i}", f"u-{i % 2}") for i in range(5)]))
@@ -205,13 +236,13 @@ def test_batch_staged_from_several_pulls_is_settled_as_one(either_path: Lifecycl
     assert report.fetched == {"SIGNALS": 5} and [m.size for m in report.staged] == [5]
     assert not life.execute(batch, fail=True)
     report = life.tick()
-    assert (report.nacked, report.acked, report.settled_batches) == (5, 0, 1)
-    report = life.tick_until_request()
-    (batch2,) = report.to_request
-    assert report.fetched == {"SIGNALS": 5} and batch2 != batch
-    assert life.execute(batch2)
+    assert (report.nacked, report.acked) == (0, 0) and not report.fetched
+    assert report.to_request == [f"{batch}-a", f"{batch}-b"] and [m.size for m in report.staged] == [2, 3]
+    assert report.bisected and "fail-run" in report.bisected[0]
+    assert all(life.execute(half) for half in report.to_request)
     report = life.tick()
-    assert (report.acked, report.nacked) == (5, 0)
+    assert (report.acked, report.nacked, report.settled_batches) == (5, 0, 2)
+    assert redeliveries(settings) == 0
     assert caught_up(settings)
     assert query(tmp_path / "store.duckdb", "SELECT count(*) FROM signal_events") == [(5,)]
     assert query(tmp_path / "store.duckdb", "SELECT user_id, signal_count_total FROM user_features ORDER BY 1") == [

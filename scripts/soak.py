@@ -55,7 +55,12 @@ HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "soak-results"
 SUBJECTS = sorted(DATA_MODELS)
 STREAM_OF = {"signals": "SIGNALS", "feedback": "FEEDBACK"}
-EXTRA_ENV = {"NATS_MAX_DELIVER": "10", "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "20"}
+# NATS_MAX_DELIVER=3: a store outage of STORE_OUTAGE_SECONDS outlasts three failed runs of a batch, which
+# would have dead-lettered it had runs failing outside their messages spent deliveries.
+EXTRA_ENV = {"NATS_MAX_DELIVER": "3", "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "20"}
+STORE_OUTAGE_SECONDS = 60  # the store's folder replaced by a file
+STAGING_FULL_SECONDS = 45  # the staging disk (a tmpfs the soak mounts) left with 4 MiB free
+STAGING_DISK_MIB = 1024
 
 # The mix, by weight: valid events (now), late valid events, exact duplicates of a confirmed event, poison.
 MIX = (("valid", 75), ("late", 10), ("dup", 10), ("poison", 5))
@@ -407,7 +412,7 @@ def kill_group(pgid: int) -> None:
 
 
 class FaultInjector(threading.Thread):
-    KINDS = ("nats", "run-worker", "daemon")
+    KINDS = ("nats", "run-worker", "daemon", "store-outage", "staging-full")
 
     def __init__(
         self, p: Pipeline, every: float, rng: random.Random, daemon_groups: list[int], kinds: list[str]
@@ -510,6 +515,37 @@ class FaultInjector(threading.Thread):
         except Exception as exc:
             return f"? ({type(exc).__name__})"
         return [f"{r.run_id}:{r.status.value}:{r.tags.get('feature_pipeline/batch_id')}" for r in runs]
+
+    def _store_outage(self) -> None:
+        """The DuckDB folder replaced by a file for longer than NATS_MAX_DELIVER failed runs take: every run
+        fails outside its messages, so nothing may be NAKed or dead-lettered. Started between runs (a rename
+        under an open transaction would be a different fault: a disk pulled mid-write)."""
+        folder = self.p.db.parent
+        deadline = time.monotonic() + WORKER_WAIT_SECONDS
+        while self._runs_in_progress() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        away = folder.with_name(folder.name + ".away")
+        folder.rename(away)
+        folder.write_text("the store is away (soak fault)")
+        self.counts["store outage"] += 1
+        self._record("store outage", folder=str(folder), seconds=STORE_OUTAGE_SECONDS)
+        time.sleep(STORE_OUTAGE_SECONDS)
+        folder.unlink()
+        away.rename(folder)
+        log("store back")
+
+    def _staging_full(self) -> None:
+        """The staging disk left with 4 MiB free: the sensor must stop fetching, not burn deliveries."""
+        disk = self.p.staging.parent
+        filler = disk / "filler"
+        with open(filler, "wb") as fh:
+            while (free := shutil.disk_usage(disk).free) > 4 * 1024 * 1024:
+                fh.write(b"\0" * min(free - 4 * 1024 * 1024, 1 << 24))
+        self.counts["staging disk full"] += 1
+        self._record("staging disk full", disk=str(disk), seconds=STAGING_FULL_SECONDS)
+        time.sleep(STAGING_FULL_SECONDS)
+        filler.unlink()
+        log("staging disk has room again")
 
     def _daemon(self) -> None:
         assert self.p.daemon is not None
@@ -706,6 +742,8 @@ def reconcile(
     failures = []
     if lost:
         failures.append(f"{len(lost)} valid event(s) lost")
+    if valid_dead:
+        failures.append(f"{valid_dead} valid event(s) dead-lettered")
     if double_counted:
         failures.append(f"{double_counted} double counted")
     if bad_users or missing_rows:
@@ -821,6 +859,20 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _mount_staging_disk(where: Path) -> Path | None:
+    """A small real filesystem for the staging folder (tmpfs; needs root), so the disk can be filled."""
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={STAGING_DISK_MIB}m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        log(f"no staging-full faults: cannot mount a tmpfs here ({done.stderr.strip()}); run as root for them")
+        return None
+    return where
+
+
 def main(argv: list[str] | None = None) -> int:
     global _LOG_FILE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -834,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--faults",
         default=",".join(FaultInjector.KINDS),
-        help="fault kinds to pick from, comma separated (default: nats,run-worker,daemon)",
+        help="fault kinds to pick from, comma separated (default: all of " + ",".join(FaultInjector.KINDS) + ")",
     )
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.rate <= 0 or args.fault_every <= 0:
@@ -848,7 +900,16 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="fp-soak-"))
     _LOG_FILE = root / "soak.log"
-    p = Pipeline(root, dict(EXTRA_ENV))
+    env = dict(EXTRA_ENV)
+    env["FEATURE_STORE_PATH"] = str(root / "store" / "store.duckdb")  # a folder of its own, for store-outage
+    if "staging-full" in kinds:
+        disk = _mount_staging_disk(root / "staging-disk")
+        if disk is None:
+            kinds.remove("staging-full")
+        else:
+            env["FEATURE_PIPELINE_STAGING_DIR"] = str(disk / "staging")
+    p = Pipeline(root, env)
+    p.db, p.staging = Path(env["FEATURE_STORE_PATH"]), Path(env.get("FEATURE_PIPELINE_STAGING_DIR", p.staging))
     daemon_groups: list[int] = []
     ledger = Ledger()
     faults = FaultInjector(p, args.fault_every, random.Random(rng.randrange(2**31)), daemon_groups, kinds)
@@ -870,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
             kill_group(pgid)
         with contextlib.suppress(Exception):
             p.nats.kill()
+        subprocess.run(["umount", "-l", str(root / "staging-disk")], capture_output=True, check=False)
 
     budget = seconds + FINAL_PUBLISH_SECONDS + args.drain_timeout + 600
 

@@ -60,6 +60,14 @@ async def _quiet(_exc: Exception) -> None:
     return None
 
 
+# What the server counts against max_payload besides the body: "NATS/1.0\r\n", "key: value\r\n" each, "\r\n".
+def headers_size(headers: dict[str, str]) -> int:
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+BODY_OBJECT_HEADER_ROOM = 512  # margin for the headers a cut copy gains, and for the protocol line
+
+
 def header_safe(text: str, limit: int = 1000) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -316,8 +324,24 @@ class Broker:
                 streams.H_STORED: str(d.stored_ns),
             }
         )
+        body = d.data
+        if len(body) + headers_size(headers) + BODY_OBJECT_HEADER_ROOM > self.nc.max_payload:
+            body = await self._keep_whole_body(d, headers)
         subject = streams.dead_letter_subject(d.subject)
-        return await self.js.publish_async(subject, d.data, headers=headers, stream=streams.DEADLETTER.name)
+        return await self.js.publish_async(subject, body, headers=headers, stream=streams.DEADLETTER.name)
+
+    async def _keep_whole_body(self, d: Delivery, headers: dict[str, str]) -> bytes:
+        """A body that would not fit the copy with its headers (the server would refuse it and drop the
+        connection): kept whole in the DEADLETTER_BODIES object store, and the copy gets what fits."""
+        name = f"{d.stream}.{d.stream_seq}"
+        store = await self.js.object_store(streams.DEADLETTER_BODIES)
+        await store.put(name, d.data)
+        where = f"{streams.DEADLETTER_BODIES}/{name}"
+        note = f" (the body, {len(d.data)} bytes, did not fit the copy: kept whole in object store {where}; cut here)"
+        headers[streams.H_REASON] = header_safe(headers[streams.H_REASON], 1000 - len(note)) + note
+        headers[streams.H_BODY_OBJECT] = where
+        room = self.nc.max_payload - headers_size(headers) - BODY_OBJECT_HEADER_ROOM
+        return d.data[: max(room, 0)]
 
     # -- observing --------------------------------------------------------------------------
 

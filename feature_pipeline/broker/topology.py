@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ObjectStoreConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from feature_pipeline import streams
@@ -36,6 +36,21 @@ async def ensure_streams(broker: Broker, replicas: int = 1) -> None:
                 await broker.js.add_stream(config)
             except BadRequestError as exc:
                 raise TopologyError(f"cannot create stream {spec.name} for {spec.subject}: {exc}") from None
+    await _ensure_dead_letter_bodies(broker, replicas)
+
+
+async def _ensure_dead_letter_bodies(broker: Broker, replicas: int) -> None:
+    """The object store for dead letters whose body does not fit the DEADLETTER copy (kept like the stream)."""
+    try:
+        await broker.js.object_store(streams.DEADLETTER_BODIES)
+    except NotFoundError:
+        config = ObjectStoreConfig(
+            bucket=streams.DEADLETTER_BODIES,
+            description="Whole bodies of dead letters too large for their copy on DEADLETTER",
+            storage=StorageType.FILE,
+            replicas=replicas,
+        )
+        await broker.js.create_object_store(streams.DEADLETTER_BODIES, config=config)
 
 
 async def ensure_consumers(

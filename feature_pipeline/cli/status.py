@@ -106,12 +106,16 @@ def _dagster_state(cfg: settings.Settings) -> dict[str, Any] | None:
 
 
 def _last_run(instance: Any) -> dict[str, Any]:
+    """The sensor's last run for a staged batch: not a re-execution from the UI, not a window refresh."""
     import dagster as dg
 
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name="ingest"), limit=1)
-    if not records:
+    from feature_pipeline.defs.runs import BATCH_TAG
+
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name="ingest"), limit=50)
+    ours = [r for r in records if BATCH_TAG in r.dagster_run.tags and "dagster/parent_run_id" not in r.dagster_run.tags]
+    if not ours:
         return {"status": "none yet"}
-    run = records[0]
+    run = ours[0]
     return {
         "run_id": run.dagster_run.run_id,
         "status": run.dagster_run.status.value,

@@ -32,6 +32,7 @@ class TickReport:
     # Batches whose last run failed outside their messages: staged, kept alive, retried with backoff;
     # no new batch is fetched while there is one (it would only wait behind the same outage).
     retrying: list[str] = field(default_factory=list)
+    bisected: list[str] = field(default_factory=list)  # batches split after a run their messages failed
 
     def lap(self, phase: str, since: float) -> float:
         now = time.monotonic()
@@ -71,6 +72,7 @@ class TickReport:
                 f"settled {self.settled_batches} batch(es): acked {self.acked}, NAKed {self.nacked}, "
                 f"dead-lettered {self.dead_lettered}"
             )
+        parts += self.bisected
         if self.kept_alive:
             parts.append(f"kept {self.kept_alive} in-flight messages alive")
         return parts

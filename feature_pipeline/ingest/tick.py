@@ -23,6 +23,7 @@ from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyError
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.stats import collect
+from feature_pipeline.ingest import bisect
 from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.fetch import Fetcher
@@ -169,8 +170,24 @@ class _Tick:
             if run is not None and failure is not None:
                 self._retry_later(manifest.batch_id, run, failure)
             return False
+        if failure and manifest.size > 1:
+            await self._bisect(broker, manifest, failure)
+            return True
         await self._settle(broker, manifest, outcome, failure.text if failure else "")
         return True
+
+    async def _bisect(self, broker: Broker, manifest: Manifest, failure: RunFailure) -> None:
+        """Stage the batch again as two halves with a run each, instead of spending every message's delivery."""
+        now = time.time()
+        for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
+            self.report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)  # the halves' clock
+        halves = bisect.split(self.staging, manifest, self.options.assemble, self.options.fetch_chunk)
+        for half in halves:
+            self.staging.mark_kept_alive(half.batch_id, now)
+        self.report.staged += halves
+        names = " and ".join(h.batch_id for h in halves)
+        self.report.bisected.append(f"split batch {manifest.batch_id} ({manifest.size} messages) into {names}")
+        self.report.bisected[-1] += f" after {failure.text}"
 
     def _retry_later(self, batch_id: str, run: BatchRun, failure: RunFailure) -> None:
         """Request the batch's next run once its backoff has passed (doubling from NAK_DELAY, at most 5 min)."""

@@ -13,6 +13,7 @@ lock timeout), it does not fail.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -57,6 +58,18 @@ def read_labels(labels: Labels) -> pa.Table:
     raise LabelsError(f"labels {path}: expected a .parquet or .csv file")
 
 
+def _ids_as_text(table: pa.Table) -> pa.Table:
+    """User ids are text; numeric ones (a Parquet file or DataFrame of integers) are converted, with a warning."""
+    if "user_id" not in table.column_names:
+        return table
+    kind = table.schema.field("user_id").type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return table
+    warnings.warn(f"labels column user_id holds {kind}, not text: read as text (007 would be 7)", stacklevel=3)
+    i = table.column_names.index("user_id")
+    return table.set_column(i, "user_id", pc.cast(table.column("user_id"), pa.string()))
+
+
 def _check(table: pa.Table, registry: Registry) -> None:
     names = table.column_names
     missing = [c for c in ("user_id", "ts") if c not in names]
@@ -86,7 +99,7 @@ def training_set(
     `store`: a FeatureStore, or the path of a DuckDB file read with the configured feature registry;
     by default the store the configuration names (FEATURE_STORE_PATH, FEATURE_PIPELINE_FEATURES_FILE)."""
     store = _store(store)
-    table = read_labels(labels)
+    table = _ids_as_text(read_labels(labels))
     _check(table, store.registry)
     table = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
     con = store.connect(read_only=True, wait_seconds=wait_seconds)

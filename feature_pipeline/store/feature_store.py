@@ -172,7 +172,7 @@ class FeatureStore:
         *,
         consistency_sample: int = 1000,
         now: datetime | None = None,
-        before_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
     ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
 
@@ -186,7 +186,7 @@ class FeatureStore:
                 refresh = self._refresh(con, now, batch.TOUCHED)
                 late = batch.lateness(con, now, self.allowed_lateness)
                 if before_commit is not None:
-                    before_commit()
+                    before_commit(con)
             refresh = self._publish(con, refresh)
             p50, p95, worst = batch.latency(con, datetime.now(UTC))
             return BatchResult(

@@ -54,6 +54,17 @@ CREATE TABLE IF NOT EXISTS ingested_batches (
     users_touched BIGINT NOT NULL
 )
 """
+REDRIVES_DDL = """
+CREATE TABLE IF NOT EXISTS redrives (
+    original_stream VARCHAR NOT NULL,
+    original_seq BIGINT NOT NULL,
+    original_subject VARCHAR NOT NULL,
+    dead_letter_reason VARCHAR NOT NULL,
+    redriven_at TIMESTAMPTZ NOT NULL,
+    new_seq BIGINT NOT NULL,
+    PRIMARY KEY (original_stream, original_seq)
+)
+"""
 USER_FEATURES_FIXED = frozenset({"user_id", "updated_at"})
 SNAPSHOTS_FIXED = frozenset({"snapshot_date", "user_id", "as_of"})
 
@@ -65,7 +76,8 @@ def raw_ddl(table: str) -> str:
 def ddl(registry: Registry) -> list[str]:
     """Every table, created when missing (feature columns are kept in step by `sync_columns`)."""
     raw = [raw_ddl(s.table) for s in streams.EVENT_STREAMS]
-    return [*raw, STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, user_features_ddl(registry), snapshots_ddl(registry)]
+    tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, REDRIVES_DDL]
+    return [*raw, *tables, user_features_ddl(registry), snapshots_ddl(registry)]
 
 
 def user_features_ddl(registry: Registry) -> str:

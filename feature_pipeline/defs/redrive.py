@@ -1,0 +1,57 @@
+"""The redrive job: dead letters' originals published again (see feature_pipeline.ingest.redrive).
+
+Launch it from the UI (Jobs > redrive_dead_letters > Launchpad) with config like
+`ops: {redrive: {config: {reason: "fail-marked", dry_run: false}}}`. dry_run is true unless set, so
+launching it with the defaults only lists what would be redriven. It holds the `duckdb` pool, as it
+records what it redrove in the store.
+"""
+
+from datetime import datetime
+
+import dagster as dg
+
+from feature_pipeline.defs.assets import DUCKDB_POOL
+from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.ingest.redrive import RedriveFilter, parse_time, redrive
+
+LISTED = 50  # dead letters named one by one in the run log
+
+
+class RedriveConfig(dg.Config):
+    """Filters (all optional): a part of the reason, a NATS subject pattern, dead-lettered from `since`
+    and before `until` (RFC 3339), at most `limit` (0: all). dry_run lists without publishing."""
+
+    reason: str = ""
+    subject: str = ""
+    since: str | None = None
+    until: str | None = None
+    limit: int = 0
+    dry_run: bool = True
+
+
+def _time(name: str, raw: str | None) -> datetime | None:
+    try:
+        return parse_time(raw) if raw else None
+    except ValueError:
+        example = "2026-11-27T00:00:00Z"
+        raise dg.Failure(f"redrive config: {name} must be an RFC 3339 time like {example}, got {raw!r}") from None
+
+
+@dg.op(pool=DUCKDB_POOL, description="Publish the matching dead letters' originals again and record them.")
+def redrive_op(context: dg.OpExecutionContext, config: RedriveConfig, pipeline: PipelineResource) -> None:
+    f = RedriveFilter(
+        config.reason, config.subject, _time("since", config.since), _time("until", config.until), config.limit
+    )
+    report = redrive(pipeline.settings, f, dry_run=config.dry_run)
+    for r in report.matched[:LISTED]:
+        context.log.info(f"{r['original_stream']} #{r['original_seq']} {r['original_subject']}: {r['reason']}")
+    context.log.info(report.summary(config.dry_run))
+
+
+@dg.job(
+    name="redrive_dead_letters",
+    executor_def=dg.in_process_executor,
+    description="Publish dead letters' originals again (filters and dry_run in the config; dry_run by default).",
+)
+def redrive_job() -> None:
+    redrive_op.alias("redrive")()
