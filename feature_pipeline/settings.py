@@ -272,7 +272,8 @@ class Settings:
     nak_delay_seconds: int = _var(
         "FEATURE_PIPELINE_NAK_DELAY_SECONDS",
         "2",
-        "Redelivery delay after a failed run; doubles with each delivery, capped at 300 s (0-300).",
+        "First delay after a failed run: before a message its run failed is redelivered (NAK), and before a "
+        "batch whose run failed outside its messages is run again; doubles each time, capped at 300 s (0-300).",
         _int_between(0, 300),
     )
     run_timeout_seconds: int = _var(

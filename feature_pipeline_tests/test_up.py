@@ -88,6 +88,7 @@ def test_up_warm_stores_every_event_once_when_the_worker_pool_is_killed_mid_run(
         up.wait(90)
         assert not _alive(worker_pid), "stopping `up` stops its worker"
         assert not (REPO / "control").exists(), "Celery's folders stay under DAGSTER_HOME, not the working directory"
+        assert "SupersessionWarning" not in log.read_text(), "up runs `dg dev`, not the superseded `dagster dev`"
     except BaseException:
         print(log.read_text(errors="replace")[-6000:])
         raise

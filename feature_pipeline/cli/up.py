@@ -37,16 +37,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not (project / "workspace.yaml").is_file() or not (project / "dagster.yaml").is_file():
         return fail("run `feature-pipeline up` from the project folder (the one with workspace.yaml and dagster.yaml)")
     cfg = load_settings()
-    env = dict(os.environ)
-    try:
-        local = _nats(cfg, project, env)
-    except RuntimeError as exc:
-        return fail(str(exc))
     home = dagster_home()
     prepare_dagster_home(home, project)
     problem = _instance_config(home, project, args.warm)
     if problem:
         return fail(problem)
+    _create_storage(home)
+    env = dict(os.environ)
+    try:
+        local = _nats(cfg, project, env)
+    except RuntimeError as exc:
+        return fail(str(exc))
     env["DAGSTER_HOME"] = str(home)
     # Absolute paths, so the code server and run workers agree whatever their working directory.
     env["FEATURE_STORE_PATH"] = cfg.feature_store_path
@@ -81,6 +82,15 @@ def _instance_config(home: Path, project: Path, warm: bool) -> str | None:
     return None
 
 
+def _create_storage(home: Path) -> None:
+    """Create (or migrate) the instance's storage before the webserver and daemon start. Both would do it at
+    once, and two SQLite schema migrations racing can leave `alembic_version` with two heads."""
+    import dagster as dg  # slow import: only here
+
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
+
+
 def _start_worker(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     env.update(local_worker.celery_env(home))
     local_worker.prepare(home)
@@ -108,7 +118,8 @@ def _nats(cfg: Settings, project: Path, env: dict[str, str]) -> LocalNats | None
 
 
 def _run_dagster(project: Path, home: Path, env: dict[str, str], host: str, port: int) -> int:
-    cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(project / "workspace.yaml")]
+    # `dg dev` (what `dagster dev` now defers to) on this workspace file, whatever folder the checkout is in.
+    cmd = [str(Path(sys.executable).parent / "dg"), "dev", "-w", str(project / "workspace.yaml")]
     cmd += ["-h", host, "-p", str(port)]
     # Run from DAGSTER_HOME so dagster does not warn about the project's own dagster.yaml; in its own
     # process group so that Ctrl-C or a SIGTERM to this command stops the whole tree, NATS last.
