@@ -110,6 +110,22 @@ def test_re_executing_a_settled_batch_run_does_nothing_and_succeeds(settings: Se
     assert stored_ids(settings) == ["evt-once"]
 
 
+def test_health_judges_the_sensors_batch_runs_not_re_executions_or_refreshes() -> None:
+    """`health`'s last ingest run is the sensor's latest run for a staged batch: a failed re-execution from the
+    UI or a failed window refresh after it does not make ingest look broken."""
+    from feature_pipeline.cli.status import _last_run
+    from feature_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("ingest")
+    with dg.instance_for_test() as inst:
+        ours = inst.create_run_for_job(job, tags=batch_tags("b-1", 60))
+        rerun = inst.create_run_for_job(job, tags={**batch_tags("b-0", 60), "dagster/parent_run_id": "x"})
+        refresh = inst.create_run_for_job(job, tags={REFRESH_TAG: "windows"})
+        for other in (rerun, refresh):
+            inst.report_run_canceled(other, "not ingest's concern")
+        assert _last_run(inst)["run_id"] == ours.run_id
+
+
 def test_canceled_run_is_retried_without_spending_a_delivery(settings: Settings) -> None:
     """A run canceled from the UI ends CANCELED: nothing of its batch is acked or NAKed; the batch stays
     staged and a new run (attempt 1) stores it."""

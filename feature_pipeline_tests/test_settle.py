@@ -198,7 +198,11 @@ def test_a_run_that_has_not_started_its_code_holds_new_batches_back(status: str 
         (duckdb.ConstraintException("constraint"), Cause.MESSAGES),
         (duckdb.InvalidInputException("bad input"), Cause.MESSAGES),
         (InjectedFault("fail-run"), Cause.MESSAGES),
-        (ValueError("unexpected value"), Cause.MESSAGES),
+        (duckdb.OutOfRangeException("out of range"), Cause.MESSAGES),
+        (duckdb.BinderException("a feature refers to a column that is not there"), Cause.INFRASTRUCTURE),
+        (duckdb.CatalogException("no such table"), Cause.INFRASTRUCTURE),
+        (ValueError("a bug"), Cause.INFRASTRUCTURE),
+        (KeyError("a bug"), Cause.INFRASTRUCTURE),
     ],
 )
 def test_only_errors_the_messages_cause_spend_deliveries(error: BaseException, cause: Cause) -> None:

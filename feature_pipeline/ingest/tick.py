@@ -169,6 +169,8 @@ class _Tick:
             await self._keep_alive(broker, manifest)
             if run is not None and failure is not None:
                 self._retry_later(manifest.batch_id, run, failure)
+            elif run is not None and run.attempt:  # a retry under way: no new batch until it has succeeded
+                self.report.retrying.append(f"batch {manifest.batch_id}: retry {run.attempt} is {run.status}")
             return False
         if failure and manifest.size > 1:
             await self._bisect(broker, manifest, failure)
