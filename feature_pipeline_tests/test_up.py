@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -70,6 +71,7 @@ def test_up_warm_stores_every_event_once_when_the_worker_pool_is_killed_mid_run(
     p = Pipeline(tmp_path / "p", {"FEATURE_PIPELINE_FAULTS": "slow-commit"}, nats=nats_server)
     log = tmp_path / "up.log"
     cmd = [str(BIN / "feature-pipeline"), "up", "--warm", "--port", str(free_port())]
+    port = cmd[-1]
     with open(log, "ab") as out:
         up = subprocess.Popen(cmd, cwd=REPO, env=p.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     worker_pid = 0
@@ -94,9 +96,24 @@ def test_up_warm_stores_every_event_once_when_the_worker_pool_is_killed_mid_run(
         raise
     finally:
         kill_group(up)
+        _kill_dg_dev(port)  # `up` runs it in a session of its own, which a SIGKILL of `up` does not reach
         if worker_pid and _alive(worker_pid):
             os.killpg(worker_pid, signal.SIGKILL)
         p.close()
+
+
+def _kill_dg_dev(port: str) -> None:
+    """SIGKILL the process group of the `dg dev` serving this port, if `up` left it behind."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) > 2 and args[1].endswith(b"/dg") and b"dev" in args and port.encode() in args:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(entry.name), signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
