@@ -83,7 +83,7 @@ async def _stream_leader(url: str, stream: str) -> str:
         return str(info.cluster.leader if info.cluster else "")
 
 
-async def _create_streams(url: str, replicas: int) -> None:
+async def create_streams(url: str, replicas: int) -> None:
     async with await Broker.connect(url) as broker:
         await topology.ensure_streams(broker, replicas)
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _scenario(a: argparse.Namespace, cluster: LocalCluster, p: Pipeline) -> int:
-    wait_for(lambda: _try(lambda: asyncio.run(_create_streams(cluster.url, 3))), 60, "the cluster to elect leaders")
+    wait_for(lambda: succeeds(lambda: asyncio.run(create_streams(cluster.url, 3))), 60, "the cluster to elect leaders")
     backlog = Producer(cluster.url, a.backlog, None, seed=1)
     backlog.run()
     log(f"backlog of {len(backlog.confirmed)} events published; starting the pipeline")
@@ -143,7 +143,8 @@ def _report(p: Pipeline, confirmed: list[str]) -> int:
     return 0 if all(checks.values()) else 1
 
 
-def _try(fn: Any) -> bool:
+def succeeds(fn: Any) -> bool:
+    """Whether fn() returns without raising (for wait_for on a cluster still electing leaders)."""
     try:
         fn()
         return True

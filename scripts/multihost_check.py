@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,12 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
-from cluster_check import Producer, log
+from cluster_check import Producer, create_streams, log, succeeds
 
-from feature_pipeline.broker import topology
-from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster
-from feature_pipeline.testing import BIN, REPO, consumer_states, query, wait_for
+from feature_pipeline.testing import BIN, REPO, consumer_states, kill_group, query, wait_for
 
 BRIDGE, NET = "fpbr0", "10.77.0"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -168,17 +164,6 @@ def stored(db: Path) -> list[str]:
     return [r[0] for r in query(db, sql)]
 
 
-async def create_streams(url: str) -> None:
-    async with await Broker.connect(url) as broker:
-        await topology.ensure_streams(broker, 3)
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _args(argv)
     if os.geteuid() != 0 or not shutil.which("ip"):
@@ -219,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 def _scenario(a: argparse.Namespace, cluster: LocalCluster, hosts: list[Host]) -> int:
     a_host, b_host, c_host = hosts
     env_a, env_b = pipeline_env(a_host, cluster, c_host), pipeline_env(b_host, cluster, c_host)
-    wait_for(lambda: _ok(lambda: asyncio.run(create_streams(cluster.url))), 60, "the cluster to elect leaders")
+    wait_for(lambda: succeeds(lambda: asyncio.run(create_streams(cluster.url, 3))), 60, "the cluster to elect leaders")
     backlog = Producer(cluster.url, a.backlog, None, seed=1)
     backlog.run()
     log(f"backlog of {len(backlog.confirmed)} events; starting the daemon on A and the worker on B")
@@ -272,14 +257,6 @@ def _report(db: Path, confirmed: set[str], a_host: Host, b_host: Host, env_a: di
     if health.returncode:
         print(health.stdout + health.stderr)
     return 0 if all(checks.values()) else 1
-
-
-def _ok(fn: object) -> bool:
-    try:
-        fn()  # type: ignore[operator]
-        return True
-    except Exception:
-        return False
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:

@@ -188,8 +188,8 @@ class _Tick:
             self.staging.mark_kept_alive(half.batch_id, now)
         self.report.staged += halves
         names = " and ".join(h.batch_id for h in halves)
-        self.report.bisected.append(f"split batch {manifest.batch_id} ({manifest.size} messages) into {names}")
-        self.report.bisected[-1] += f" after {failure.text}"
+        split = f"split batch {manifest.batch_id} ({manifest.size} messages) into {names}"
+        self.report.bisected.append(f"{split} after {failure.text}")
 
     def _retry_later(self, batch_id: str, run: BatchRun, failure: RunFailure) -> None:
         """Request the batch's next run once its backoff has passed (doubling from NAK_DELAY, at most 5 min)."""
