@@ -1,7 +1,7 @@
 """Point-in-time training join: N label rows against M stored events, timed end to end.
 
 Issue 5's target: 1 M labels against 10 M events in under 30 s on 2 cores. The raw tables are
-filled with DuckDB SQL (as in growth.py: 30 days of events over U users); labels are random
+filled with DuckDB SQL (growth.py's history: 1 M events per 30 days over U users); labels are random
 (user, ts) pairs over the same 30 days with a label column, written to Parquet; then
 `feature_pipeline.training_set(labels.parquet)` reads them, computes every registry feature at
 each ts and returns an Arrow table, which is written to Parquet. Run:
@@ -22,7 +22,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from growth import _FEEDBACK_SQL, _SIGNALS_SQL
+from growth import fill_history
 
 from feature_pipeline import training_set
 from feature_pipeline.read.training import write_table
@@ -47,9 +47,7 @@ def main() -> int:
         now = datetime.now(UTC)
         t0 = time.perf_counter()
         con = store.connect()
-        n_sig = args.events * 6 // 10
-        con.execute(_SIGNALS_SQL, {"now": now, "users": args.users, "n": n_sig})
-        con.execute(_FEEDBACK_SQL, {"now": now, "users": args.users, "n": args.events - n_sig})
+        fill_history(con, args.events, args.users, now)
         labels = root / "labels.parquet"
         con.execute(
             f"COPY (SELECT 'u-' || ((i * 7) % $users) AS user_id, "

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from feature_pipeline import settings
+from feature_pipeline.defs.archive import archive_job, archive_schedule
 from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshness
 from feature_pipeline.defs.checks import runs_check_on_demand, stream_checks_on_demand
 from feature_pipeline.defs.redrive import redrive_job
@@ -25,9 +26,9 @@ defs = dg.Definitions(
         snapshots,
     ],
     asset_checks=[stream_checks_on_demand, runs_check_on_demand],
-    jobs=[ingest_job, snapshot_job, replay_stream, redrive_job, prune_ingest_runs_job],
+    jobs=[ingest_job, snapshot_job, replay_stream, redrive_job, prune_ingest_runs_job, archive_job],
     sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
-    schedules=[refresh_feature_windows, snapshot_schedule, prune_ingest_runs],
+    schedules=[refresh_feature_windows, snapshot_schedule, prune_ingest_runs, archive_schedule],
     resources=build_resources(),
     # Backfills and UI launches too: one process per run (the multiprocess executor adds seconds per run).
     executor=dg.in_process_executor,

@@ -18,6 +18,7 @@ FAIL_MARKED = "fail-marked"
 MARK = "fail-"  # FAIL_MARKED: event ids that make their batch's run fail
 SLOW_COMMIT = "slow-commit"
 NO_KEEPALIVE = "no-keepalive"
+ARCHIVE_KILL = "archive-kill"
 SLOW_COMMIT_SECONDS = 10
 
 FAULTS = {
@@ -27,6 +28,7 @@ FAULTS = {
     SLOW_COMMIT: f"every ingest run waits {SLOW_COMMIT_SECONDS} s inside its transaction before COMMIT "
     "(to kill or cancel it there)",
     NO_KEEPALIVE: "the sensor sends no +WPI, so ack_wait can expire under a waiting batch",
+    ARCHIVE_KILL: "`feature-pipeline archive` kills itself (SIGKILL) once its first Parquet file is on disk",
 }
 
 

@@ -222,6 +222,20 @@ class Settings:
         "`feature_pipeline.get_features` reads it.",
         _path,
     )
+    archive_path: str = _var(
+        "FEATURE_PIPELINE_ARCHIVE_PATH",
+        "./data/archive",
+        "Where `feature-pipeline archive` (and the schedule archive_raw_events) writes raw events older than "
+        "FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS, as Parquet partitioned by day; the store keeps reading them there.",
+        _path,
+    )
+    archive_after_days: int = _var(
+        "FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS",
+        "90",
+        "Raw events that occurred more than this many days ago may be archived; must exceed the longest feature "
+        "window (1-36500).",
+        _int_between(1, 36_500),
+    )
     allowed_lateness_seconds: int = _var(
         "FEATURE_PIPELINE_ALLOWED_LATENESS_SECONDS",
         "3600",
@@ -360,8 +374,15 @@ class Settings:
     consistency_sample: int = _var(
         "FEATURE_PIPELINE_CONSISTENCY_SAMPLE",
         "1000",
-        "Rows of user_features the matches_recomputation check compares with a recomputation on every ingest run.",
+        "Rows of user_features the matches_recomputation check compares with a recomputation from the whole history.",
         _int_between(1, 10**7),
+    )
+    consistency_every_seconds: int = _var(
+        "FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS",
+        "300",
+        "How often an ingest run makes that comparison (it reads every stored event, so its cost grows with the "
+        "history); runs in between report the last one and when it was made. 0: every run.",
+        _int_between(0, 10**7),
     )
     faults: str = _var(
         "FEATURE_PIPELINE_FAULTS",

@@ -66,6 +66,8 @@ def settings_for(root: Path, url: str, **overrides: Any) -> Settings:
         "lag_error": 1000,
         "dead_letters_hour_warn": 1,
         "dead_letters_hour_error": 10,
+        "consistency_every_seconds": 0,  # every run compares: tests corrupt rows and expect the next run to see it
+        "archive_path": root / "archive",
         **overrides,
     }
     return from_raw({k: str(v) for k, v in raw.items()})

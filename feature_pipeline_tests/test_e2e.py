@@ -66,6 +66,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
         {
             "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1",
             "FEATURE_PIPELINE_SNAPSHOT_START": (today - timedelta(days=30)).isoformat(),
+            "FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS": "0",  # the next run compares, so it sees the damage
         },
         webserver=True,
     )

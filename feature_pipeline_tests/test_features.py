@@ -110,6 +110,14 @@ def test_late_events_are_stored_and_counted_as_late(env: Env) -> None:
 
 # -- every path equals every other -------------------------------------------------------------
 
+# Each example builds a store on disk: few examples, no deadline, no example database.
+PROPERTY = settings(
+    max_examples=20,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
 EVENT = st.tuples(
     st.sampled_from(["u-1", "u-2", "u-3", "u-4"]),
     st.sampled_from(SUBJECTS),
@@ -118,12 +126,7 @@ EVENT = st.tuples(
 )
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@PROPERTY
 @given(events=st.lists(EVENT, min_size=1, max_size=14), draw=st.data())
 def test_incremental_equals_rebuild_equals_snapshot_equals_point_in_time(
     events: list[tuple[str, str, int, int]], draw: st.DataObject
@@ -153,6 +156,111 @@ def test_incremental_equals_rebuild_equals_snapshot_equals_point_in_time(
         labels = pa.table({"user_id": sorted(kept), "ts": [END] * len(kept)})
         pit = training_set(labels, store=env.store).to_pylist()
         assert {r["user_id"]: features_only(r, env) for r in pit} == kept
+
+
+def _entry(name: str, source: str, aggregation: str, **more: str) -> str:
+    lines = [f'name = "{name}"', f'source = "{source}"', f'aggregation = "{aggregation}"']
+    lines += [f"{k} = {v}" if k == "event_types" else f'{k} = "{v}"' for k, v in more.items()]
+    return "[[feature]]\n" + "\n".join(lines) + "\n"
+
+
+# Every aggregation, all-time (kept as partials) and windowed (read from the window), on both sources.
+EVERY_AGGREGATION = [
+    _entry("s_count", "signals", "count"),
+    _entry("s_todoist", "signals", "count", where="e.data->>'provider' = 'todoist'"),
+    _entry("s_total_sum", "signals", "sum", field="data.tasks_total", type="BIGINT", event_types='["task.synced"]'),
+    _entry("s_total_mean", "signals", "mean", field="data.tasks_total", type="BIGINT"),
+    _entry("s_completed_min", "signals", "min", field="data.tasks_completed", type="BIGINT"),
+    _entry("s_first_at", "signals", "min", field="occurred_at"),
+    _entry("s_latest_total", "signals", "last", field="data.tasks_total", type="BIGINT"),
+    _entry("s_latest_task", "signals", "last", field="data.task_id", type="VARCHAR"),
+    _entry("s_tasks_distinct", "signals", "count_distinct", field="data.task_id"),
+    _entry("s_total_sum_24h", "signals", "sum", field="data.tasks_total", type="BIGINT", window="24h"),
+    _entry("s_completed_max_3d", "signals", "max", field="data.tasks_completed", type="BIGINT", window="3d"),
+    _entry("f_shown", "feedback", "count", event_types='["recommendation.shown"]'),
+    _entry("f_items_distinct", "feedback", "count_distinct", field="data.item_id"),
+    _entry("f_items_distinct_2d", "feedback", "count_distinct", field="data.item_id", window="2d"),
+    _entry("f_last_item", "feedback", "last", field="data.item_id", type="VARCHAR"),
+    '[[feature]]\nname = "shown_per_signal"\naggregation = "ratio"\nnumerator = "f_shown"\ndenominator = "s_count"\n',
+]
+# A registry change between two batches, and the sources whose all-time partials it must rebuild.
+REGISTRY_CHANGES = {
+    "add an all-time signals feature": (
+        [*EVERY_AGGREGATION, _entry("s_completed", "signals", "count", event_types='["task.completed"]')],
+        ["signals"],
+    ),
+    "change a window": (
+        [e.replace('window = "24h"', 'window = "12h"') for e in EVERY_AGGREGATION],
+        [],
+    ),
+    "remove an all-time feedback feature": ([e for e in EVERY_AGGREGATION if "f_last_item" not in e], ["feedback"]),
+    "change an all-time filter": (
+        [e.replace("'todoist'", "'asana'") for e in EVERY_AGGREGATION],
+        ["signals"],
+    ),
+}
+
+
+@PROPERTY
+@given(events=st.lists(EVENT, min_size=1, max_size=14), draw=st.data())
+def test_partials_and_windows_equal_the_reference_for_every_aggregation_and_registry_change(
+    events: list[tuple[str, str, int, int]], draw: st.DataObject
+) -> None:
+    """The batch path keeps all-time features as merged partials and reads windows only: after random
+    batches, clocks, duplicates and one registry change, every row equals the whole-history reference,
+    and the change rebuilt the partials of exactly the sources it touched."""
+    change = draw.draw(st.sampled_from(sorted(REGISTRY_CHANGES)), label="change")
+    entries, must_rebuild = REGISTRY_CHANGES[change]
+    with tempfile.TemporaryDirectory() as root:
+        before, after = Path(root) / "before.toml", Path(root) / "after.toml"
+        before.write_text("\n".join(EVERY_AGGREGATION))
+        after.write_text("\n".join(entries))
+        env = make_env(Path(root), before)
+        deliveries, cuts = deliveries_for(env.feed, events, draw, END)
+        bounds = [(a, b) for a, b in zip([0, *cuts], [*cuts, len(deliveries)], strict=True) if b > a]
+        offsets = draw.draw(st.lists(st.integers(0, 12 * 86_400), min_size=len(bounds), max_size=len(bounds)))
+        clocks = [END - timedelta(seconds=s) for s in sorted(offsets, reverse=True)]
+        switch = draw.draw(st.integers(1, len(bounds)), label="switch")
+        for i, ((a, b), clock) in enumerate(zip(bounds, clocks, strict=True)):
+            if i == switch:
+                env = Env(FeatureStore(env.store.path, registry=load_registry(after)), env.staging, env.feed)
+            result = env.apply(deliveries[a:b], now=clock)
+            first = ["signals", "feedback"] if i == 0 else []
+            assert result.refresh.partials_rebuilt == (must_rebuild if i == switch else first)
+            assert result.health.inconsistent_users == []
+        if switch == len(bounds):  # the change comes with the day's-end run instead of a batch
+            env = Env(FeatureStore(env.store.path, registry=load_registry(after)), env.staging, env.feed)
+        refresh, _ = env.store.advance(now=END)
+        assert refresh.partials_rebuilt == (must_rebuild if switch == len(bounds) else [])
+        kept = {u: features_only(r, env) for u, r in table(env).items()}
+        assert kept == {u: features_only(r, env) for u, r in env.reference(END).items()}
+
+
+LABEL = st.tuples(st.sampled_from(["u-1", "u-2", "u-3", "u-4"]), st.integers(0, 12 * 86_400_000))
+
+
+@PROPERTY
+@given(events=st.lists(EVENT, min_size=1, max_size=14), labels=st.lists(LABEL, min_size=1, max_size=8), draw=st.data())
+def test_training_rows_from_partials_equal_the_reference_at_each_label(
+    events: list[tuple[str, str, int, int]], labels: list[tuple[str, int]], draw: st.DataObject
+) -> None:
+    """The training join aggregates the history before the earliest label once and merges each label's
+    later events into it; every row must equal the whole-history reference at that label's ts (labels
+    before, between and on events, for users with and without events)."""
+    mergeable = [e for e in EVERY_AGGREGATION if "count_distinct" not in e or "window" in e]
+    with tempfile.TemporaryDirectory() as root:
+        path = Path(root) / "features.toml"
+        path.write_text("\n".join(mergeable))
+        env = make_env(Path(root), path)
+        deliveries, _ = deliveries_for(env.feed, events, draw, END)
+        env.apply(deliveries, now=END)
+        times = [END - timedelta(milliseconds=ms) for _, ms in labels]
+        times[0] = END - timedelta(milliseconds=events[0][2])  # one label exactly on an event
+        table = pa.table({"user_id": [u for u, _ in labels], "ts": times})
+        got = training_set(table, store=env.store).to_pylist()
+        for row, user, ts in zip(got, table["user_id"].to_pylist(), times, strict=True):
+            want = env.reference(ts, [user]).get(user)
+            assert want is not None and features_only(row, env) == features_only(want, env), (user, ts)
 
 
 # -- point in time ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import re
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,6 +44,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         staging="folder",
         features_file="",
         serving_path=str(tmp_path.resolve() / "data" / "serving" / "user_features.parquet"),
+        archive_path=str(tmp_path.resolve() / "data" / "archive"),
+        archive_after_days=90,
         allowed_lateness_seconds=3600,
         snapshot_start="2026-01-01",
         batch_max_messages=250_000,
@@ -66,6 +68,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         dead_letters_hour_warn=100,
         dead_letters_hour_error=1000,
         consistency_sample=1000,
+        consistency_every_seconds=300,
         faults="",
     )
 
@@ -231,6 +234,9 @@ def _every_variable_set(tmp_path: Path) -> dict[str, str]:
         "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "5",
         "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_ERROR": "6",
         "FEATURE_PIPELINE_CONSISTENCY_SAMPLE": "17",
+        "FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS": "18",
+        "FEATURE_PIPELINE_ARCHIVE_PATH": str(tmp_path / "entry-archive"),
+        "FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS": "45",
         "FEATURE_PIPELINE_FAULTS": "no-keepalive",
     }
     assert set(env) == {v.name for v in settings.VARIABLES}, "give the new variable a value here"
@@ -279,6 +285,13 @@ def test_every_variable_reaches_every_entry_point(
     assert cli.main(["settings"]) == 0
     printed = dict(line.split("  (")[0].split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert printed == {v.name: settings.shown(expected, v) for v in settings.VARIABLES}
+
+    # The archive command: its horizon (the cutoff it would use) and its folder.
+    assert cli.main(["archive", "--dry-run"]) == 0
+    cutoff = (datetime.now(UTC) - timedelta(days=45)).strftime("%Y-%m-%d")
+    assert f"before {cutoff} 00:00 UTC" in capsys.readouterr().out
+    assert FeatureStore.from_settings(expected).archive(expected.archive_path, timedelta(days=45)).files == 0
+    assert Path(expected.archive_path).is_dir()
 
     # The Python read API: the serving path, and the store with the configured feature registry.
     pq.write_table(pa.table({"user_id": ["u"], "entry_point_probe": [3]}), expected.serving_path)

@@ -355,3 +355,31 @@ def test_any_batching_with_duplicates_gives_the_reference_features(
         for user, row in rows.items():
             mine = [e for e in events if e[0] == user]
             assert row["signal_count_total"] == sum(1 for e in mine if e[1].startswith("signals."))
+
+
+def test_a_store_made_before_event_index_gets_its_ids_indexed_when_opened(env: Env) -> None:
+    """Stores written before event_index existed: the first writer to open one indexes its ids, so a
+    redelivery of an old event is still absorbed."""
+    when = NOW - timedelta(hours=1)
+    old = env.feed.event("old-1", "signals.task.completed", "u-1", when)
+    env.apply([old])
+    with env.con() as con:
+        con.execute("DELETE FROM event_index")  # as the store was before
+    again = env.feed.event("old-1", "signals.task.completed", "u-1", when, seq=old.stream_seq)
+    result = env.apply([again])
+    assert result.duplicates_absorbed == 1 and env.count("signal_events") == 1
+    assert assert_rows_match_reference(env)["u-1"]["signal_count_total"] == 1
+
+
+def test_the_whole_history_comparison_runs_when_due_and_sees_a_damaged_row(env: Env) -> None:
+    """The comparison with the reference reads every stored event, so batches make it at most every
+    `consistency_every` seconds and report the last one in between; when due, it finds a damaged row."""
+    first = env.apply([env.feed.event("c-1", "signals.task.completed", "u-1", NOW)], consistency_every=300)
+    with env.con() as con:
+        con.execute("UPDATE user_features SET signal_count_total = 99 WHERE user_id = 'u-1'")
+    later = env.apply([env.feed.event("c-2", "signals.task.completed", "u-2", NOW)], consistency_every=300)
+    assert later.health.consistency_checked_at == first.health.consistency_checked_at
+    assert later.health.inconsistent_users == []  # the last comparison, made before the damage
+    due = env.apply([env.feed.event("c-3", "signals.task.completed", "u-3", NOW)], consistency_every=0)
+    assert due.health.consistency_checked_at > first.health.consistency_checked_at
+    assert due.health.inconsistent_users == ["u-1"]

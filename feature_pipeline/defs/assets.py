@@ -114,6 +114,7 @@ def _store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, 
                 folder,
                 batch_id,
                 consistency_sample=settings.consistency_sample,
+                consistency_every=settings.consistency_every_seconds,
                 before_commit=faults.before_commit(settings.fault_set),
             )
     _log_batch(context, result, settings.allowed_lateness_seconds)

@@ -41,7 +41,8 @@ DEAD_LETTERS_CHECK = dg.AssetCheckSpec(
 CONSISTENCY_CHECK = dg.AssetCheckSpec(
     "matches_recomputation",
     asset="user_features",
-    description="A sample of rows equals a recomputation from the raw tables at each row's updated_at.",
+    description="A sample of rows equals a recomputation from the whole history (live tables and archive) at each "
+    "row's updated_at; made at most every FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS (compared_at says when).",
 )
 
 RUNS_CHECK = dg.AssetCheckSpec(
@@ -178,6 +179,9 @@ def store_check_results(health: StoreHealth, settings: Settings) -> list[dg.Asse
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={
                 "rows_checked": health.consistency_checked,
+                "compared_at": dg.TimestampMetadataValue(health.consistency_checked_at.timestamp())
+                if health.consistency_checked_at
+                else "never",
                 "rows_differing": len(bad),
                 "users_differing": ", ".join(bad[:50]) + (f" and {len(bad) - 50} more" if len(bad) > 50 else ""),
             },

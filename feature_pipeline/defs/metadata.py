@@ -30,6 +30,8 @@ def refresh(r: Refresh) -> dict[str, Any]:
     }
     if r.schema_changes:
         meta["schema_changes"] = "; ".join(r.schema_changes)
+    if r.partials_rebuilt:  # the whole history was read for these sources' all-time features
+        meta["partials_rebuilt_from_history"] = ", ".join(r.partials_rebuilt)
     return meta
 
 

@@ -181,8 +181,15 @@ def replay(
     run_id: str = "manual",
     log: Callable[[str], None] = print,
 ) -> ReplayReport:
-    """Re-read `rng` from JetStream and store it idempotently."""
+    """Re-read `rng` from JetStream and store it idempotently.
+
+    Replay repairs a damaged store, so it first forgets the ids whose rows are gone (event_index must not
+    absorb them) and ends with a full recomputation (the all-time partials must not count twice what a
+    restored row had counted before it was lost); both read the whole history, which a repair may."""
     rng.check()
+    forgotten = store.forget_missing_ids()
+    if forgotten:
+        log(f"{forgotten} stored ids had lost their rows; replay can store them again")
     if work_root is not None:
         work_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="replay-", dir=work_root))
@@ -192,6 +199,8 @@ def replay(
             return await _Replay(store, FolderStaging(work), rng, run_id, log).run(broker, chunk)
 
     try:
-        return asyncio.run(go())
+        report = asyncio.run(go())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    store.recompute_all(consistency_sample=1)
+    return report

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from feature_pipeline import settings
 from feature_pipeline.store.feature_store import FeatureStore
-from feature_pipeline.store.features import point_in_time
+from feature_pipeline.store.pit import point_in_time
 from feature_pipeline.store.registry import Registry
 
 Labels = str | os.PathLike[str] | pd.DataFrame | pa.Table

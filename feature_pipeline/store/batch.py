@@ -7,6 +7,7 @@ another stream, is recorded in dead_letters, not merged: the first stored versio
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,10 +15,17 @@ from pathlib import Path
 import duckdb
 
 from feature_pipeline import streams
+from feature_pipeline.store.archive import archived_copies
 from feature_pipeline.store.db import one, scalar
+from feature_pipeline.store.schema import content_digest
 
 EVENTS = "batch_events"  # temp table: the batch's events, one row per (stream, event id)
 TOUCHED = "touched_users"  # temp table: the users of the batch's events
+FRESH = "fresh_ids"  # temp table: the batch's ids that were not stored before
+REPEATS = "repeated_copies"  # temp table: the batch's copies that were not stored (redeliveries, duplicates)
+STORED = "stored_versions"  # temp table: event_index rows of the repeated ids
+_IN_LIST = 20  # ids per constant IN list: small enough for DuckDB to answer from the index
+_INDEX_LOOKUP_MAX = 2000  # more repeated ids than this: one scan is cheaper than many lookups
 
 
 @dataclass(frozen=True)
@@ -74,24 +82,37 @@ def load_events(con: duckdb.DuckDBPyConnection, files: StagedFiles) -> int:
 
 
 def insert_events(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime) -> dict[str, int]:
-    """New ids into their stream's table; an id another stream's table already holds is not inserted."""
+    """New ids into event_index and their stream's table; the rows stored are kept in `new_<stream key>`
+    temp tables, which the feature refresh merges (a redelivered event is in none of them)."""
+    archived_copies(con, EVENTS)
+    with warnings.catch_warnings():  # "an extra copy of the rows": one id column, and INSERT must run once
+        warnings.simplefilter("ignore", UserWarning)
+        fresh = con.execute(
+            f"INSERT INTO event_index SELECT event_id, stream, stream_seq, subject, occurred_at, "
+            f"{content_digest('b')} FROM {EVENTS} b ON CONFLICT DO NOTHING RETURNING event_id"
+        ).to_arrow_table()
+    con.register("fresh_ids_returned", fresh)
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {FRESH} AS SELECT event_id FROM fresh_ids_returned")
+    finally:
+        con.unregister("fresh_ids_returned")
     inserted = {}
     for spec in streams.EVENT_STREAMS:
-        elsewhere = " ".join(
-            f"AND NOT EXISTS (SELECT 1 FROM {o.table} o WHERE o.event_id = b.event_id)"
-            for o in streams.EVENT_STREAMS
-            if o is not spec
+        new = new_table(spec.key)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {new} AS SELECT event_id, subject, stream_seq, occurred_at, received_at, "
+            f"CAST($now AS TIMESTAMPTZ) AS ingested_at, user_id, type, schema_version, CAST(data AS JSON) AS data, "
+            f"known_type, CAST($batch AS VARCHAR) AS batch_id FROM {EVENTS} "
+            f"WHERE stream = $stream AND event_id IN (SELECT event_id FROM {FRESH})",
+            {"now": now, "batch": batch_id, "stream": spec.name},
         )
-        inserted[spec.name] = int(
-            scalar(
-                con,
-                f"INSERT INTO {spec.table} SELECT event_id, subject, stream_seq, occurred_at, received_at, $now, "
-                f"user_id, type, schema_version, data, known_type, $batch FROM {EVENTS} b "
-                f"WHERE stream = $stream {elsewhere} ON CONFLICT DO NOTHING",
-                {"now": now, "batch": batch_id, "stream": spec.name},
-            )
-        )
+        inserted[spec.name] = int(scalar(con, f"INSERT INTO {spec.table} SELECT * FROM {new}"))
     return inserted
+
+
+def new_table(key: str) -> str:
+    """The temp table of the rows a batch added to a stream's raw table."""
+    return f"new_{key}"
 
 
 def insert_dead_letters(con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now: datetime) -> int:
@@ -112,42 +133,58 @@ def record_conflicting_duplicates(
 ) -> int:
     """An id seen again with other content, or on another stream, is not absorbed silently: the first
     stored version stays, each other version goes to dead_letters with its body and both sequences in
-    the reason (deadletter_seq 0: recorded by the run, not republished on DEADLETTER)."""
-    total = 0
-    for spec in streams.EVENT_STREAMS:
-        total += int(
-            scalar(
-                con,
-                f"""
-                INSERT INTO {streams.DEADLETTER.table}
-                SELECT b.stream, b.subject, b.stream_seq, b.num_delivered,
-                       CASE WHEN b.stream = $stream
-                            THEN 'duplicate id ' || b.event_id || ' with different content; kept the first '
-                                 || 'stored version (' || $stream || ' #' || e.stream_seq || ')'
-                            ELSE 'id ' || b.event_id || ' is already used by ' || e.subject || ' ('
-                                 || $stream || ' #' || e.stream_seq || '); ids must be unique across streams; '
-                                 || 'kept the first stored version'
-                       END,
-                       $now, 0, d.body, $now, $batch
-                FROM read_parquet($events) b
-                JOIN {spec.table} e ON e.event_id = b.event_id
-                LEFT JOIN read_parquet($deliveries) d ON d.stream = b.stream AND d.stream_seq = b.stream_seq
-                WHERE (b.stream <> $stream OR e.stream_seq <> b.stream_seq)
-                  AND (b.stream <> $stream
-                       OR (e.user_id, e.type, e.occurred_at, CAST(e.data AS VARCHAR))
-                          IS DISTINCT FROM (b.user_id, b.type, b.occurred_at, b.data))
-                ON CONFLICT DO NOTHING
-                """,
-                {
-                    "stream": spec.name,
-                    "now": now,
-                    "batch": batch_id,
-                    "events": files.events,
-                    "deliveries": files.deliveries,
-                },
-            )
+    the reason (deadletter_seq 0: recorded by the run, not republished on DEADLETTER).
+
+    Only the batch's copies that were not stored are looked up in event_index (usually none)."""
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {REPEATS} AS SELECT * FROM read_parquet($events) b "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} k WHERE k.stream = b.stream AND k.stream_seq = b.stream_seq "
+        f"AND k.event_id IN (SELECT event_id FROM {FRESH}))",
+        {"events": files.events},
+    )
+    ids = [r[0] for r in con.execute(f"SELECT DISTINCT event_id FROM {REPEATS}").fetchall()]
+    if not ids:
+        return 0
+    stored = _lookup_index(con, ids)
+    return int(
+        scalar(
+            con,
+            f"""
+            INSERT INTO {streams.DEADLETTER.table}
+            SELECT b.stream, b.subject, b.stream_seq, b.num_delivered,
+                   CASE WHEN b.stream = x.stream
+                        THEN 'duplicate id ' || b.event_id || ' with different content; kept the first '
+                             || 'stored version (' || x.stream || ' #' || x.stream_seq || ')'
+                        ELSE 'id ' || b.event_id || ' is already used by ' || x.subject || ' ('
+                             || x.stream || ' #' || x.stream_seq || '); ids must be unique across streams; '
+                             || 'kept the first stored version'
+                   END,
+                   $now, 0, d.body, $now, $batch
+            FROM {REPEATS} b
+            JOIN {stored} x ON x.event_id = b.event_id
+            LEFT JOIN read_parquet($deliveries) d ON d.stream = b.stream AND d.stream_seq = b.stream_seq
+            WHERE (b.stream <> x.stream OR b.stream_seq <> x.stream_seq)
+              AND (b.stream <> x.stream OR x.content <> {content_digest("b")})
+            ON CONFLICT DO NOTHING
+            """,
+            {"now": now, "batch": batch_id, "deliveries": files.deliveries},
         )
-    return total
+    )
+
+
+def _lookup_index(con: duckdb.DuckDBPyConnection, ids: list[str]) -> str:
+    """The event_index rows of `ids`, in a temp table. A short constant IN list is answered from the
+    index; a long one (a mass redelivery) scans event_index once."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {STORED} AS SELECT * FROM event_index LIMIT 0")
+    if len(ids) > _INDEX_LOOKUP_MAX:
+        con.execute(
+            f"INSERT INTO {STORED} SELECT * FROM event_index WHERE event_id IN (SELECT unnest($ids))", {"ids": ids}
+        )
+        return STORED
+    for i in range(0, len(ids), _IN_LIST):
+        chunk = ", ".join("'" + x.replace("'", "''") + "'" for x in ids[i : i + _IN_LIST])
+        con.execute(f"INSERT INTO {STORED} SELECT * FROM event_index WHERE event_id IN ({chunk})")
+    return STORED
 
 
 def touch_users(con: duckdb.DuckDBPyConnection) -> int:

@@ -20,12 +20,13 @@ import duckdb
 
 from feature_pipeline import streams
 from feature_pipeline.settings import Settings
-from feature_pipeline.store import batch
+from feature_pipeline.store import archive, batch, incremental
+from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import open_file, scalar, transaction
-from feature_pipeline.store.features import inconsistent_users, upsert_features, users_changed_by_time, write_snapshot
+from feature_pipeline.store.features import inconsistent_users, write_snapshot
 from feature_pipeline.store.loader import load_registry
 from feature_pipeline.store.registry import Registry
-from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, sync_columns
+from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, index_existing_events, sync_columns
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class StoreHealth:
     latest_dead_letters: list[tuple[str, str, int, str]]  # (when, stream, sequence, reason), newest first
     consistency_checked: int
     inconsistent_users: list[str]
+    consistency_checked_at: datetime | None = None  # when that comparison was made (None: not yet)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Refresh:
     rows_written: int  # rows recomputed: the batch's users and those whose windows moved
     rebuilt: bool  # every row was recomputed (new store, or the feature definitions changed)
     schema_changes: list[str] = field(default_factory=list)
+    partials_rebuilt: list[str] = field(default_factory=list)  # sources whose all-time partials were rebuilt
     serving_error: str | None = None  # the serving copy could not be replaced (the old one stays)
 
 
@@ -153,6 +156,7 @@ class FeatureStore:
         if not read_only:
             for statement in ddl(self.registry):
                 con.execute(statement)
+            index_existing_events(con)
         return con
 
     @contextlib.contextmanager
@@ -171,13 +175,16 @@ class FeatureStore:
         batch_id: str,
         *,
         consistency_sample: int = 1000,
+        consistency_every: float = 0.0,
         now: datetime | None = None,
         before_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
     ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
 
-        Idempotent: see `store.batch`; feature rows are recomputed from the raw tables, never
-        incremented. `before_commit` runs inside the transaction, after every write (fault drills).
+        Idempotent: see `store.batch`; an id event_index already holds is absorbed before anything
+        merges into the all-time partials, so no event is counted twice. `before_commit` runs inside the
+        transaction, after every write (fault drills). The comparison with the whole-history reference
+        is made when the last one is `consistency_every` seconds old.
         """
         now = now or datetime.now(UTC)
         with self._connection() as con:
@@ -200,7 +207,7 @@ class FeatureStore:
                 latency_max_seconds=worst,
                 lateness=late,
                 refresh=refresh,
-                health=self._health(con, consistency_sample),
+                health=self._health(con, consistency_sample, consistency_every),
             )
 
     def recompute_all(self, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
@@ -217,12 +224,41 @@ class FeatureStore:
             sync_columns(con, self.registry, "user_feature_snapshots", SNAPSHOTS_FIXED)
             return write_snapshot(con, self.registry, day)
 
+    def forget_missing_ids(self) -> int:
+        """Drop event_index entries whose rows are in no raw table nor the archive (deleted by hand, or lost);
+        returns how many. A full scan: for repairs, not for batches."""
+        history = " UNION ALL ".join(f"SELECT event_id FROM {history_view(s.table)}" for s in streams.EVENT_STREAMS)
+        with self._connection() as con, transaction(con):
+            return int(scalar(con, f"DELETE FROM event_index WHERE event_id NOT IN ({history})"))
+
+    def archive(
+        self,
+        root: str | os.PathLike[str],
+        horizon: timedelta,
+        *,
+        now: datetime | None = None,
+        dry_run: bool = False,
+        after_file: Callable[[Path], None] | None = None,
+    ) -> archive.ArchiveResult:
+        """Move raw events that occurred more than `horizon` ago to Parquet under `root` (see `store.archive`)."""
+        with self._connection() as con:
+            row = con.execute("SELECT valid_as_of FROM feature_state WHERE id = 1").fetchone()
+            windows = [w for s in streams.EVENT_STREAMS for w in self.registry.windows(s.key)]
+            cutoff = archive.cutoff_for(
+                now or datetime.now(UTC), horizon, row[0] if row else None, max(windows, default=timedelta(0))
+            )
+            return archive.archive(con, Path(root), cutoff, dry_run=dry_run, after_file=after_file)
+
     def _refresh_only(
         self, now: datetime | None, consistency_sample: int, *, rebuild: bool
     ) -> tuple[Refresh, StoreHealth]:
         with self._connection() as con:
             with transaction(con):
                 con.execute(f"CREATE OR REPLACE TEMP TABLE {batch.TOUCHED} (user_id VARCHAR)")
+                for spec in streams.EVENT_STREAMS:  # no batch: nothing new to merge
+                    con.execute(
+                        f"CREATE OR REPLACE TEMP TABLE {batch.new_table(spec.key)} AS FROM {spec.table} LIMIT 0"
+                    )
                 refresh = self._refresh(con, now or datetime.now(UTC), batch.TOUCHED, rebuild=rebuild)
             return self._publish(con, refresh), self._health(con, consistency_sample)
 
@@ -231,29 +267,37 @@ class FeatureStore:
     ) -> Refresh:
         """Bring user_features to the clock `now` inside the caller's transaction.
 
-        Recomputes the `touched` users and those whose windows moved since the last run; everything
-        when the store is new or the feature definitions changed (columns are added/dropped first).
+        The all-time partials take in what became visible since the last run (rebuilt from the history
+        when a source's all-time definitions changed); then the `touched` users and those whose windows
+        moved are rewritten. Every row is rewritten when the store is new or the definitions changed
+        (columns are added/dropped first). `rebuild` recomputes everything from the history.
         """
         state = con.execute("SELECT valid_as_of, fingerprint FROM feature_state WHERE id = 1").fetchone()
         changes = sync_columns(con, self.registry, "user_features", USER_FEATURES_FIXED)
         changes += sync_columns(con, self.registry, "user_feature_snapshots", SNAPSHOTS_FIXED)
         previous, fingerprint = state if state else (None, None)
         as_of = max(now, previous) if previous else now  # a clock that stepped back must not undo windows
+        rebuilt_partials = []
+        for spec in streams.EVENT_STREAMS:
+            if rebuild or previous is None or not incremental.partials_current(con, self.registry, spec.key):
+                incremental.rebuild_partials(con, self.registry, spec.key, history_view(spec.table), as_of)
+                rebuilt_partials.append(spec.key)
+            else:
+                new_rows = batch.new_table(spec.key)
+                incremental.merge_partials(con, self.registry, spec.key, spec.table, new_rows, previous, as_of)
         rebuild = rebuild or previous is None or fingerprint != self.registry.fingerprint or bool(changes)
         if rebuild:
-            rows = upsert_features(con, self.registry, as_of, None)
+            con.execute("DELETE FROM user_features")
+            users, _ = incremental.every_user(as_of)
         else:
-            users_changed_by_time(con, self.registry, previous, as_of, "time_users")
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE refresh_users AS SELECT user_id FROM {touched} "
-                "UNION SELECT user_id FROM time_users"
-            )
-            rows = upsert_features(con, self.registry, as_of, "refresh_users")
+            moved = incremental.users_changed_by_time(con, self.registry, previous, as_of)
+            users = f"SELECT user_id FROM {touched} UNION SELECT user_id FROM {moved}"
+        rows = incremental.write_rows(con, self.registry, as_of, users)
         con.execute(
             "INSERT OR REPLACE INTO feature_state VALUES (1, $as_of, $fp)",
             {"as_of": as_of, "fp": self.registry.fingerprint},
         )
-        return Refresh(as_of, rows, rebuild, changes)
+        return Refresh(as_of, rows, rebuild, changes, rebuilt_partials)
 
     def _publish(self, con: duckdb.DuckDBPyConnection, refresh: Refresh) -> Refresh:
         """Replace the serving copy atomically (write a temp file, rename over the old one).
@@ -283,7 +327,7 @@ class FeatureStore:
 
     # -- reads ------------------------------------------------------------------------------------
 
-    def _health(self, con: duckdb.DuckDBPyConnection, consistency_sample: int) -> StoreHealth:
+    def _health(self, con: duckdb.DuckDBPyConnection, consistency_sample: int, every: float = 0.0) -> StoreHealth:
         table = streams.DEADLETTER.table
         hour = int(scalar(con, f"SELECT count(*) FROM {table} WHERE dead_lettered_at > now() - INTERVAL 1 HOUR"))
         reasons = con.execute(
@@ -293,10 +337,30 @@ class FeatureStore:
             "SELECT strftime(dead_lettered_at, '%Y-%m-%dT%H:%M:%SZ'), original_stream, original_seq, reason "
             f"FROM {table} ORDER BY dead_lettered_at DESC, original_seq DESC LIMIT 5"
         ).fetchall()
-        checked, bad = inconsistent_users(con, consistency_sample, self.registry)
+        checked, bad, at = self._consistency(con, consistency_sample, every)
         return StoreHealth(
-            hour, [(r[0], r[1]) for r in reasons], [(r[0], r[1], r[2], r[3]) for r in latest], checked, bad
+            hour, [(r[0], r[1]) for r in reasons], [(r[0], r[1], r[2], r[3]) for r in latest], checked, bad, at
         )
+
+    def _consistency(
+        self, con: duckdb.DuckDBPyConnection, sample: int, every: float
+    ) -> tuple[int, list[str], datetime]:
+        """Sampled rows against the whole-history reference, or the last such comparison while it is
+        younger than `every` seconds and the definitions have not changed since."""
+        last = con.execute(
+            "SELECT checked_at, rows_checked, inconsistent FROM consistency_state "
+            "WHERE id = 1 AND fingerprint = $fp AND checked_at > now() - to_seconds($every)",
+            {"fp": self.registry.fingerprint, "every": every},
+        ).fetchone()
+        if last is not None and every > 0:
+            return int(last[1]), list(last[2]), last[0]
+        checked, bad = inconsistent_users(con, sample, self.registry)
+        at = datetime.now(UTC)
+        con.execute(
+            "INSERT OR REPLACE INTO consistency_state VALUES (1, $at, $n, $bad, $fp)",
+            {"at": at, "n": checked, "bad": bad, "fp": self.registry.fingerprint},
+        )
+        return checked, bad, at
 
     @staticmethod
     def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:

@@ -1,16 +1,12 @@
 """The feature SQL, generated from the registry: one query for every path.
 
 The query computes every feature for a set of (user, point in time) pairs held in the temp
-table `feature_points(user_id, as_of)`, from the raw event tables, using the events with
-`occurred_at <= as_of` (and, for training sets that ask for it, `received_at <= as_of`);
-a window w covers `(as_of - w, as_of]`. The micro-batch update (touched users x the run's
-clock), the full rebuild (every user x now), the daily snapshot (every user x the day's end),
-the point-in-time training join (label rows x their ts) and the consistency check (sampled
-rows x their own updated_at) all run this same query, so they cannot drift apart.
-
-Windows slide with the wall clock: each run also recomputes the users who have an event that
-crossed a window edge since the previous run (`users_changed_by_time`), so the whole table is
-valid as of the run's clock without waiting for those users' next event.
+table `feature_points(user_id, as_of)`, from each user's whole history in the raw event tables,
+using the events with `occurred_at <= as_of` (and, for training sets that ask for it,
+`received_at <= as_of`); a window w covers `(as_of - w, as_of]`. It is the reference: the daily
+snapshot (every user x the day's end), the point-in-time training join (label rows x their ts)
+and the consistency check (sampled rows x their own updated_at) run it, and the micro-batch
+refresh (`incremental.py`, which does not read the whole history) must give the same rows.
 """
 
 from __future__ import annotations
@@ -21,15 +17,20 @@ from typing import Any
 import duckdb
 
 from feature_pipeline import streams
+from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import scalar
 from feature_pipeline.store.registry import FeatureDef, Registry
 
 POINTS = "feature_points"  # temp table (user_id VARCHAR, as_of TIMESTAMPTZ): which rows to compute
-SOURCE_TABLES = {s.key: s.table for s in streams.EVENT_STREAMS}
+# The reference reads the whole history: the live tables plus what was archived.
+SOURCE_TABLES = {s.key: history_view(s.table) for s in streams.EVENT_STREAMS}
 _ALL_USERS = " UNION ".join(f"SELECT user_id FROM {t}" for t in SOURCE_TABLES.values())
 
 
-def _interval(delta: timedelta) -> str:
+LAST_KEY = "{'t': e.occurred_at, 'id': e.event_id}"  # newest by occurred_at, then event id
+
+
+def interval(delta: timedelta) -> str:
     return f"INTERVAL '{int(delta.total_seconds())} seconds'"
 
 
@@ -37,7 +38,8 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _value(f: FeatureDef) -> str:
+def value(f: FeatureDef) -> str:
+    """The aggregated field of event row `e`, typed."""
     assert f.field is not None
     if f.field.startswith("data."):
         path = "$." + f.field.removeprefix("data.")
@@ -46,31 +48,40 @@ def _value(f: FeatureDef) -> str:
     return column if f.type is None else f"TRY_CAST({column} AS {f.type})"
 
 
-def _aggregate(f: FeatureDef) -> str:
+def conditions(f: FeatureDef, *, window: bool = True) -> list[str]:
+    """Which rows of `e` a feature aggregates; its window is relative to the point's `p.as_of`."""
     conds = []
     if f.event_types:
         conds.append(f"e.type IN ({', '.join(_quote(t) for t in f.event_types)})")
     if f.where:
         conds.append(f"({f.where})")
-    if f.window_delta is not None:
-        conds.append(f"e.occurred_at > p.as_of - {_interval(f.window_delta)}")
-    flt = f" FILTER (WHERE {' AND '.join(conds)})" if conds else ""
+    if window and f.window_delta is not None:
+        conds.append(f"e.occurred_at > p.as_of - {interval(f.window_delta)}")
+    return conds
+
+
+def filter_clause(conds: list[str]) -> str:
+    return f" FILTER (WHERE {' AND '.join(conds)})" if conds else ""
+
+
+def aggregate(f: FeatureDef) -> str:
+    flt = filter_clause(conditions(f))
     agg = f.aggregation
     if agg == "count":
         return f"count(e.event_id){flt}"
-    value = _value(f)
+    v = value(f)
     if agg == "count_distinct":
-        return f"count(DISTINCT {value}){flt}"
+        return f"count(DISTINCT {v}){flt}"
     if agg == "sum":
-        return f"CAST(coalesce(sum({value}){flt}, 0) AS {f.column_type})"
+        return f"CAST(coalesce(sum({v}){flt}, 0) AS {f.column_type})"
     if agg == "mean":
-        return f"avg({value}){flt}"
+        return f"avg({v}){flt}"
     if agg == "last":  # the newest event's value; ties on occurred_at broken by event id, not arrival order
-        return f"arg_max({value}, (e.occurred_at, e.event_id)){flt}"
-    return f"{agg}({value}){flt}"  # min, max
+        return f"arg_max({v}, {LAST_KEY}){flt}"
+    return f"{agg}({v}){flt}"  # min, max
 
 
-def _column(f: FeatureDef) -> str:
+def column(f: FeatureDef) -> str:
     if f.aggregation == "ratio":
         return f"CASE WHEN {f.denominator} > 0 THEN CAST({f.numerator} AS DOUBLE) / {f.denominator} END"
     return f.name
@@ -81,7 +92,7 @@ def feature_sql(registry: Registry, *, received_cutoff: bool = False) -> str:
     sources = [s for s in SOURCE_TABLES if any(f.source == s for f in registry.features)]
     ctes = []
     for source in sources:
-        cols = ",\n        ".join(f"{_aggregate(f)} AS {f.name}" for f in registry.features if f.source == source)
+        cols = ",\n        ".join(f"{aggregate(f)} AS {f.name}" for f in registry.features if f.source == source)
         cutoff = " AND e.received_at <= p.as_of" if received_cutoff else ""
         ctes.append(
             f"src_{source} AS (\n    SELECT p.user_id, p.as_of,\n        {cols}\n"
@@ -90,7 +101,7 @@ def feature_sql(registry: Registry, *, received_cutoff: bool = False) -> str:
             "    GROUP BY p.user_id, p.as_of\n)"
         )
     joins = "".join(f" JOIN src_{s} USING (user_id, as_of)" for s in sources[1:])
-    cols = ",\n    ".join(f"{_column(f)} AS {f.name}" for f in registry.features)
+    cols = ",\n    ".join(f"{column(f)} AS {f.name}" for f in registry.features)
     select = f"SELECT\n    user_id,\n    {cols},\n    as_of AS updated_at\nFROM src_{sources[0]}{joins}"
     return f"WITH {', '.join(ctes)}\n{select}"
 
@@ -98,45 +109,6 @@ def feature_sql(registry: Registry, *, received_cutoff: bool = False) -> str:
 def set_points(con: duckdb.DuckDBPyConnection, select_sql: str, params: dict[str, Any] | None = None) -> None:
     """Fill feature_points from a query returning (user_id, as_of)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {POINTS} AS SELECT DISTINCT * FROM ({select_sql})", params or {})
-
-
-def users_changed_by_time(
-    con: duckdb.DuckDBPyConnection, registry: Registry, since: datetime, until: datetime, into: str
-) -> None:
-    """Users whose features changed between `since` and `until` with no new event: an event left a
-    window (its occurred_at + window passed), or a future-dated event became current. Creates the temp
-    table `into(user_id)`. Row-group min/max on occurred_at keeps this from scanning old data."""
-    parts = []
-    for source, table in SOURCE_TABLES.items():
-        if not any(f.source == source for f in registry.features):
-            continue
-        edges = [timedelta(0), *registry.windows(source)]
-        conds = " OR ".join(
-            f"(occurred_at > CAST($since AS TIMESTAMPTZ) - {_interval(w)} "
-            f"AND occurred_at <= CAST($until AS TIMESTAMPTZ) - {_interval(w)})"
-            for w in edges
-        )
-        parts.append(f"SELECT user_id FROM {table} WHERE {conds}")
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {into} AS SELECT DISTINCT user_id FROM ({' UNION ALL '.join(parts)})",
-        {"since": since, "until": until},
-    )
-
-
-def upsert_features(
-    con: duckdb.DuckDBPyConnection, registry: Registry, as_of: datetime, users_table: str | None
-) -> int:
-    """Recompute and replace the rows of the users in `users_table` (all users when None) as of `as_of`.
-
-    `users_table` is a fixed-name temp table with a `user_id` column; returns the number of rows written.
-    """
-    if users_table is None:
-        con.execute("DELETE FROM user_features")
-    source = _ALL_USERS if users_table is None else f"SELECT user_id FROM {users_table}"
-    set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({source})", {"as_of": as_of})
-    cols = ", ".join(("user_id", *registry.names, "updated_at"))
-    row = con.execute(f"INSERT OR REPLACE INTO user_features ({cols}) {feature_sql(registry)}").fetchone()
-    return int(row[0]) if row else 0
 
 
 def compute_features(
@@ -195,19 +167,3 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, registry: Registry, day: date
         {"d": day},
     ).fetchone()
     return int(row[0]) if row else 0
-
-
-def point_in_time(
-    con: duckdb.DuckDBPyConnection, registry: Registry, labels: str, *, received_cutoff: bool = False
-) -> duckdb.DuckDBPyRelation:
-    """Every label row of the table `labels(user_id, ts, ...)`, in its order, with the features as they
-    were at its ts. The table needs a `__row` column giving the order."""
-    set_points(con, f"SELECT user_id, ts AS as_of FROM {labels}")
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE pit_features AS {feature_sql(registry, received_cutoff=received_cutoff)}"
-    )
-    cols = ", ".join(f"f.{n}" for n in registry.names)
-    return con.sql(
-        f"SELECT l.* EXCLUDE (__row), {cols} FROM {labels} l "
-        "LEFT JOIN pit_features f ON f.user_id = l.user_id AND f.updated_at = l.ts ORDER BY l.__row"
-    )

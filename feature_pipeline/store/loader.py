@@ -16,6 +16,7 @@ import duckdb
 from pydantic import ValidationError
 
 from feature_pipeline import streams
+from feature_pipeline.store.archive import view_ddl
 from feature_pipeline.store.features import POINTS, feature_sql
 from feature_pipeline.store.registry import Registry
 from feature_pipeline.store.schema import raw_ddl
@@ -83,6 +84,7 @@ def _check_sql(registry: Registry, origin: str) -> None:
     try:
         for spec in streams.EVENT_STREAMS:
             con.execute(raw_ddl(spec.table))
+            con.execute(view_ddl(spec.table, [], replace=False))
         con.execute(f"CREATE TEMP TABLE {POINTS} (user_id VARCHAR, as_of TIMESTAMPTZ)")
         for f in registry.features:
             if f.aggregation == "ratio":

@@ -6,10 +6,12 @@ from __future__ import annotations
 import duckdb
 
 from feature_pipeline import streams
+from feature_pipeline.store.archive import ARCHIVE_DDL, view_ddl
+from feature_pipeline.store.incremental import DISTINCT_DDL, PARTIALS_STATE_DDL
 from feature_pipeline.store.registry import Registry
 
 RAW_COLUMNS = """
-    event_id VARCHAR PRIMARY KEY,
+    event_id VARCHAR NOT NULL,
     subject VARCHAR NOT NULL,
     stream_seq BIGINT NOT NULL,
     occurred_at TIMESTAMPTZ NOT NULL,
@@ -54,6 +56,31 @@ CREATE TABLE IF NOT EXISTS ingested_batches (
     users_touched BIGINT NOT NULL
 )
 """
+# Every stored event id, whatever its stream: the one index a batch's ids are checked against (one
+# ART lookup per id, not a scan of the raw tables), with what a later copy is compared to: the stream,
+# sequence and subject of the stored version and a digest of its content.
+EVENT_INDEX_DDL = """
+CREATE TABLE IF NOT EXISTS event_index (
+    event_id VARCHAR PRIMARY KEY,
+    stream VARCHAR NOT NULL,
+    stream_seq BIGINT NOT NULL,
+    subject VARCHAR NOT NULL,
+    occurred_at TIMESTAMPTZ NOT NULL,
+    content VARCHAR NOT NULL
+)
+"""
+# The last comparison of sampled rows with the whole-history reference.
+CONSISTENCY_DDL = """
+CREATE TABLE IF NOT EXISTS consistency_state (
+    id INTEGER PRIMARY KEY,
+    checked_at TIMESTAMPTZ NOT NULL,
+    rows_checked BIGINT NOT NULL,
+    inconsistent VARCHAR[] NOT NULL,
+    fingerprint VARCHAR NOT NULL
+)
+"""
+
+
 REDRIVES_DDL = """
 CREATE TABLE IF NOT EXISTS redrives (
     original_stream VARCHAR NOT NULL,
@@ -70,13 +97,38 @@ SNAPSHOTS_FIXED = frozenset({"snapshot_date", "user_id", "as_of"})
 
 
 def raw_ddl(table: str) -> str:
+    """A raw table has no key of its own (event_index holds the ids): rows are appended in arrival
+    order, so occurred_at ranges prune by row group. Stores made before event_index keep their key."""
     return f"CREATE TABLE IF NOT EXISTS {table} ({RAW_COLUMNS})"
+
+
+def content_digest(alias: str) -> str:
+    """What makes two copies of an id the same event: user, type, occurred_at and payload."""
+    a = alias
+    return (
+        f"md5(concat_ws(chr(31), {a}.user_id, {a}.type, CAST(epoch_us({a}.occurred_at) AS VARCHAR), "
+        f"CAST({a}.data AS VARCHAR)))"
+    )
+
+
+def index_existing_events(con: duckdb.DuckDBPyConnection) -> None:
+    """Fill event_index from the raw tables once, for a store made before it existed."""
+    if con.execute("SELECT 1 FROM event_index LIMIT 1").fetchone() is not None:
+        return
+    for spec in streams.EVENT_STREAMS:
+        con.execute(
+            f"INSERT INTO event_index SELECT e.event_id, $stream, e.stream_seq, e.subject, e.occurred_at, "
+            f"{content_digest('e')} FROM {spec.table} e ON CONFLICT DO NOTHING",
+            {"stream": spec.name},
+        )
 
 
 def ddl(registry: Registry) -> list[str]:
     """Every table, created when missing (feature columns are kept in step by `sync_columns`)."""
     raw = [raw_ddl(s.table) for s in streams.EVENT_STREAMS]
-    tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, REDRIVES_DDL]
+    raw += [*ARCHIVE_DDL, *(view_ddl(s.table, [], replace=False) for s in streams.EVENT_STREAMS)]
+    tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, EVENT_INDEX_DDL, CONSISTENCY_DDL, REDRIVES_DDL]
+    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL]
     return [*raw, *tables, user_features_ddl(registry), snapshots_ddl(registry)]
 
 
