@@ -5,7 +5,7 @@ import dagster as dg
 from feature_pipeline import settings
 from feature_pipeline.defs.archive import archive_job, archive_schedule
 from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshness
-from feature_pipeline.defs.checks import runs_check_on_demand, stream_checks_on_demand
+from feature_pipeline.defs.checks import ingest_check_on_demand, runs_check_on_demand, stream_checks_on_demand
 from feature_pipeline.defs.redrive import redrive_job
 from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.defs.resources import build_resources
@@ -25,7 +25,7 @@ defs = dg.Definitions(
         with_freshness(ingest_batch, SETTINGS.freshness_warn_seconds, SETTINGS.freshness_fail_seconds),
         snapshots,
     ],
-    asset_checks=[stream_checks_on_demand, runs_check_on_demand],
+    asset_checks=[stream_checks_on_demand, runs_check_on_demand, ingest_check_on_demand],
     jobs=[ingest_job, snapshot_job, replay_stream, redrive_job, prune_ingest_runs_job, archive_job],
     sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
     schedules=[refresh_feature_windows, snapshot_schedule, prune_ingest_runs, archive_schedule],

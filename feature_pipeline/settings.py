@@ -371,6 +371,19 @@ class Settings:
         "... and fails (ERROR) above this many.",
         _int_between(0, 10**9),
     )
+    commit_latency_warn_seconds: int = _var(
+        "FEATURE_PIPELINE_COMMIT_LATENCY_WARN_SECONDS",
+        "10",
+        "Asset check commit_latency warns when a batch stored in the last 10 minutes had a p95 publish→commit "
+        "latency (JetStream stored time to DuckDB commit) above this (1-86400).",
+        _int_between(1, 86_400),
+    )
+    commit_latency_error_seconds: int = _var(
+        "FEATURE_PIPELINE_COMMIT_LATENCY_ERROR_SECONDS",
+        "60",
+        "... and fails (ERROR) above this (1-86400).",
+        _int_between(1, 86_400),
+    )
     consistency_sample: int = _var(
         "FEATURE_PIPELINE_CONSISTENCY_SAMPLE",
         "1000",
@@ -425,6 +438,7 @@ _WARN_BELOW_ERROR = (
     ("oldest_unacked_warn_seconds", "oldest_unacked_error_seconds", False),
     ("freshness_warn_seconds", "freshness_fail_seconds", True),
     ("dead_letters_hour_warn", "dead_letters_hour_error", False),
+    ("commit_latency_warn_seconds", "commit_latency_error_seconds", False),
 )
 
 

@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 
 from feature_pipeline.broker.local import port_open
+from feature_pipeline.defs.sensors import MONITOR_INTERVAL_SECONDS
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.samples import publish_events
 from feature_pipeline.store.feature_store import FeatureStore
@@ -47,6 +48,12 @@ def _check(p: Pipeline, asset: str, name: str) -> dict[str, Any]:
         if not isinstance(ev, dg.AssetCheckEvaluation):
             return {}
         return {"passed": ev.passed, "severity": ev.severity, "description": ev.description, "metadata": ev.metadata}
+
+
+def _latest_run_id(p: Pipeline, asset: str) -> str | None:
+    with p.instance() as inst:
+        event = inst.get_latest_materialization_event(dg.AssetKey.from_user_string(asset))
+    return event.run_id if event else None
 
 
 def _latest_materialization(p: Pipeline, asset: str) -> dict[str, Any]:
@@ -89,9 +96,30 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     assert 0 <= meta["publish_to_commit_p50_seconds"] <= meta["publish_to_commit_max_seconds"] < 60
     assert meta["publish_to_commit_p95_seconds"] <= meta["publish_to_commit_max_seconds"]
     assert meta["signals_seq_range"] == "2-2" and meta["events_in_batch"] == 1
+    assert meta["queue_wait_seconds"] >= 0 and meta["apply_seconds"] > 0
+    # The run says what it stored (tags in the run list), logs one summary line, and materializes only the
+    # tables it added rows to: a signals-only batch leaves feedback_events and dead_letters alone.
+    (ingest,) = [r for r in p.runs(dg.DagsterRunStatus.SUCCESS) if r.run_id == _latest_run_id(p, "user_features")]
+    assert ingest.tags["feature_pipeline/events_stored"] == "1"
+    assert ingest.tags["feature_pipeline/ranges"] == "SIGNALS 2-2"
+    with p.instance() as inst:
+        logged = [e.message for e in inst.all_logs(ingest.run_id) if e.message.startswith("stored batch")]
+        assert len(logged) == 1 and "evt-e2e-2" in logged[0]
+        materialized = {
+            e.dagster_event.asset_key.to_user_string()
+            for e in inst.all_logs(ingest.run_id)
+            if e.dagster_event is not None
+            and e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+            and e.dagster_event.asset_key is not None
+        }
+    assert materialized == {"signal_events", "user_features"}
     assert _check(p, "user_features", "matches_recomputation")["passed"] is True
     assert _check(p, "dead_letters", "dead_letters_last_hour")["passed"] is True
-    lag_check = wait_for(lambda: _check(p, "nats/signals", "consumer_lag"), 30, "a consumer_lag evaluation")
+    lag_check = wait_for(
+        lambda: (c := _check(p, "nats/signals", "consumer_lag")) and c["passed"] and c,
+        MONITOR_INTERVAL_SECONDS + 15,
+        "a passing consumer_lag evaluation",
+    )
     assert lag_check["passed"] is True
     healthy = p.cli("health", "--json")
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
@@ -130,12 +158,18 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     assert signals["dead_letters"] == 2
     assert report["last_ingest_run"]["status"] == "SUCCESS"
 
-    with p.instance() as inst:
-        obs = inst.fetch_observations(dg.AssetKey(["nats", "signals"]), limit=1).records
-    assert obs, "the sensor records observations on the stream asset"
-    meta = obs[0].asset_observation.metadata
-    assert meta["consumer_lag"].value == 0 and "last_message_at" in meta
-    for field in ("oldest_unacked_age_seconds", "num_redelivered", "in_flight_messages", "dead_letters"):
+    def latest_observation() -> Any:
+        with p.instance() as inst:
+            records = inst.fetch_observations(dg.AssetKey(["nats", "signals"]), limit=1).records
+        return records[0].asset_observation.metadata if records else None
+
+    meta = wait_for(
+        lambda: (m := latest_observation()) and m["consumer_lag_messages"].value == 0 and m,
+        MONITOR_INTERVAL_SECONDS + 15,
+        "stream_monitor to observe the drained stream",
+    )
+    assert "last_message_at" in meta
+    for field in ("oldest_unacked_age_seconds", "redelivered_messages", "in_flight_messages", "dead_lettered_messages"):
         assert field in meta, field
 
     dl_check = _check(p, "dead_letters", "dead_letters_last_hour")
@@ -166,11 +200,15 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     assert "user_features:matches_recomputation failed" in problems
 
 
-def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> None:
-    """Stop ingest_sensor: stream_monitor keeps grading lag (red as messages pile up) and the freshness
-    daemon marks user_features stale; health exits 1 (degraded)."""
+def test_slow_commits_and_a_stopped_ingest_sensor_are_named(make_pipeline: Any) -> None:
+    """A slow commit turns commit_latency red. Stop ingest_sensor: within two stream_monitor ticks
+    ingest_running fails naming it, stream_monitor keeps grading lag (red as messages pile up), the
+    freshness daemon marks user_features stale, and health exits 1 saying the sensor is stopped."""
     p = make_pipeline(
         {
+            "FEATURE_PIPELINE_FAULTS": "slow-commit",
+            "FEATURE_PIPELINE_COMMIT_LATENCY_WARN_SECONDS": "2",
+            "FEATURE_PIPELINE_COMMIT_LATENCY_ERROR_SECONDS": "5",
             "FEATURE_PIPELINE_LAG_WARN": "0",
             "FEATURE_PIPELINE_LAG_ERROR": "5",
             "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS": "60",
@@ -180,7 +218,12 @@ def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> Non
     )
     run(publish(p.nats.url, [synced("evt-before-stop", "u-1")]))
     wait_for(lambda: _features(p, "u-1"), 90, "u-1's row")
+    latency = _check(p, "user_features", "commit_latency")
+    assert latency["passed"] is False and latency["severity"] == dg.AssetCheckSeverity.ERROR, latency
+    assert "warn above 2 s, error above 5 s" in latency["description"]
+    assert latency["metadata"]["worst_p95_seconds"].value >= 10  # the fault waits 10 s before COMMIT
     wait_for(p.settled, 30, "caught up")
+    wait_for(lambda: _check(p, "user_features", "ingest_running").get("passed") is True, 75, "ingest_running")
     stop = subprocess.run(
         [str(BIN / "dagster"), "sensor", "stop", "ingest_sensor", "-w", str(REPO / "workspace.yaml")],
         env=p.env,
@@ -190,6 +233,13 @@ def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> Non
         timeout=120,
     )
     assert stop.returncode == 0, stop.stdout + stop.stderr
+    stopped = wait_for(
+        lambda: (c := _check(p, "user_features", "ingest_running")) and c["passed"] is False and c,
+        2 * MONITOR_INTERVAL_SECONDS + 15,
+        "stream_monitor to fail ingest_running",
+    )
+    assert stopped["severity"] == dg.AssetCheckSeverity.ERROR
+    assert stopped["description"].startswith("ingest_sensor is STOPPED since 20"), stopped
     run(publish(p.nats.url, [synced(f"evt-piling-{i}", "u-1") for i in range(10)]))
     lag = wait_for(
         lambda: (c := _check(p, "nats/signals", "consumer_lag")) and c["passed"] is False and c,
@@ -209,6 +259,7 @@ def test_stopped_pipeline_turns_lag_and_freshness_red(make_pipeline: Any) -> Non
     report = json.loads(health.stdout)
     assert report["freshness"]["user_features"] == "FAIL"
     assert report["checks"]["nats/signals:consumer_lag"]["state"] == "failed"
+    assert any(problem.startswith("ingest_sensor is STOPPED since") for problem in report["problems"]), report
 
 
 def test_nats_killed_while_a_batch_is_staged_loses_and_doubles_nothing(make_pipeline: Any) -> None:

@@ -15,7 +15,7 @@ from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
 from feature_pipeline.defs.checks import runs_evaluation
 from feature_pipeline.defs.runs import BATCH_TAG, MAX_RUNTIME_TAG, DagsterRuns, batch_tags
 from feature_pipeline.defs.schedules import refresh_feature_windows
-from feature_pipeline.defs.sensors import build_ingest_sensor
+from feature_pipeline.defs.sensors import build_ingest_sensor, stream_monitor
 from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import blocked_batches
@@ -37,7 +37,7 @@ from feature_pipeline_tests.helpers import (
 
 def test_sensor_requests_a_run_per_batch_and_acks_after_it_succeeded(settings: Settings, tmp_path: Path) -> None:
     """The sensor itself: one run request per staged batch (batch id as run key and tag, the max-runtime
-    tag), the streams observed; after the run succeeded, the next evaluation acks the batch."""
+    tag), the streams observed by stream_monitor; after the run succeeded, the next evaluation acks the batch."""
     run(publish(settings.nats_url, [synced("evt-a"), synced("evt-b", "u-2")]))
     sensor = build_ingest_sensor(settings.sensor_interval_seconds)
     with dg.instance_for_test() as inst:
@@ -47,8 +47,14 @@ def test_sensor_requests_a_run_per_batch_and_acks_after_it_succeeded(settings: S
         (req,) = result.run_requests or []
         assert req.tags[BATCH_TAG] == req.run_key
         assert req.tags[MAX_RUNTIME_TAG] == str(settings.run_timeout_seconds)
-        observed = {e.asset_key.to_user_string() for e in result.asset_events if isinstance(e, dg.AssetObservation)}
+        assert not [e for e in result.asset_events if isinstance(e, dg.AssetObservation)]  # stream_monitor's job
+        with dg.build_sensor_context(instance=inst, resources=resources(settings)) as ctx:
+            monitored = stream_monitor(ctx)
+        assert isinstance(monitored, dg.SensorResult)
+        observed = {e.asset_key.to_user_string() for e in monitored.asset_events if isinstance(e, dg.AssetObservation)}
         assert observed == {"nats/signals", "nats/feedback", "nats/deadletter"}
+        checks = {e.check_name for e in monitored.asset_events if isinstance(e, dg.AssetCheckEvaluation)}
+        assert checks == {"consumer_lag", "oldest_unacked_age", "ingest_running"}
         assert lag(settings)["SIGNALS"] == 2, "nothing may be acked before the run has run"
 
         assert materialize(inst, settings, dict(req.tags)).success
@@ -225,9 +231,10 @@ def test_window_refresh_run_observes_user_features_and_materializes_nothing(sett
         after = inst.get_latest_materialization_event(dg.AssetKey("user_features"))
         assert before is not None and after is not None and after.run_id == before.run_id  # still the ingest run
         checks = result.get_asset_check_evaluations()
-        assert sorted((c.asset_key.to_user_string(), c.passed) for c in checks) == [
-            ("dead_letters", True),
-            ("user_features", True),
+        assert sorted((c.asset_key.to_user_string(), c.check_name, c.passed) for c in checks) == [
+            ("dead_letters", "dead_letters_last_hour", True),
+            ("user_features", "commit_latency", True),
+            ("user_features", "matches_recomputation", True),
         ]
     assert query(Path(settings.feature_store_path), "SELECT user_id FROM user_features") == [("u-r",)]
 

@@ -72,7 +72,7 @@ def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
 
 
 def _dagster(cfg: settings.Settings, report: dict[str, Any]) -> int:
-    report.update(last_ingest_run=None, checks={}, freshness={}, retrying=[])
+    report.update(ingest_sensor=None, last_ingest_run=None, checks={}, freshness={}, retrying=[])
     try:
         report.update(_dagster_state(cfg) or {})
     except Exception as exc:
@@ -91,10 +91,13 @@ def _dagster_state(cfg: settings.Settings) -> dict[str, Any] | None:
 
     os.environ["DAGSTER_HOME"] = str(home)
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        from feature_pipeline.defs.checks import ingest_graded
         from feature_pipeline.defs.runs import DagsterRuns
         from feature_pipeline.ingest.tick import blocked_batches
 
+        ingest = ingest_graded(instance)
         return {
+            "ingest_sensor": {"ok": ingest["passed"], "description": ingest["description"]},
             "last_ingest_run": _last_run(instance),
             "retrying": blocked_batches(cfg, DagsterRuns(instance)),
             "checks": _checks(instance),
@@ -148,6 +151,9 @@ def _graded(report: dict[str, Any]) -> int:
     """A failed last run, a batch waiting for a retry, a failed check or stale features: degraded."""
     last = report.get("last_ingest_run") or {}
     degraded = [f"not fetching; retrying {b}" for b in report["retrying"]]
+    ingest = report.get("ingest_sensor")
+    if ingest and not ingest["ok"]:
+        degraded.append(ingest["description"])
     if last.get("status") in ("FAILURE", "CANCELED"):
         degraded.append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
     for name, check in report["checks"].items():
@@ -168,6 +174,8 @@ def _text(report: dict[str, Any]) -> str:
             f"in flight {s['in_flight_batches']} batch(es)/{s['in_flight_messages']} msgs  "
             f"dead letters {s['dead_letters']}"
         )
+    if report.get("ingest_sensor"):
+        lines.append(f"  {report['ingest_sensor']['description']}")
     if report.get("last_ingest_run"):
         lines.append(f"  last ingest run: {report['last_ingest_run']}")
     for name, check in report["checks"].items():

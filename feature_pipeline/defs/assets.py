@@ -7,6 +7,7 @@ its batch tag (the sensor's runs), move the window clock (the schedule's runs), 
 hand with neither, rebuild every user_features row.
 """
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -15,7 +16,12 @@ import dagster as dg
 
 from feature_pipeline import faults
 from feature_pipeline.defs import metadata
-from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, store_check_results
+from feature_pipeline.defs.checks import (
+    COMMIT_LATENCY_CHECK,
+    CONSISTENCY_CHECK,
+    DEAD_LETTERS_CHECK,
+    store_check_results,
+)
 from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
 from feature_pipeline.defs.streams import stream_key
@@ -65,7 +71,7 @@ def with_freshness(assets_def: dg.AssetsDefinition, warn_seconds: int, fail_seco
 
 @dg.multi_asset(
     specs=list(RAW_SPECS.values()),
-    check_specs=[DEAD_LETTERS_CHECK, CONSISTENCY_CHECK],
+    check_specs=[DEAD_LETTERS_CHECK, CONSISTENCY_CHECK, COMMIT_LATENCY_CHECK],
     pool=DUCKDB_POOL,
     can_subset=False,
     name="ingest_batch",
@@ -110,6 +116,7 @@ def _store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, 
             yield from _already_settled(context, pipeline, batch_id, staging.where)
             return
         with staging.local_copy(batch_id) as folder:
+            started = time.monotonic()
             result = FeatureStore.from_settings(settings).apply_batch(
                 folder,
                 batch_id,
@@ -117,11 +124,26 @@ def _store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, 
                 consistency_every=settings.consistency_every_seconds,
                 before_commit=faults.before_commit(settings.fault_set),
             )
+            applied = time.monotonic() - started
     _log_batch(context, result, settings.allowed_lateness_seconds)
-    common = metadata.batch_common(result, manifest)
+    context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
+    timing = {"apply_seconds": round(applied, 2), **_queue_wait(context)}
     for key, extra in metadata.batch_per_table(result).items():
-        yield dg.MaterializeResult(asset_key=key, metadata={**common, **extra})
+        if key == "user_features":  # the batch's summary, once: on the asset it describes
+            yield dg.MaterializeResult(
+                asset_key=key, metadata={**metadata.batch_common(result, manifest), **timing, **extra}
+            )
+        elif extra.pop("changed"):  # a table the batch added no row to keeps its last materialization
+            yield dg.MaterializeResult(asset_key=key, metadata=extra)
     yield from store_check_results(result.health, settings)
+
+
+def _queue_wait(context: dg.AssetExecutionContext) -> dict[str, float]:
+    """Seconds from the run's creation (the sensor's request) to its start: what the run list's duration hides."""
+    record = context.instance.get_run_record_by_id(context.run_id)
+    if record is None or record.start_time is None:
+        return {}
+    return {"queue_wait_seconds": round(record.start_time - record.create_timestamp.timestamp(), 2)}
 
 
 def _already_settled(
@@ -202,7 +224,7 @@ ingest_job = dg.define_asset_job(
     "ingest",
     # The asset's own checks, not the on-demand one of user_features (it reads the instance, for no batch).
     selection=dg.AssetSelection.assets(ingest_batch).without_checks()
-    | dg.AssetSelection.checks(DEAD_LETTERS_CHECK.key, CONSISTENCY_CHECK.key),
+    | dg.AssetSelection.checks(DEAD_LETTERS_CHECK.key, CONSISTENCY_CHECK.key, COMMIT_LATENCY_CHECK.key),
     # One process per run: the default multiprocess executor adds ~4 s per micro-batch.
     executor_def=dg.in_process_executor,
     description="Stores one staged micro-batch; launched by ingest_sensor, which settles it afterwards.",

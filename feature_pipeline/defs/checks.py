@@ -7,6 +7,7 @@ The store checks run inside every ingest run, right after its commit.
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -16,16 +17,43 @@ from nats.js.errors import NotFoundError
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import BrokerUnavailable
 from feature_pipeline.broker.stats import read_stream_stats
+from feature_pipeline.defs.instigators import ingest_sensor_state
 from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.streams import stream_key
-from feature_pipeline.health import AGE_CHECK, LAG_CHECK, CheckOutcome, StreamStats, stream_checks, thresholds
+from feature_pipeline.health import (
+    AGE_CHECK,
+    INGEST_CHECK,
+    INGEST_SENSOR,
+    LAG_CHECK,
+    TICK_STALE_SECONDS,
+    CheckOutcome,
+    StreamStats,
+    ingest_grade,
+    stream_checks,
+    thresholds,
+)
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.tick import blocked_batches
 from feature_pipeline.settings import Settings
-from feature_pipeline.store.feature_store import StoreHealth
+from feature_pipeline.store.feature_store import RECENT_MINUTES, StoreHealth
 from feature_pipeline.streams import BY_NAME, DEADLETTER, STREAMS
 
 _SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
+# The graded figure of each stream check, named with its unit (the thresholds are in the description).
+_CHECK_FIGURE = {LAG_CHECK: "consumer_lag_messages", AGE_CHECK: "oldest_unacked_age_seconds"}
+# Observation figures, named with their units: the UI plots each under this name.
+_OBSERVED = {
+    "consumer_lag": "consumer_lag_messages",
+    "num_pending": "pending_messages",
+    "num_ack_pending": "unacked_messages",
+    "num_redelivered": "redelivered_messages",
+    "stream_messages": "stream_messages",
+    "in_flight_batches": "in_flight_batches",
+    "in_flight_messages": "in_flight_messages",
+    "dead_letters": "dead_lettered_messages",
+    "oldest_unacked_age_seconds": "oldest_unacked_age_seconds",
+    "seconds_since_last_message": "seconds_since_last_message",
+}
 
 STREAM_CHECK_SPECS = [
     spec
@@ -45,6 +73,14 @@ CONSISTENCY_CHECK = dg.AssetCheckSpec(
     "row's updated_at; made at most every FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS (compared_at says when).",
 )
 
+COMMIT_LATENCY_CHECK = dg.AssetCheckSpec(
+    "commit_latency",
+    asset="user_features",
+    description=f"The p95 publish→commit latency (JetStream stored time to DuckDB commit) of every batch stored in "
+    f"the last {RECENT_MINUTES} minutes is under FEATURE_PIPELINE_COMMIT_LATENCY_WARN_SECONDS (WARN above it, ERROR "
+    "above FEATURE_PIPELINE_COMMIT_LATENCY_ERROR_SECONDS).",
+)
+
 RUNS_CHECK = dg.AssetCheckSpec(
     "runs_not_failing_outside_messages",
     asset="user_features",
@@ -52,6 +88,36 @@ RUNS_CHECK = dg.AssetCheckSpec(
     "(store unreachable or not writable, disk full, lock timeout, killed worker, lost run). While one waits, the "
     "sensor fetches nothing new and no delivery is spent.",
 )
+
+
+INGEST_CHECK_SPEC = dg.AssetCheckSpec(
+    INGEST_CHECK,
+    asset="user_features",
+    description=f"{INGEST_SENSOR} is switched on and completed a tick in the last {TICK_STALE_SECONDS} s; graded by "
+    "stream_monitor, which keeps running when ingest_sensor is stopped.",
+)
+
+
+def ingest_graded(instance: dg.DagsterInstance) -> dict[str, Any]:
+    """The ingest_running check, from what the instance says of the ingest sensor."""
+    try:
+        grade, description, age = ingest_grade(ingest_sensor_state(instance), datetime.now(UTC))
+    except Exception as exc:  # the instance's storage, or an API that moved in a Dagster upgrade
+        grade, description, age = "warn", f"cannot read {INGEST_SENSOR}'s state: {type(exc).__name__}: {exc}", None
+    return {
+        "asset_key": INGEST_CHECK_SPEC.asset_key,
+        "check_name": INGEST_CHECK,
+        "passed": grade == "pass",
+        "severity": _SEVERITY.get(grade, dg.AssetCheckSeverity.WARN),
+        "metadata": {} if age is None else {"seconds_since_last_tick": round(age, 1)},
+        "description": description,
+    }
+
+
+@dg.asset_check(asset="user_features", name=INGEST_CHECK, description=INGEST_CHECK_SPEC.description)
+def ingest_check_on_demand(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Run from the UI: the same grading stream_monitor makes every tick."""
+    return dg.AssetCheckResult(**ingest_graded(context.instance))
 
 
 def runs_evaluation(blocked: list[str]) -> dg.AssetCheckEvaluation:
@@ -111,9 +177,12 @@ def _observations(stats: list[StreamStats], settings: Settings) -> list[dg.Asset
     """One observation per stream (numeric metadata, so the UI plots it) and its graded checks."""
     events: list[dg.AssetObservation | dg.AssetCheckEvaluation] = []
     for s in stats:
-        meta: dict[str, Any] = {
-            k: v for k, v in s.as_dict().items() if isinstance(v, int | float) and not isinstance(v, bool)
-        }
+        figures = s.as_dict()
+        meta: dict[str, Any] = {}
+        for key, name in _OBSERVED.items():
+            value = figures.get(key)
+            if isinstance(value, int | float):
+                meta[name] = round(value, 1) if isinstance(value, float) else value
         meta["consumer"] = s.consumer
         if s.last_message_at:
             meta["last_message_at"] = dg.MetadataValue.timestamp(s.last_message_at)
@@ -129,7 +198,7 @@ def _graded(o: CheckOutcome) -> dict[str, Any]:
         "check_name": o.check,
         "passed": o.grade == "pass",
         "severity": _SEVERITY.get(o.grade, dg.AssetCheckSeverity.WARN),
-        "metadata": {"value": o.value},
+        "metadata": {_CHECK_FIGURE[o.check]: round(o.value, 1)},
         "description": o.description,
     }
 
@@ -159,17 +228,40 @@ def stream_checks_on_demand(pipeline: PipelineResource) -> Iterator[dg.AssetChec
         yield dg.AssetCheckResult(**_graded(o))
 
 
+def commit_latency_result(health: StoreHealth, settings: Settings) -> dg.AssetCheckResult:
+    warn, error = settings.commit_latency_warn_seconds, settings.commit_latency_error_seconds
+    worst, n = health.recent_worst_p95_seconds, health.recent_batches
+    limits = f"warn above {warn} s, error above {error} s"
+    if worst is None:
+        return dg.AssetCheckResult(
+            asset_key="user_features",
+            check_name=COMMIT_LATENCY_CHECK.name,
+            passed=True,
+            description=f"no batch with events stored in the last {RECENT_MINUTES} minutes ({limits})",
+        )
+    return dg.AssetCheckResult(
+        asset_key="user_features",
+        check_name=COMMIT_LATENCY_CHECK.name,
+        passed=worst <= warn,
+        severity=dg.AssetCheckSeverity.ERROR if worst > error else dg.AssetCheckSeverity.WARN,
+        metadata={"worst_p95_seconds": round(worst, 2), "batches": n},
+        description=f"worst p95 publish→commit of the {n} batches stored in the last {RECENT_MINUTES} minutes: "
+        f"{worst:.1f} s ({limits})",
+    )
+
+
 def store_check_results(health: StoreHealth, settings: Settings) -> list[dg.AssetCheckResult]:
     """The checks an ingest run evaluates on the store it has just committed."""
     n, warn, error = health.dead_letters_last_hour, settings.dead_letters_hour_warn, settings.dead_letters_hour_error
     bad = health.inconsistent_users
     return [
+        commit_latency_result(health, settings),
         dg.AssetCheckResult(
             asset_key=DEADLETTER.table,
             check_name=DEAD_LETTERS_CHECK.name,
             passed=n <= warn,
             severity=dg.AssetCheckSeverity.ERROR if n > error else dg.AssetCheckSeverity.WARN,
-            metadata={"dead_letters_last_hour": n, "warn_above": warn, "error_above": error},
+            metadata={"dead_letters_last_hour": n},
             description=f"{n} dead letters in the last hour (warn above {warn}, error above {error})",
         ),
         dg.AssetCheckResult(

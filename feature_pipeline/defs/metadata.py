@@ -23,7 +23,7 @@ def dead_letters(health: StoreHealth) -> dict[str, Any]:
 
 def refresh(r: Refresh) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "valid_as_of": r.valid_as_of.isoformat(),
+        "valid_as_of": dg.MetadataValue.timestamp(r.valid_as_of),
         "rows_recomputed": r.rows_written,
         "rebuilt_all_rows": r.rebuilt,
         "serving_copy": "published" if r.serving_error is None else f"NOT replaced: {r.serving_error}",
@@ -35,8 +35,18 @@ def refresh(r: Refresh) -> dict[str, Any]:
     return meta
 
 
+def run_tags(result: BatchResult, manifest: Manifest) -> dict[str, str]:
+    """Tags the run list shows: what the batch stored and where it came from."""
+    ranges = ", ".join(f"{stream} {lo}-{hi}" for stream, (lo, hi) in sorted(manifest.seq_ranges.items()))
+    return {
+        "feature_pipeline/events_stored": str(result.inserted),
+        "feature_pipeline/dead_letters": str(result.dead_letters_inserted + result.conflicting_duplicates),
+        "feature_pipeline/ranges": ranges or "none",
+    }
+
+
 def batch_common(result: BatchResult, manifest: Manifest) -> dict[str, Any]:
-    """What every table of an ingest run shows: the batch, its counts, its sequence ranges and latency."""
+    """The batch's summary on user_features: its counts, its sequence ranges and latency."""
     meta: dict[str, Any] = {
         "batch_id": result.batch_id,
         "events_in_batch": result.events_in_batch,
@@ -59,11 +69,22 @@ def batch_common(result: BatchResult, manifest: Manifest) -> dict[str, Any]:
 
 
 def batch_per_table(result: BatchResult) -> dict[str, dict[str, Any]]:
-    """What each table of an ingest run shows besides the common part."""
+    """What each table of an ingest run shows; `changed` says whether the batch added rows to it."""
     per: dict[str, dict[str, Any]] = {
-        spec.table: {"events_stored": result.written.inserted[spec.name], "rows_total": result.rows[spec.table]}
+        spec.table: {
+            "changed": result.written.inserted[spec.name] > 0,
+            "batch_id": result.batch_id,
+            "events_stored": result.written.inserted[spec.name],
+            "rows_total": result.rows[spec.table],
+        }
         for spec in streams.EVENT_STREAMS
     }
-    per[streams.DEADLETTER.table] = dead_letters(result.health)
+    recorded = result.dead_letters_inserted + result.conflicting_duplicates
+    per[streams.DEADLETTER.table] = {
+        "changed": recorded > 0,
+        "batch_id": result.batch_id,
+        "dead_letters_stored": recorded,
+        **dead_letters(result.health),
+    }
     per["user_features"] = {"rows_total": result.user_features_rows, **refresh(result.refresh)}
     return per

@@ -7,15 +7,16 @@ Python; this module turns a tick's report into run requests, observations and a 
 import dagster as dg
 
 from feature_pipeline.defs.assets import ingest_job
-from feature_pipeline.defs.checks import read_stats, runs_evaluation, stream_events
+from feature_pipeline.defs.checks import ingest_graded, read_stats, runs_evaluation, stream_events
 from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.runs import DagsterRuns, batch_tags, run_key
+from feature_pipeline.health import INGEST_SENSOR
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import run_tick
 from feature_pipeline.settings import Settings
 
-SENSOR_NAME = "ingest_sensor"
-MONITOR_INTERVAL_SECONDS = 30
+# The stream plots keep about the last 100 observations: one every 40 s is an hour of history.
+MONITOR_INTERVAL_SECONDS = 40
 
 
 def _log(context: dg.SensorEvaluationContext, report: TickReport) -> None:
@@ -24,7 +25,7 @@ def _log(context: dg.SensorEvaluationContext, report: TickReport) -> None:
 
 def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
     @dg.sensor(
-        name=SENSOR_NAME,
+        name=INGEST_SENSOR,
         job=ingest_job,
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
@@ -41,8 +42,8 @@ def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
 
 
 def to_result(report: TickReport, settings: Settings) -> dg.SensorResult:
-    """A tick's report as Dagster sees it: one run request per batch that needs a run, and the streams'
-    observations and checks."""
+    """A tick's report as Dagster sees it: one run request per batch that needs a run, and the runs check.
+    The streams are observed and graded by stream_monitor alone, at a pace that keeps an hour of plots."""
     timeout = settings.run_timeout_seconds
     requests = []
     for batch_id in report.to_request:
@@ -50,7 +51,7 @@ def to_result(report: TickReport, settings: Settings) -> dg.SensorResult:
         requests.append(dg.RunRequest(run_key=run_key(batch_id, attempt), tags=batch_tags(batch_id, timeout, attempt)))
     return dg.SensorResult(
         run_requests=requests,
-        asset_events=[*stream_events(report.stats, report.problem, settings), runs_evaluation(report.retrying)],
+        asset_events=[runs_evaluation(report.retrying)],
         skip_reason=None if requests else report.summary(),
     )
 
@@ -59,11 +60,15 @@ def to_result(report: TickReport, settings: Settings) -> dg.SensorResult:
     name="stream_monitor",
     minimum_interval_seconds=MONITOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description=f"Observes the streams and grades the lag checks every {MONITOR_INTERVAL_SECONDS} s, also while "
-    "ingest_sensor is stopped, so a stopped pipeline turns the checks red.",
+    description=f"Observes the streams and grades the lag checks and ingest_running every {MONITOR_INTERVAL_SECONDS} "
+    "s, also while ingest_sensor is stopped, so a stopped pipeline turns the checks red.",
 )
-def stream_monitor(pipeline: PipelineResource) -> dg.SensorResult:
+def stream_monitor(context: dg.SensorEvaluationContext, pipeline: PipelineResource) -> dg.SensorResult:
     settings = pipeline.settings
     stats, problem = read_stats(settings, "feature-pipeline-monitor")
+    ingest = ingest_graded(context.instance)
     lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
-    return dg.SensorResult(asset_events=stream_events(stats, problem, settings), skip_reason=problem or lags)
+    return dg.SensorResult(
+        asset_events=[*stream_events(stats, problem, settings), dg.AssetCheckEvaluation(**ingest)],
+        skip_reason=f"{problem or lags}; {ingest['description']}",
+    )

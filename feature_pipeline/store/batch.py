@@ -194,7 +194,8 @@ def touch_users(con: duckdb.DuckDBPyConnection) -> int:
 
 def record_batch(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime, w: Written) -> None:
     con.execute(
-        "INSERT INTO ingested_batches VALUES ($batch, $now, $n, $ins, $dl, $users) ON CONFLICT DO NOTHING",
+        "INSERT INTO ingested_batches (batch_id, committed_at, events_in_batch, events_inserted, "
+        "dead_letters_inserted, users_touched) VALUES ($batch, $now, $n, $ins, $dl, $users) ON CONFLICT DO NOTHING",
         {
             "batch": batch_id,
             "now": now,

@@ -22,11 +22,13 @@ from feature_pipeline import streams
 from feature_pipeline.settings import Settings
 from feature_pipeline.store import archive, batch, incremental
 from feature_pipeline.store.archive import history_view
-from feature_pipeline.store.db import open_file, scalar, transaction
+from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
 from feature_pipeline.store.loader import load_registry
 from feature_pipeline.store.registry import Registry
 from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, index_existing_events, sync_columns
+
+RECENT_MINUTES = 10  # the commit_latency check grades the batches stored this recently
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class StoreHealth:
     consistency_checked: int
     inconsistent_users: list[str]
     consistency_checked_at: datetime | None = None  # when that comparison was made (None: not yet)
+    recent_batches: int = 0  # batches stored in the last RECENT_MINUTES
+    recent_worst_p95_seconds: float | None = None  # the highest p95 publish→commit among them
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,9 @@ class FeatureStore:
                     before_commit(con)
             refresh = self._publish(con, refresh)
             p50, p95, worst = batch.latency(con, datetime.now(UTC))
+            con.execute(
+                "UPDATE ingested_batches SET latency_p95_seconds = $p WHERE batch_id = $b", {"p": p95, "b": batch_id}
+            )
             return BatchResult(
                 batch_id=batch_id,
                 committed_at=now,
@@ -338,8 +345,20 @@ class FeatureStore:
             f"FROM {table} ORDER BY dead_lettered_at DESC, original_seq DESC LIMIT 5"
         ).fetchall()
         checked, bad, at = self._consistency(con, consistency_sample, every)
+        recent, worst = one(
+            con,
+            "SELECT count(*), max(latency_p95_seconds) FROM ingested_batches "
+            f"WHERE committed_at > now() - INTERVAL {RECENT_MINUTES} MINUTE",
+        )
         return StoreHealth(
-            hour, [(r[0], r[1]) for r in reasons], [(r[0], r[1], r[2], r[3]) for r in latest], checked, bad, at
+            hour,
+            [(r[0], r[1]) for r in reasons],
+            [(r[0], r[1], r[2], r[3]) for r in latest],
+            checked,
+            bad,
+            at,
+            int(recent),
+            worst,
         )
 
     def _consistency(

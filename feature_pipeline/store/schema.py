@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS event_index (
     content VARCHAR NOT NULL
 )
 """
+# Each batch's p95 publish→commit, written right after its commit (stores made before it get the column).
+BATCH_LATENCY_DDL = "ALTER TABLE ingested_batches ADD COLUMN IF NOT EXISTS latency_p95_seconds DOUBLE"
 # The last comparison of sampled rows with the whole-history reference.
 CONSISTENCY_DDL = """
 CREATE TABLE IF NOT EXISTS consistency_state (
@@ -128,7 +130,7 @@ def ddl(registry: Registry) -> list[str]:
     raw = [raw_ddl(s.table) for s in streams.EVENT_STREAMS]
     raw += [*ARCHIVE_DDL, *(view_ddl(s.table, [], replace=False) for s in streams.EVENT_STREAMS)]
     tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, EVENT_INDEX_DDL, CONSISTENCY_DDL, REDRIVES_DDL]
-    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL]
+    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL, BATCH_LATENCY_DDL]
     return [*raw, *tables, user_features_ddl(registry), snapshots_ddl(registry)]
 
 
