@@ -5,7 +5,12 @@ import dagster as dg
 from feature_pipeline import settings
 from feature_pipeline.defs.archive import archive_job, archive_schedule
 from feature_pipeline.defs.assets import ingest_batch, ingest_job, with_freshness
-from feature_pipeline.defs.checks import ingest_check_on_demand, runs_check_on_demand, stream_checks_on_demand
+from feature_pipeline.defs.checks import (
+    ingest_check_on_demand,
+    runs_check_on_demand,
+    stream_checks_job,
+    stream_checks_on_demand,
+)
 from feature_pipeline.defs.redrive import redrive_job
 from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.defs.resources import build_resources
@@ -26,7 +31,7 @@ defs = dg.Definitions(
         snapshots,
     ],
     asset_checks=[stream_checks_on_demand, runs_check_on_demand, ingest_check_on_demand],
-    jobs=[ingest_job, snapshot_job, replay_stream, redrive_job, prune_ingest_runs_job, archive_job],
+    jobs=[ingest_job, snapshot_job, replay_stream, redrive_job, prune_ingest_runs_job, archive_job, stream_checks_job],
     sensors=[build_ingest_sensor(SETTINGS.sensor_interval_seconds), stream_monitor],
     schedules=[refresh_feature_windows, snapshot_schedule, prune_ingest_runs, archive_schedule],
     resources=build_resources(),

@@ -23,6 +23,7 @@ from feature_pipeline.settings import Settings
 from feature_pipeline.testing import query, run, wait_for
 from feature_pipeline_tests.helpers import (
     DagsterLifecycle,
+    Lifecycle,
     caught_up,
     changed,
     lag,
@@ -275,3 +276,20 @@ def test_old_ingest_runs_are_pruned_failed_ones_later_other_jobs_never() -> None
         assert prune(inst, 7, now + timedelta(days=29)) == {"succeeded": 0, "failed": 1}
         left = {r.dagster_run.run_id for r in inst.get_run_records()}
     assert left == {running, other} and not left & {*done, failed}
+
+
+def test_the_stream_checks_run_on_their_own_from_a_job(settings: Settings, lifecycle: Lifecycle) -> None:
+    """The UI cannot execute a check of an external asset from its page; the check-only job check_streams
+    grades every stream check against the real server, with nothing materialized."""
+    from feature_pipeline import definitions
+
+    run(publish(settings.nats_url, [synced("evt-pending")]))
+    lifecycle.tick()  # creates the consumers and stages the message: unacked until a run stores it
+    job = definitions.defs.resolve_job_def("check_streams")
+    with dg.instance_for_test() as inst:
+        result = job.execute_in_process(instance=inst, resources=resources(settings))
+    assert result.success and result.get_asset_materialization_events() == []
+    graded = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    assert len(graded) == 6
+    lag_check = graded[("nats/signals", "consumer_lag")]
+    assert lag_check.metadata["consumer_lag_messages"].value == 1

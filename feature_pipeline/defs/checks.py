@@ -250,6 +250,16 @@ def commit_latency_result(health: StoreHealth, settings: Settings) -> dg.AssetCh
     )
 
 
+# Checks of external assets cannot be executed from their asset page ("cannot execute without
+# materializing the asset"); a check-only job can: Jobs > check_streams > Launch run.
+stream_checks_job = dg.define_asset_job(
+    "check_streams",
+    selection=dg.AssetSelection.checks(*(s.key for s in STREAM_CHECK_SPECS)),
+    executor_def=dg.in_process_executor,
+    description="Grades consumer_lag and oldest_unacked_age of every stream now, as stream_monitor does every tick.",
+)
+
+
 def store_check_results(health: StoreHealth, settings: Settings) -> list[dg.AssetCheckResult]:
     """The checks an ingest run evaluates on the store it has just committed."""
     n, warn, error = health.dead_letters_last_hour, settings.dead_letters_hour_warn, settings.dead_letters_hour_error
