@@ -223,7 +223,7 @@ def test_slow_commits_and_a_stopped_ingest_sensor_are_named(make_pipeline: Any) 
     assert "warn above 2 s, error above 5 s" in latency["description"]
     assert latency["metadata"]["worst_p95_seconds"].value >= 10  # the fault waits 10 s before COMMIT
     wait_for(p.settled, 30, "caught up")
-    wait_for(lambda: _check(p, "user_features", "ingest_running").get("passed") is True, 75, "ingest_running")
+    wait_for(lambda: _check(p, "nats/signals", "ingest_running").get("passed") is True, 75, "ingest_running")
     stop = subprocess.run(
         [str(BIN / "dagster"), "sensor", "stop", "ingest_sensor", "-w", str(REPO / "workspace.yaml")],
         env=p.env,
@@ -234,7 +234,7 @@ def test_slow_commits_and_a_stopped_ingest_sensor_are_named(make_pipeline: Any) 
     )
     assert stop.returncode == 0, stop.stdout + stop.stderr
     stopped = wait_for(
-        lambda: (c := _check(p, "user_features", "ingest_running")) and c["passed"] is False and c,
+        lambda: (c := _check(p, "nats/signals", "ingest_running")) and c["passed"] is False and c,
         2 * MONITOR_INTERVAL_SECONDS + 15,
         "stream_monitor to fail ingest_running",
     )

@@ -54,8 +54,13 @@ def test_sensor_requests_a_run_per_batch_and_acks_after_it_succeeded(settings: S
         assert isinstance(monitored, dg.SensorResult)
         observed = {e.asset_key.to_user_string() for e in monitored.asset_events if isinstance(e, dg.AssetObservation)}
         assert observed == {"nats/signals", "nats/feedback", "nats/deadletter"}
-        checks = {e.check_name for e in monitored.asset_events if isinstance(e, dg.AssetCheckEvaluation)}
-        assert checks == {"consumer_lag", "oldest_unacked_age", "ingest_running"}
+        checks = [
+            (e.asset_key.to_user_string(), e.check_name)
+            for e in monitored.asset_events
+            if isinstance(e, dg.AssetCheckEvaluation)
+        ]
+        names = ("consumer_lag", "oldest_unacked_age", "ingest_running")
+        assert sorted(checks) == sorted((f"nats/{s}", n) for s in ("signals", "feedback", "deadletter") for n in names)
         assert lag(settings)["SIGNALS"] == 2, "nothing may be acked before the run has run"
 
         assert materialize(inst, settings, dict(req.tags)).success

@@ -90,34 +90,45 @@ RUNS_CHECK = dg.AssetCheckSpec(
 )
 
 
-INGEST_CHECK_SPEC = dg.AssetCheckSpec(
-    INGEST_CHECK,
-    asset="user_features",
-    description=f"{INGEST_SENSOR} is switched on and completed a tick in the last {TICK_STALE_SECONDS} s; graded by "
-    "stream_monitor, which keeps running when ingest_sensor is stopped.",
-)
+# On the stream assets, which no run materializes: the UI shows a check's latest evaluation only while
+# it targets the asset's latest materialization, so a check on user_features that stream_monitor grades
+# every 40 s would read "Not Evaluated" after each batch.
+INGEST_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        INGEST_CHECK,
+        asset=stream_key(s),
+        description=f"{INGEST_SENSOR}, which drains this stream, is switched on and completed a tick in the last "
+        f"{TICK_STALE_SECONDS} s; graded by stream_monitor, which keeps running when {INGEST_SENSOR} is stopped.",
+    )
+    for s in STREAMS
+]
 
 
-def ingest_graded(instance: dg.DagsterInstance) -> dict[str, Any]:
-    """The ingest_running check, from what the instance says of the ingest sensor."""
+def ingest_graded(instance: dg.DagsterInstance) -> list[dict[str, Any]]:
+    """The ingest_running check of every stream, from what the instance says of the ingest sensor."""
     try:
         grade, description, age = ingest_grade(ingest_sensor_state(instance), datetime.now(UTC))
     except Exception as exc:  # the instance's storage, or an API that moved in a Dagster upgrade
         grade, description, age = "warn", f"cannot read {INGEST_SENSOR}'s state: {type(exc).__name__}: {exc}", None
-    return {
-        "asset_key": INGEST_CHECK_SPEC.asset_key,
-        "check_name": INGEST_CHECK,
-        "passed": grade == "pass",
-        "severity": _SEVERITY.get(grade, dg.AssetCheckSeverity.WARN),
-        "metadata": {} if age is None else {"seconds_since_last_tick": round(age, 1)},
-        "description": description,
-    }
+    return [
+        {
+            "asset_key": spec.asset_key,
+            "check_name": INGEST_CHECK,
+            "passed": grade == "pass",
+            "severity": _SEVERITY.get(grade, dg.AssetCheckSeverity.WARN),
+            "metadata": {} if age is None else {"seconds_since_last_tick": round(age, 1)},
+            "description": description,
+        }
+        for spec in INGEST_CHECK_SPECS
+    ]
 
 
-@dg.asset_check(asset="user_features", name=INGEST_CHECK, description=INGEST_CHECK_SPEC.description)
-def ingest_check_on_demand(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+@dg.multi_asset_check(specs=INGEST_CHECK_SPECS, name="ingest_checks", can_subset=True)
+def ingest_check_on_demand(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
     """Run from the UI: the same grading stream_monitor makes every tick."""
-    return dg.AssetCheckResult(**ingest_graded(context.instance))
+    for graded in ingest_graded(context.instance):
+        if dg.AssetCheckKey(graded["asset_key"], INGEST_CHECK) in context.selected_asset_check_keys:
+            yield dg.AssetCheckResult(**graded)
 
 
 def runs_evaluation(blocked: list[str]) -> dg.AssetCheckEvaluation:
@@ -217,15 +228,19 @@ def unreachable_evaluations(problem: str) -> list[dg.AssetCheckEvaluation]:
     ]
 
 
-@dg.multi_asset_check(specs=STREAM_CHECK_SPECS, name="stream_checks")
-def stream_checks_on_demand(pipeline: PipelineResource) -> Iterator[dg.AssetCheckResult]:
-    """Run from the UI: the same evaluation the sensors make every tick."""
+@dg.multi_asset_check(specs=STREAM_CHECK_SPECS, name="stream_checks", can_subset=True)
+def stream_checks_on_demand(
+    context: dg.AssetCheckExecutionContext, pipeline: PipelineResource
+) -> Iterator[dg.AssetCheckResult]:
+    """Run from the UI (each check on its own, from its page): the same evaluation stream_monitor makes."""
     settings = pipeline.settings
     stats, problem = read_stats(settings, "feature-pipeline-checks")
     if problem:
         raise dg.Failure(problem)
     for o in stream_checks(stats, thresholds(settings)):
-        yield dg.AssetCheckResult(**_graded(o))
+        graded = _graded(o)
+        if dg.AssetCheckKey(graded["asset_key"], o.check) in context.selected_asset_check_keys:
+            yield dg.AssetCheckResult(**graded)
 
 
 def commit_latency_result(health: StoreHealth, settings: Settings) -> dg.AssetCheckResult:

@@ -69,6 +69,6 @@ def stream_monitor(context: dg.SensorEvaluationContext, pipeline: PipelineResour
     ingest = ingest_graded(context.instance)
     lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
     return dg.SensorResult(
-        asset_events=[*stream_events(stats, problem, settings), dg.AssetCheckEvaluation(**ingest)],
-        skip_reason=f"{problem or lags}; {ingest['description']}",
+        asset_events=[*stream_events(stats, problem, settings), *(dg.AssetCheckEvaluation(**g) for g in ingest)],
+        skip_reason=f"{problem or lags}; {ingest[0]['description']}",
     )

@@ -12,8 +12,8 @@ def stream_key(spec: StreamSpec) -> dg.AssetKey:
 STREAM_ASSETS = [
     dg.AssetSpec(
         stream_key(spec),
-        description=f"JetStream stream {spec.name} ({spec.subject}). Observed every sensor tick: consumer lag, "
-        "last message time, messages in flight.",
+        description=f"JetStream stream {spec.name} ({spec.subject}). Observed every stream_monitor tick (40 s): "
+        "consumer lag, last message time, messages in flight; ingest_running says whether ingest_sensor drains it.",
         group_name="streams",
         kinds={"nats"},
     )
