@@ -295,7 +295,7 @@ class FeatureStore:
         rebuild = rebuild or previous is None or fingerprint != self.registry.fingerprint or bool(changes)
         if rebuild:
             con.execute("DELETE FROM user_features")
-            users, _ = incremental.every_user(as_of)
+            users = incremental.every_user()
         else:
             moved = incremental.users_changed_by_time(con, self.registry, previous, as_of)
             users = f"SELECT user_id FROM {touched} UNION SELECT user_id FROM {moved}"

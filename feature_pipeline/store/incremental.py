@@ -280,12 +280,12 @@ def write_rows(con: duckdb.DuckDBPyConnection, registry: Registry, as_of: dateti
     return int(scalar(con, "SELECT count(*) FROM feature_rows"))
 
 
-def every_user(as_of: datetime) -> tuple[str, dict[str, datetime]]:
+def every_user() -> str:
     """Every user the reference would give a row: those with partials, and those whose only events
-    are still in the future."""
+    are still in the future (after `$as_of`, which `write_rows` binds)."""
     parts_ = [f"SELECT user_id FROM {partials_table(s.key)}" for s in streams.EVENT_STREAMS]
     parts_ += [f"SELECT user_id FROM {s.table} WHERE occurred_at > $as_of" for s in streams.EVENT_STREAMS]
-    return " UNION ".join(parts_), {"as_of": as_of}
+    return " UNION ".join(parts_)
 
 
 def users_changed_by_time(con: duckdb.DuckDBPyConnection, registry: Registry, since: datetime, until: datetime) -> str:
