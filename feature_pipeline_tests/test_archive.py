@@ -15,10 +15,24 @@ import pyarrow as pa
 import pytest
 
 from feature_pipeline import training_set
+from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.ingest.staging import FolderStaging
+from feature_pipeline.settings import Settings
 from feature_pipeline.store.archive import ArchiveError
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.loader import DEFAULT_FILE, load_registry
-from feature_pipeline_tests.helpers import SUBJECTS, Env, make_env
+from feature_pipeline.testing import run
+from feature_pipeline_tests.helpers import (
+    SUBJECTS,
+    Env,
+    Feed,
+    Lifecycle,
+    caught_up,
+    make_env,
+    publish,
+    redeliveries,
+    synced,
+)
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAYS = 60  # of history, one batch per 10 days
@@ -121,19 +135,43 @@ def test_a_killed_archive_loses_nothing_and_the_next_one_finishes_it(tmp_path: P
 
     dry = cli(tmp_path, env, "--dry-run")
     assert dry.returncode == 0 and "would archive" in dry.stdout, dry.stderr
+    foreign = tmp_path / "archive" / "someone-elses.parquet"  # not the archive's layout: never deleted
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"PAR1")
     killed = cli(tmp_path, env, faults="archive-kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    orphans = list((tmp_path / "archive").rglob("*.parquet"))
+    orphans = list((tmp_path / "archive").rglob("part-*.parquet"))
     assert len(orphans) == 1  # written, never listed
     assert history(env) == sorted(ids) and live(env) == len(ids)  # nothing moved, nothing doubled
 
     done = cli(tmp_path, env)
     assert done.returncode == 0, done.stderr
     assert "removed 1 files of an unfinished run" in done.stdout
-    assert not orphans[0].exists()
+    assert not orphans[0].exists() and foreign.exists()
     assert history(env) == sorted(ids) and live(env) < len(ids)
     assert env.features() == kept
 
     again = cli(tmp_path, env)  # nothing left to move: idempotent
     assert again.returncode == 0 and "archived into 0 files" in again.stdout, again.stderr
     assert history(env) == sorted(ids)
+
+
+def test_an_archived_event_published_again_is_acked_and_not_stored_twice(
+    settings: Settings, lifecycle: Lifecycle
+) -> None:
+    """A producer's retry of an event weeks later, after the event went to the archive: through a real
+    nats-server and the batch lifecycle, the copy is acked, not redelivered, and not stored or counted again."""
+    data = {"provider": "todoist", "tasks_total": 3, "tasks_completed": 1}
+    old = ("signals.task.synced", make_envelope("evt-old", "task.synced", "u-1", NOW - timedelta(days=60), data))
+    run(publish(settings.nats_url, [old, synced("evt-new", "u-1")]))
+    lifecycle.drain()
+    store = FeatureStore.from_settings(settings)
+    moved = store.archive(settings.archive_path, timedelta(days=30))
+    assert moved.rows["signal_events"] == 1
+
+    run(publish(settings.nats_url, [old]))  # no Nats-Msg-Id: JetStream stores it again, the store must not
+    lifecycle.drain()
+    assert caught_up(settings) and redeliveries(settings) == 0
+    env = Env(store, FolderStaging(Path(settings.staging_dir)), Feed())
+    assert history(env) == ["evt-new", "evt-old"]
+    assert store.user_features("u-1")["signal_count_total"] == 2  # type: ignore[index]

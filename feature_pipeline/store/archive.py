@@ -100,7 +100,9 @@ def remove_orphans(con: duckdb.DuckDBPyConnection, root: Path) -> int:
     """Delete archive files no run finished listing (a killed run's); their rows are still live."""
     listed = {r[0] for r in con.execute("SELECT path FROM archive_files").fetchall()}
     removed = 0
-    for path in root.rglob("*.parquet"):
+    # Only files of the archive's own layout: anything else under the folder is not ours to delete.
+    ours = (p for spec in streams.EVENT_STREAMS for p in (root / spec.table).glob("day=*/part-*.parquet"))
+    for path in ours:
         if str(path) not in listed:
             path.unlink()
             removed += 1
