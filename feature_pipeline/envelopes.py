@@ -143,14 +143,15 @@ _FAST_DATA = {subject: _fast_data(model) for subject, model in DATA_MODELS.items
 _FAST_TIME = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
-_NOT_CANONICAL = re.compile(rb"[0-9][eE]|NaN|Infinity")
+_NOT_CANONICAL = re.compile(rb"[0-9][eE]|NaN|Infinity|0\.0000")
 
 
 def _canonical_json(data: dict[str, Any]) -> str:
     """The full path's `json.dumps(..., separators=(",", ":"), ensure_ascii=False)`, about 10x cheaper.
 
-    pydantic_core writes the same text except for floats in exponent form (1e16 vs 1e+16) and
-    NaN/Infinity; a number with an exponent or those words anywhere sends it to json.dumps.
+    pydantic_core writes the same text except for floats in exponent form (1e16 vs 1e+16), floats
+    below 1e-4 (0.00001 vs 1e-05) and NaN/Infinity; an exponent, four zeros after "0." or those words
+    anywhere send it to json.dumps.
     """
     if not data:
         return "{}"
