@@ -119,20 +119,21 @@ class SensorState:
     last_failure: str | None = None  # the error of the last tick, when it failed
 
 
-def ingest_grade(state: SensorState | None, now: datetime) -> tuple[Grade, str, float | None]:
+def ingest_grade(
+    state: SensorState | None, now: datetime, sensor: str = INGEST_SENSOR
+) -> tuple[Grade, str, float | None]:
     """(grade, description, seconds since the last completed tick) of the ingest_running check."""
     if state is None:
-        return "pass", f"{INGEST_SENSOR} has not ticked yet", None
+        return "pass", f"{sensor} has not ticked yet", None
     age = (now - state.last_tick_at).total_seconds() if state.last_tick_at else None
     last = f"{state.last_tick_at:%Y-%m-%d %H:%M:%S} UTC" if state.last_tick_at else "never"
     if not state.running:
-        return "error", f"{INGEST_SENSOR} is STOPPED since {last} (its last tick): nothing is fetched or acked", age
+        return "error", f"{sensor} is STOPPED since {last} (its last tick): nothing is fetched or acked", age
     if age is None or age > TICK_STALE_SECONDS:
         why = f"; its last tick failed: {state.last_failure}" if state.last_failure else ""
         return (
             "error",
-            f"{INGEST_SENSOR} is RUNNING but its last completed tick was {last}, more than "
-            f"{TICK_STALE_SECONDS} s ago{why}",
+            f"{sensor} is RUNNING but its last completed tick was {last}, more than {TICK_STALE_SECONDS} s ago{why}",
             age,
         )
-    return "pass", f"{INGEST_SENSOR} is RUNNING; last tick {age:.0f} s ago", age
+    return "pass", f"{sensor} is RUNNING; last tick {age:.0f} s ago", age

@@ -118,6 +118,8 @@ def _queue(raw: str) -> str:
 
 
 def _day(raw: str) -> str:
+    if not raw.strip():
+        return ""
     try:
         return date.fromisoformat(raw.strip()).isoformat()
     except ValueError:
@@ -245,8 +247,10 @@ class Settings:
     )
     snapshot_start: str = _var(
         "FEATURE_PIPELINE_SNAPSHOT_START",
-        "2026-01-01",
-        "First day (UTC, YYYY-MM-DD) of the daily partitions of user_feature_snapshots.",
+        "",
+        "First day (UTC, YYYY-MM-DD) of the daily partitions of user_feature_snapshots. Empty: the store's first "
+        "day, which its first writer records in `<FEATURE_STORE_PATH>.first-day` (the earliest stored event's day, "
+        "or the day before a new store was made); yesterday until then.",
         _day,
     )
     batch_max_messages: int = _var(
@@ -428,6 +432,7 @@ class Settings:
         return self.batch_max_messages * (self.max_batches_in_flight + 1)
 
 
+PATH_PARSERS = (_path, _optional_file, _features_file)  # values that name a file or folder
 VARIABLES: tuple[Variable, ...] = tuple(
     Variable(f.metadata[_META][0], f.name, *f.metadata[_META][1:]) for f in fields(Settings)
 )

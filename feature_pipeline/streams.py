@@ -62,6 +62,9 @@ H_DELIVERIES = "FP-Delivery-Count"
 H_REASON = "FP-Reason"
 H_AT = "FP-Dead-Lettered-At"
 H_STORED = "FP-Original-Time"
+# NATS_DURABLE_PREFIX of the pipeline that made the copy. Pipelines sharing the streams (two Component
+# instances) all read DEADLETTER; each records only its own copies and those of other clients.
+H_PIPELINE = "FP-Pipeline"
 H_BODY_OBJECT = "FP-Body-Object"  # set when the body did not fit the copy: where the whole body is kept
 # Bodies too large to be copied to DEADLETTER with their headers are kept whole here (object store).
 DEADLETTER_BODIES = "DEADLETTER_BODIES"

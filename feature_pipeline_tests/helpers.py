@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,9 @@ from feature_pipeline import faults, streams
 from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
-from feature_pipeline.defs.resources import RESOURCE_KEY, PipelineResource, pipeline_resource
+from feature_pipeline.defs.build import build_definitions
+from feature_pipeline.defs.names import Names
+from feature_pipeline.defs.resources import PipelineResource, pipeline_resource
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.failures import Cause, RunFailure, cause_of
@@ -83,8 +86,14 @@ def resource(settings: Settings) -> PipelineResource:
     return pipeline_resource(**{f: str(getattr(settings, f)) for f in settings.__dataclass_fields__})
 
 
-def resources(settings: Settings) -> dict[str, Any]:
-    return {RESOURCE_KEY: resource(settings)}
+def resources(settings: Settings, names: Names | None = None) -> dict[str, Any]:
+    return {(names or Names()).resource_key: resource(settings)}
+
+
+@functools.lru_cache(maxsize=8)
+def definitions(settings: Settings, prefix: str = "") -> dg.Definitions:
+    """The code location's definitions, as the Component builds them, with these settings."""
+    return build_definitions(Names(prefix), resource(settings), settings)
 
 
 # -- events and NATS ------------------------------------------------------------------------------
@@ -215,12 +224,9 @@ class Lifecycle:
 
 
 def materialize(instance: dg.DagsterInstance, settings: Settings, tags: dict[str, str]) -> dg.ExecuteInProcessResult:
-    """What the daemon launches for a run request: the ingest asset with the request's tags."""
-    from feature_pipeline.defs.assets import ingest_batch
-
-    return dg.materialize(
-        [ingest_batch], instance=instance, resources=resources(settings), tags=tags, raise_on_error=False
-    )
+    """What the daemon launches for a run request: the ingest job with the request's tags."""
+    job = definitions(settings).resolve_job_def(Names().ingest_job)
+    return job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
 
 
 class DagsterLifecycle(Lifecycle):

@@ -9,14 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
-from feature_pipeline.defs.redrive import redrive_job
 from feature_pipeline.ingest.redrive import RedriveFilter, redrive, subject_regex
 from feature_pipeline.settings import Settings
 from feature_pipeline.testing import query, run
-from feature_pipeline_tests.helpers import Lifecycle, changed, publish, resources, stored_ids, synced
+from feature_pipeline_tests.helpers import Lifecycle, changed, definitions, publish, stored_ids, synced
 
 
 @pytest.mark.parametrize(
@@ -52,7 +50,7 @@ def test_redrive_after_the_cause_is_fixed_stores_the_events_once(settings: Setti
     assert [r["original_seq"] for r in dry.matched] == [1] and dry.redriven == 0
     assert stored_ids(settings) == ["evt-ok"], "a dry run publishes nothing"
 
-    job = dg.Definitions(jobs=[redrive_job], resources=resources(settings)).resolve_job_def("redrive_dead_letters")
+    job = definitions(settings).resolve_job_def("redrive_dead_letters")
     config = {"ops": {"redrive": {"config": {"reason": "fail-marked", "dry_run": False}}}}
     assert job.execute_in_process(run_config=config).success
     Lifecycle(settings).drain()

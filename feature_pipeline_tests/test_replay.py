@@ -14,11 +14,10 @@ import dagster as dg
 import duckdb
 import pytest
 
-from feature_pipeline.defs.replay import replay_stream
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.settings import Settings
 from feature_pipeline.testing import consumer_states, run
-from feature_pipeline_tests.helpers import Lifecycle, publish, resources
+from feature_pipeline_tests.helpers import Lifecycle, definitions, publish
 
 NOW = datetime.now(UTC)
 # Far from every window edge (24 h, 7 d): the rows cannot change in the seconds the test takes.
@@ -65,11 +64,14 @@ def _dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def _replay(inst: dg.DagsterInstance, settings: Settings, **config: Any) -> dg.ExecuteInProcessResult:
-    return replay_stream.execute_in_process(
-        run_config={"ops": {"replay_range": {"config": config}}},
-        resources=resources(settings),
-        instance=inst,
-        raise_on_error=False,
+    return (
+        definitions(settings)
+        .resolve_job_def("replay_stream")
+        .execute_in_process(
+            run_config={"ops": {"replay_range": {"config": config}}},
+            instance=inst,
+            raise_on_error=False,
+        )
     )
 
 

@@ -11,11 +11,10 @@ import dagster as dg
 import pytest
 
 from feature_pipeline.cli.backfill import add_backfill_to_instance, partition_keys
-from feature_pipeline.defs.assets import REFRESH_TAG, ingest_job
-from feature_pipeline.defs.checks import runs_evaluation
+from feature_pipeline.defs.assets import REFRESH_TAG
+from feature_pipeline.defs.checks import Checks
+from feature_pipeline.defs.names import Names
 from feature_pipeline.defs.runs import BATCH_TAG, MAX_RUNTIME_TAG, DagsterRuns, batch_tags
-from feature_pipeline.defs.schedules import refresh_feature_windows
-from feature_pipeline.defs.sensors import build_ingest_sensor, stream_monitor
 from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import blocked_batches
@@ -26,6 +25,7 @@ from feature_pipeline_tests.helpers import (
     Lifecycle,
     caught_up,
     changed,
+    definitions,
     lag,
     materialize,
     publish,
@@ -40,18 +40,17 @@ def test_sensor_requests_a_run_per_batch_and_acks_after_it_succeeded(settings: S
     """The sensor itself: one run request per staged batch (batch id as run key and tag, the max-runtime
     tag), the streams observed by stream_monitor; after the run succeeded, the next evaluation acks the batch."""
     run(publish(settings.nats_url, [synced("evt-a"), synced("evt-b", "u-2")]))
-    sensor = build_ingest_sensor(settings.sensor_interval_seconds)
+    defs = definitions(settings)
+    sensor, stream_monitor = defs.resolve_sensor_def("ingest_sensor"), defs.resolve_sensor_def("stream_monitor")
     with dg.instance_for_test() as inst:
         with dg.build_sensor_context(instance=inst, resources=resources(settings)) as ctx:
-            result = sensor(ctx)
-        assert isinstance(result, dg.SensorResult)
+            result = sensor.evaluate_tick(ctx)  # as the daemon evaluates it
         (req,) = result.run_requests or []
         assert req.tags[BATCH_TAG] == req.run_key
         assert req.tags[MAX_RUNTIME_TAG] == str(settings.run_timeout_seconds)
         assert not [e for e in result.asset_events if isinstance(e, dg.AssetObservation)]  # stream_monitor's job
         with dg.build_sensor_context(instance=inst, resources=resources(settings)) as ctx:
-            monitored = stream_monitor(ctx)
-        assert isinstance(monitored, dg.SensorResult)
+            monitored = stream_monitor.evaluate_tick(ctx)
         observed = {e.asset_key.to_user_string() for e in monitored.asset_events if isinstance(e, dg.AssetObservation)}
         assert observed == {"nats/signals", "nats/feedback", "nats/deadletter"}
         checks = [
@@ -65,9 +64,9 @@ def test_sensor_requests_a_run_per_batch_and_acks_after_it_succeeded(settings: S
 
         assert materialize(inst, settings, dict(req.tags)).success
         with dg.build_sensor_context(instance=inst, resources=resources(settings)) as ctx:
-            again = sensor(ctx)
-        assert isinstance(again, dg.SensorResult) and not again.run_requests
-        assert again.skip_reason and "acked 2" in again.skip_reason.skip_message  # type: ignore[union-attr]
+            again = sensor.evaluate_tick(ctx)
+        assert not again.run_requests
+        assert again.skip_message and "acked 2" in again.skip_message
     assert caught_up(settings)
     assert sorted(stored_ids(settings)) == ["evt-a", "evt-b"]
 
@@ -135,7 +134,7 @@ def test_health_judges_the_sensors_batch_runs_not_re_executions_or_refreshes() -
         refresh = inst.create_run_for_job(job, tags={REFRESH_TAG: "windows"})
         for other in (rerun, refresh):
             inst.report_run_canceled(other, "not ingest's concern")
-        assert _last_run(inst)["run_id"] == ours.run_id
+        assert _last_run(inst, "ingest")["run_id"] == ours.run_id
 
 
 def test_canceled_run_is_retried_without_spending_a_delivery(settings: Settings) -> None:
@@ -192,7 +191,7 @@ def test_unwritable_store_retries_the_batch_and_spends_no_delivery(settings: Set
         assert report.retrying and str(blocked) in report.retrying[0]
         assert "not fetching while a run fails outside its messages" in report.summary()
         assert blocked_batches(broken, DagsterRuns(inst)) == [f"batch {batch}: {failure.text}"]
-        evaluation = runs_evaluation(report.retrying)
+        evaluation = Checks(Names()).runs_evaluation(report.retrying)
         assert not evaluation.passed and str(blocked) in (evaluation.description or "")
 
         life.settings = settings  # the store is back
@@ -205,11 +204,10 @@ def test_unwritable_store_retries_the_batch_and_spends_no_delivery(settings: Set
 def test_window_refresh_run_observes_user_features_and_materializes_nothing(settings: Settings, tmp_path: Path) -> None:
     """The schedule's run moves the clock (rows whose windows moved) and republishes the serving copy, but
     records an observation: user_features' freshness keeps saying whether ingest itself is alive."""
-    from feature_pipeline.defs.assets import ingest_batch
-
     run(publish(settings.nats_url, [synced("evt-r", "u-r")]))
     res = resources(settings)
-    job = dg.Definitions(assets=[ingest_batch], jobs=[ingest_job], resources=res).resolve_job_def("ingest")
+    defs = definitions(settings)
+    job, refresh_feature_windows = defs.resolve_job_def("ingest"), defs.resolve_schedule_def("refresh_feature_windows")
     with dg.instance_for_test() as inst:
         life = DagsterLifecycle(settings, inst)
         (batch,) = life.tick().to_request
@@ -220,12 +218,12 @@ def test_window_refresh_run_observes_user_features_and_materializes_nothing(sett
         # `with`: the context opens its own instance, which must be closed (see conftest's load-context guard).
         now = datetime.now(UTC)
         with dg.build_schedule_context(instance=inst, resources=res, scheduled_execution_time=now) as ctx:
-            skipped = refresh_feature_windows(ctx)
-        assert isinstance(skipped, dg.SkipReason) and "less than a refresh period ago" in str(skipped.skip_message)
+            skipped = refresh_feature_windows.evaluate_tick(ctx)
+        assert not skipped.run_requests and "less than a refresh period ago" in str(skipped.skip_message)
         later = now + timedelta(minutes=10)
         with dg.build_schedule_context(instance=inst, resources=res, scheduled_execution_time=later) as ctx:
-            request = refresh_feature_windows(ctx)
-        assert isinstance(request, dg.RunRequest) and request.tags[REFRESH_TAG] == "windows"
+            (request,) = refresh_feature_windows.evaluate_tick(ctx).run_requests or []
+        assert request.tags[REFRESH_TAG] == "windows"
 
         before = inst.get_latest_materialization_event(dg.AssetKey("user_features"))
         result = job.execute_in_process(instance=inst, tags=request.tags)
@@ -286,15 +284,21 @@ def test_old_ingest_runs_are_pruned_failed_ones_later_other_jobs_never() -> None
 def test_the_stream_checks_run_on_their_own_from_a_job(settings: Settings, lifecycle: Lifecycle) -> None:
     """The UI cannot execute a check of an external asset from its page; the check-only job check_streams
     grades every stream check against the real server, with nothing materialized."""
-    from feature_pipeline import definitions
-
     run(publish(settings.nats_url, [synced("evt-pending")]))
     lifecycle.tick()  # creates the consumers and stages the message: unacked until a run stores it
-    job = definitions.defs.resolve_job_def("check_streams")
+    job = definitions(settings).resolve_job_def("check_streams")
     with dg.instance_for_test() as inst:
-        result = job.execute_in_process(instance=inst, resources=resources(settings))
+        result = job.execute_in_process(instance=inst)
     assert result.success and result.get_asset_materialization_events() == []
     graded = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
     assert len(graded) == 6
     lag_check = graded[("nats/signals", "consumer_lag")]
     assert lag_check.metadata["consumer_lag_messages"].value == 1
+
+
+def test_the_sensor_says_how_often_it_really_ticks(settings: Settings) -> None:
+    """The UI shows the minimum interval as "Frequency"; under the daemon's 5 s loop the description says 5 s."""
+    fast = definitions(settings).resolve_sensor_def("ingest_sensor").description or ""
+    assert "Ticks every 5 s, the daemon's sensor loop" in fast
+    slow = definitions(changed(settings, sensor_interval_seconds=30)).resolve_sensor_def("ingest_sensor")
+    assert "Ticks at least 30 s after the previous tick ended" in (slow.description or "")

@@ -47,7 +47,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         archive_path=str(tmp_path.resolve() / "data" / "archive"),
         archive_after_days=90,
         allowed_lateness_seconds=3600,
-        snapshot_start="2026-01-01",
+        snapshot_start="",
         batch_max_messages=250_000,
         batch_max_bytes=128 * MIB,
         max_batches_in_flight=4,
@@ -253,15 +253,15 @@ def _every_variable_set(tmp_path: Path) -> dict[str, str]:
 _CODE_LOCATION = """
 import json, dagster as dg
 from feature_pipeline import definitions
-from feature_pipeline.defs.resources import RESOURCE_KEY
-with dg.build_resources({RESOURCE_KEY: definitions.defs.resources[RESOURCE_KEY]}) as res:
-    s = getattr(res, RESOURCE_KEY).settings
+with dg.build_resources({"pipeline": definitions.defs.resources["pipeline"]}) as res:
+    s = res.pipeline.settings
 sensor = next(x for x in definitions.defs.sensors if x.name == "ingest_sensor")
 features = definitions.defs.resolve_assets_def("user_features").specs_by_key[dg.AssetKey("user_features")]
 print(json.dumps({
     "settings": {f: getattr(s, f) for f in s.__dataclass_fields__},
     "interval": sensor.minimum_interval_seconds,
-    "first_partition": definitions.snapshots.partitions_def.get_first_partition_key(),
+    "first_partition": definitions.defs.resolve_assets_def("user_feature_snapshots").partitions_def
+    .get_first_partition_key(),
     "freshness": str(features.freshness_policy),
 }))
 """

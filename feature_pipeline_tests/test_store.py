@@ -15,14 +15,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feature_pipeline import faults
+from feature_pipeline.defs.snapshots import snapshot_start
+from feature_pipeline.store.first_day import first_day_file, read_first_day
 from feature_pipeline_tests.helpers import (
     EVENT,
     TABLES,
     Env,
     assert_rows_match_reference,
+    changed,
     data_for,
     deliveries_for,
     make_env,
+    settings_for,
 )
 
 FAIL = faults.before_commit({faults.FAIL_RUN})
@@ -369,6 +373,28 @@ def test_a_store_made_before_event_index_gets_its_ids_indexed_when_opened(env: E
     result = env.apply([again])
     assert result.duplicates_absorbed == 1 and env.count("signal_events") == 1
     assert assert_rows_match_reference(env)["u-1"]["signal_count_total"] == 1
+
+
+def test_the_first_writer_records_the_stores_first_day_for_the_snapshot_partitions(env: Env) -> None:
+    """A new store's first day is the day before it was made (its first whole day to snapshot); a store
+    made before the file existed gets its earliest event's day, so its snapshot partitions still cover its
+    history. The day never moves after."""
+    path = env.store.path
+    assert read_first_day(path) is None, "no store yet"
+    env.apply([env.feed.event("e-1", "signals.task.completed", "u-1", NOW - timedelta(days=40))])
+    assert read_first_day(path) == (NOW - timedelta(days=1)).date().isoformat(), "the day before it was made"
+
+    first_day_file(path).unlink()  # as a store made before the file existed
+    env.apply([env.feed.event("e-2", "signals.task.completed", "u-1", NOW)])
+    assert read_first_day(path) == (NOW - timedelta(days=40)).date().isoformat()
+    env.apply([env.feed.event("e-3", "signals.task.completed", "u-1", NOW - timedelta(days=400))])
+    assert read_first_day(path) == (NOW - timedelta(days=40)).date().isoformat(), "recorded once"
+
+    configured = settings_for(path.parent, "nats://127.0.0.1:4222")
+    assert snapshot_start(changed(configured, feature_store_path=path)) == (NOW - timedelta(days=40)).date().isoformat()
+    assert snapshot_start(changed(configured, feature_store_path=path, snapshot_start="2026-02-03")) == "2026-02-03"
+    elsewhere = changed(configured, feature_store_path=path.parent / "none.duckdb")
+    assert snapshot_start(elsewhere) == (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
 
 
 def test_the_whole_history_comparison_runs_when_due_and_sees_a_damaged_row(env: Env) -> None:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from feature_pipeline import streams
+from feature_pipeline.broker import topology
+from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.local import LocalNats
 from feature_pipeline.envelopes import make_envelope
@@ -138,6 +141,28 @@ def test_poison_is_dead_lettered_at_once_and_batch_mates_are_stored(either_path:
     assert reasons[2].startswith("not valid JSON")
     assert "does not match subject 'signals.task.synced'" in reasons[3]
     assert caught_up(settings)
+
+
+def test_dead_letter_copies_of_another_pipeline_on_the_streams_are_acked_not_recorded(lifecycle: Lifecycle) -> None:
+    """Two pipelines on the same streams (two Component instances) both read DEADLETTER: each records its
+    own copies and those other clients published, and acks the other pipeline's without recording them."""
+    settings = lifecycle.settings
+
+    async def copies() -> None:
+        async with await Broker.connect(settings.nats_url) as broker:
+            await topology.ensure_streams(broker)
+            for seq, pipeline in ((11, settings.durable_prefix), (12, "feature-pipeline-other"), (13, None)):
+                headers = {streams.H_STREAM: "SIGNALS", streams.H_SEQUENCE: str(seq), streams.H_REASON: "r"}
+                if pipeline is not None:
+                    headers[streams.H_PIPELINE] = pipeline
+                await broker.js.publish("deadletter.signals.task.synced", b"{}", headers=headers)
+
+    run(copies())
+    lifecycle.drain()
+    db = Path(settings.feature_store_path)
+    assert query(db, "SELECT original_seq FROM dead_letters ORDER BY 1") == [(11,), (13,)]
+    assert caught_up(settings), "the other pipeline's copy is acked too"
+    assert redeliveries(settings) == 0
 
 
 @pytest.mark.parametrize("staging", ["folder", "nats"])

@@ -6,8 +6,12 @@ waits for stream_monitor to turn ingest_running red. Headless Chromium (Debian's
 driven by Playwright, then captures the asset graph, a stream's page, user_features, its checks and
 the runs list at 1600x1000 into docs/screenshots/. Exits 1 when a step or a capture fails.
 
+With `--traffic-minutes N` it first keeps publishing `--rate` events a second for N minutes (ingest
+ticking every 30 s), then prints how much time the stream plots cover (the UI plots the last 100
+observations); from 61 minutes on it exits 1 unless they cover at least an hour.
+
     apt-get install chromium && .venv/bin/pip install -e '.[screenshots]'
-    .venv/bin/python scripts/screenshots.py [--out docs/screenshots] [--keep]
+    .venv/bin/python scripts/screenshots.py [--out docs/screenshots] [--keep] [--traffic-minutes 65]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from feature_pipeline.testing import BIN, REPO, Pipeline, run, wait_for
 PAGES = {
     "asset-graph": "/asset-groups/feature_store",
     "stream-signals": "/assets/nats/signals",
+    "stream-signals-plots": "/assets/nats/signals?view=plots",
     "user-features": "/assets/user_features",
     "user-features-checks": "/assets/user_features?view=checks",
     "runs": "/runs",
@@ -66,6 +71,23 @@ def capture_all(browser: str, base: str, out: Path) -> None:
             page.screenshot(path=str(out / f"{name}.png"))
             log(f"captured {name}")
         chrome.close()
+
+
+PLOTTED_POINTS = 100  # observations the UI's plots show
+
+
+def traffic(p: Pipeline, minutes: float, rate: float) -> None:
+    """Steady traffic, then the time the stream plots cover; an hour is required from 61 minutes on."""
+    users = [f"u-{i}" for i in range(50)]
+    log(f"publishing {rate} events/s for {minutes} min")
+    run(publish_events(p.nats.url, subjects=SUBJECTS, users=users, count=int(rate * minutes * 60), rate=rate, seed=8))
+    wait_for(p.settled, 180, "the traffic to be stored and acked")
+    with p.instance() as inst:
+        records = inst.fetch_observations(dg.AssetKey(["nats", "signals"]), limit=PLOTTED_POINTS).records
+    span = (records[0].timestamp - records[-1].timestamp) / 60 if records else 0.0
+    log(f"the stream plots cover {span:.1f} min ({len(records)} observations)")
+    if minutes >= 61 and span < 60:
+        raise RuntimeError(f"the plots cover {span:.1f} min after {minutes} min of traffic, less than an hour")
 
 
 def scenario(p: Pipeline) -> None:
@@ -118,13 +140,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (daemon and webserver logs)")
+    ap.add_argument("--traffic-minutes", type=float, default=0.0, help="steady traffic first, for the plots")
+    ap.add_argument("--rate", type=float, default=5.0, help="events per second of that traffic")
     args = ap.parse_args()
     browser = chromium()
     root = Path(tempfile.mkdtemp(prefix="fp-screenshots-"))
-    p = Pipeline(root, {"FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1"}, webserver=True)
+    env = {"FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1"}
+    if args.traffic_minutes:
+        env["FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS"] = "30"  # a run per 30 s of traffic, not per 5 s
+    p = Pipeline(root, env, webserver=True)
     try:
         p.start()
         wait_for(lambda: _up(p.webserver_url), 120, "the webserver")
+        if args.traffic_minutes:
+            traffic(p, args.traffic_minutes, args.rate)
         scenario(p)
         args.out.mkdir(parents=True, exist_ok=True)
         capture_all(browser, p.webserver_url, args.out)

@@ -55,6 +55,19 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
+def nats_problem(exc: BaseException, url: str) -> str:
+    """A NATS error as a line for a tick log or a check: what is wrong, in words, never a bare repr."""
+    where = redact(url)
+    if isinstance(exc, BrokerUnavailable):
+        return str(exc)
+    if isinstance(exc, NotFoundError):  # a stream, consumer or bucket was deleted (or never made)
+        what = getattr(exc, "description", None) or type(exc).__name__
+        return f"NATS at {where} says a stream, consumer or bucket is missing ({what}); ingest_sensor makes them again"
+    if isinstance(exc, TimeoutError):
+        return f"NATS at {where} did not answer in time ({type(exc).__name__})"
+    return f"lost NATS at {where}: {type(exc).__name__}: {_reason(exc)}"
+
+
 async def _quiet(_exc: Exception) -> None:
     """nats-py logs every failed attempt with a stack trace otherwise; the caller reports once."""
     return None
@@ -286,17 +299,19 @@ class Broker:
         await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return len(replies_with_delay)
 
-    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> int:
-        """Copy each message to `deadletter.<subject>` with its reason, then TERM the original.
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]], pipeline: str) -> int:
+        """Copy each message to `deadletter.<subject>` with its reason and `pipeline` (the durable
+        prefix), then TERM the original.
 
         The copy is confirmed by the DEADLETTER stream before the TERM is sent, so a crash
         in between leaves the original to be redelivered; the deterministic Nats-Msg-Id
-        makes the second copy a duplicate the stream drops.
+        makes the second copy a duplicate the stream drops. The id names the pipeline, so
+        another pipeline's copy of the same message is not taken for this one's.
         """
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         for start in range(0, len(items), 1000):
             chunk = items[start : start + 1000]
-            futures = [await self._copy_to_dead_letters(d, reason, now) for d, reason in chunk]
+            futures = [await self._copy_to_dead_letters(d, reason, now, pipeline) for d, reason in chunk]
             results = await asyncio.wait_for(
                 asyncio.gather(*futures, return_exceptions=True), REQUEST_TIMEOUT_SECONDS * 2
             )
@@ -310,11 +325,12 @@ class Broker:
             await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return len(items)
 
-    async def _copy_to_dead_letters(self, d: Delivery, reason: str, now: str) -> Any:
+    async def _copy_to_dead_letters(self, d: Delivery, reason: str, now: str, pipeline: str) -> Any:
         headers = {k: v for k, v in (d.headers or {}).items() if not k.startswith("Nats-") and k != "Status"}
         headers.update(
             {
-                "Nats-Msg-Id": f"dl:{d.stream}:{d.stream_seq}",
+                "Nats-Msg-Id": f"dl:{pipeline}:{d.stream}:{d.stream_seq}",
+                streams.H_PIPELINE: pipeline,
                 streams.H_STREAM: d.stream,
                 streams.H_SUBJECT: d.subject,
                 streams.H_SEQUENCE: str(d.stream_seq),

@@ -74,9 +74,7 @@ def partition_keys(start: date, end: date) -> list[str]:
     """The snapshot partitions from start to end, checked against the asset's partitions definition."""
     import dagster as dg
 
-    from feature_pipeline.definitions import snapshots
-
-    partitions = snapshots.partitions_def
+    partitions = _snapshots().partitions_def
     assert partitions is not None
     try:
         keys = partitions.get_partition_keys_in_range(dg.PartitionKeyRange(start.isoformat(), end.isoformat()))
@@ -126,8 +124,9 @@ def add_backfill_to_instance(instance: Any, keys: list[str], title: str) -> str:
     from dagster._core.execution.backfill import PartitionBackfill
     from dagster._core.utils import make_new_backfill_id
 
-    from feature_pipeline.definitions import defs, snapshots
+    from feature_pipeline.definitions import defs
 
+    snapshots = _snapshots()
     backfill = PartitionBackfill.from_asset_partitions(
         backfill_id=make_new_backfill_id(),
         asset_graph=defs.resolve_asset_graph(),
@@ -143,3 +142,12 @@ def add_backfill_to_instance(instance: Any, keys: list[str], title: str) -> str:
     )
     instance.add_backfill(backfill)
     return str(backfill.backfill_id)
+
+
+def _snapshots() -> Any:
+    """The snapshot asset of this repository's code location."""
+    import dagster as dg
+
+    from feature_pipeline.definitions import defs
+
+    return defs.resolve_assets_def(dg.AssetKey(SNAPSHOTS))

@@ -12,13 +12,19 @@ from typing import Any
 from feature_pipeline import settings
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import BrokerUnavailable
-from feature_pipeline.cli.common import EXIT_DEGRADED, EXIT_DOWN, EXIT_OK, dagster_home, load_settings
+from feature_pipeline.cli.common import EXIT_DEGRADED, EXIT_DOWN, EXIT_OK, dagster_home, fail, load_settings
 from feature_pipeline.ingest.shared_staging import open_staging
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     health = sub.add_parser("health", help="lag, last message, in-flight batches, dead letters, last run")
     health.add_argument("--json", action="store_true")
+    health.add_argument(
+        "--prefix",
+        default="",
+        help="the Component instance to judge in the Dagster instance (its sensor, job and checks); its other "
+        "values (NATS_URL, NATS_DURABLE_PREFIX, FEATURE_STORE_PATH, ...) come from the environment as usual",
+    )
     health.set_defaults(func=cmd_health)
     sub.add_parser("settings", help="every configuration variable and its value").set_defaults(func=cmd_settings)
 
@@ -32,9 +38,16 @@ def cmd_settings(_args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    if args.prefix:  # checked before anything is read; Dagster is imported only when one is given
+        from feature_pipeline.defs.names import Names
+
+        try:
+            Names(args.prefix)
+        except ValueError as exc:
+            return fail(f"--prefix: {exc}")
     cfg = load_settings()
     report: dict[str, Any] = {"nats_url": redact(cfg.nats_url), "status": "ok", "problems": []}
-    code = max(_streams(cfg, report), _staging(cfg, report), _dagster(cfg, report))
+    code = max(_streams(cfg, report), _staging(cfg, report), _dagster(cfg, report, args.prefix))
     code = max(code, _graded(report))
     report["status"] = {EXIT_OK: "ok", EXIT_DEGRADED: "degraded", EXIT_DOWN: "down"}[code]
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report))
@@ -71,17 +84,17 @@ def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _dagster(cfg: settings.Settings, report: dict[str, Any]) -> int:
+def _dagster(cfg: settings.Settings, report: dict[str, Any], prefix: str) -> int:
     report.update(ingest_sensor=None, last_ingest_run=None, checks={}, freshness={}, retrying=[])
     try:
-        report.update(_dagster_state(cfg) or {})
+        report.update(_dagster_state(cfg, prefix) or {})
     except Exception as exc:
         report["problems"].append(f"cannot read the Dagster instance at {dagster_home()}: {exc}")
         return EXIT_DOWN
     return EXIT_OK
 
 
-def _dagster_state(cfg: settings.Settings) -> dict[str, Any] | None:
+def _dagster_state(cfg: settings.Settings, prefix: str) -> dict[str, Any] | None:
     """The last ingest run, batches retried after failures outside their messages, the latest result of
     every asset check, and user_features freshness."""
     home = dagster_home()
@@ -91,30 +104,33 @@ def _dagster_state(cfg: settings.Settings) -> dict[str, Any] | None:
 
     os.environ["DAGSTER_HOME"] = str(home)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        from feature_pipeline.defs.checks import ingest_graded
+        from feature_pipeline.defs.checks import Checks
+        from feature_pipeline.defs.names import Names
         from feature_pipeline.defs.runs import DagsterRuns
         from feature_pipeline.ingest.tick import blocked_batches
 
-        ingest = ingest_graded(instance)[0]  # the same grade on every stream
+        names = Names(prefix)
+        checks = Checks(names)
+        ingest = checks.ingest_graded(instance)[0]  # the same grade on every stream
         return {
             "ingest_sensor": {"ok": ingest["passed"], "description": ingest["description"]},
-            "last_ingest_run": _last_run(instance),
-            "retrying": blocked_batches(cfg, DagsterRuns(instance)),
-            "checks": _checks(instance),
+            "last_ingest_run": _last_run(instance, names.ingest_job),
+            "retrying": blocked_batches(cfg, DagsterRuns(instance, names.ingest_job)),
+            "checks": _checks(instance, checks),
             "freshness": {
                 key.to_user_string(): state.freshness_state.value
-                for key, state in instance.get_freshness_state_records([dg.AssetKey("user_features")]).items()
+                for key, state in instance.get_freshness_state_records([names.user_features]).items()
             },
         }
 
 
-def _last_run(instance: Any) -> dict[str, Any]:
+def _last_run(instance: Any, job_name: str) -> dict[str, Any]:
     """The sensor's last run for a staged batch: not a re-execution from the UI, not a window refresh."""
     import dagster as dg
 
     from feature_pipeline.defs.runs import BATCH_TAG
 
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name="ingest"), limit=50)
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name), limit=50)
     ours = [r for r in records if BATCH_TAG in r.dagster_run.tags and "dagster/parent_run_id" not in r.dagster_run.tags]
     if not ours:
         return {"status": "none yet"}
@@ -126,10 +142,8 @@ def _last_run(instance: Any) -> dict[str, Any]:
     }
 
 
-def _checks(instance: Any) -> dict[str, Any]:
-    from feature_pipeline.defs.checks import CONSISTENCY_CHECK, DEAD_LETTERS_CHECK, RUNS_CHECK, STREAM_CHECK_SPECS
-
-    keys = [s.key for s in (*STREAM_CHECK_SPECS, DEAD_LETTERS_CHECK, CONSISTENCY_CHECK, RUNS_CHECK)]
+def _checks(instance: Any, checks: Any) -> dict[str, Any]:
+    keys = [s.key for s in (*checks.stream_specs, checks.dead_letters, checks.consistency, checks.runs)]
     latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     out = {}
     for key in keys:

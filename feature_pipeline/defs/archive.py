@@ -9,33 +9,39 @@ from datetime import timedelta
 import dagster as dg
 
 from feature_pipeline.cli.archive import summary
-from feature_pipeline.defs.assets import DUCKDB_POOL
-from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.defs.names import Names
 from feature_pipeline.store.feature_store import FeatureStore
 
 
-@dg.op(pool=DUCKDB_POOL, description="Archive raw events older than FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS.")
-def archive_op(context: dg.OpExecutionContext, pipeline: PipelineResource) -> None:
-    cfg = pipeline.settings
-    result = FeatureStore.from_settings(cfg).archive(cfg.archive_path, timedelta(days=cfg.archive_after_days))
-    context.log.info(summary(result))
+def build_archive(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]:
+    """The archive job and its daily schedule."""
 
+    @dg.op(
+        name=names.of("archive"),
+        pool=names.pool,
+        required_resource_keys={names.resource_key},
+        description="Archive raw events older than FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS.",
+    )
+    def archive_op(context: dg.OpExecutionContext) -> None:
+        cfg = names.settings(context)
+        result = FeatureStore.from_settings(cfg).archive(cfg.archive_path, timedelta(days=cfg.archive_after_days))
+        context.log.info(summary(result))
 
-@dg.job(
-    name="archive_raw_events",
-    executor_def=dg.in_process_executor,
-    description="Moves raw events older than FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS to day-partitioned Parquet under "
-    "FEATURE_PIPELINE_ARCHIVE_PATH; snapshots, backfills, training sets and checks keep reading them.",
-)
-def archive_job() -> None:
-    archive_op.alias("archive")()
+    @dg.job(
+        name=names.of("archive_raw_events"),
+        executor_def=dg.in_process_executor,
+        description="Moves raw events older than FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS to day-partitioned Parquet "
+        "under FEATURE_PIPELINE_ARCHIVE_PATH; snapshots, backfills, training sets and checks keep reading them.",
+    )
+    def archive_job() -> None:
+        archive_op.alias("archive")()  # the node name, so run config reads the same in every instance
 
-
-archive_schedule = dg.ScheduleDefinition(
-    name="archive_raw_events_daily",
-    job=archive_job,
-    cron_schedule="45 3 * * *",
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Every day at 03:45 UTC, once switched on: archive raw events past the horizon.",
-)
+    schedule = dg.ScheduleDefinition(
+        name=names.of("archive_raw_events_daily"),
+        job=archive_job,
+        cron_schedule="45 3 * * *",
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Every day at 03:45 UTC, once switched on: archive raw events past the horizon.",
+    )
+    return archive_job, schedule

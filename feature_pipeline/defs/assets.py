@@ -1,10 +1,10 @@
 """The asset graph: the NATS streams (external, observed by the sensor) feed the DuckDB tables.
 
 One multi-asset writes all four tables of a batch in one DuckDB transaction; it sits in the
-`duckdb` pool, limited to one at a time in dagster.yaml, so two runs never fight over the file's
-write lock. A run does one of three things, chosen by its tags: store the staged batch named by
-its batch tag (the sensor's runs), move the window clock (the schedule's runs), or, launched by
-hand with neither, rebuild every user_features row.
+`duckdb` pool (`<prefix>_duckdb` in a prefixed instance), limited to one at a time in dagster.yaml,
+so two runs never fight over the file's write lock. A run does one of three things, chosen by its
+tags: store the staged batch named by its batch tag (the sensor's runs), move the window clock (the
+schedule's runs), or, launched by hand with neither, rebuild every user_features row.
 """
 
 import time
@@ -16,216 +16,220 @@ import dagster as dg
 
 from feature_pipeline import faults
 from feature_pipeline.defs import metadata
-from feature_pipeline.defs.checks import (
-    COMMIT_LATENCY_CHECK,
-    CONSISTENCY_CHECK,
-    DEAD_LETTERS_CHECK,
-    store_check_results,
-)
-from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.defs.checks import Checks
+from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
-from feature_pipeline.defs.streams import stream_key
 from feature_pipeline.ingest.failures import Cause, cause_of
 from feature_pipeline.ingest.shared_staging import open_staging
+from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
 from feature_pipeline.streams import DEADLETTER, EVENT_STREAMS, STREAMS
 
 REFRESH_TAG = "feature_pipeline/refresh"  # "windows": only move the clock (the schedule's runs)
-DUCKDB_POOL = "duckdb"
 LOGGED_IDS = 20
 RunOutput = Iterator[dg.MaterializeResult | dg.AssetCheckResult]
-
-RAW_SPECS = {
-    **{
-        s.table: dg.AssetSpec(
-            s.table,
-            deps=[stream_key(s)],
-            description=s.table_description,
-            group_name="feature_store",
-            kinds={"duckdb"},
-            skippable=True,  # a window-refresh run observes user_features and materializes nothing
-        )
-        for s in STREAMS
-    },
-    "user_features": dg.AssetSpec(
-        "user_features",
-        deps=[s.table for s in EVENT_STREAMS],
-        description="One row per user, every feature of the registry (feature_defs.toml), correct as of the last "
-        "run's clock (valid_as_of in the metadata); updated_at is when the row was last recomputed.",
-        group_name="feature_store",
-        kinds={"duckdb"},
-        skippable=True,
-    ),
-}
-
-
-def with_freshness(assets_def: dg.AssetsDefinition, warn_seconds: int, fail_seconds: int) -> dg.AssetsDefinition:
-    """user_features must be materialized every so often; the freshness daemon grades it."""
-    policy = dg.FreshnessPolicy.time_window(
-        fail_window=timedelta(seconds=fail_seconds), warn_window=timedelta(seconds=warn_seconds)
-    )
-    return assets_def.map_asset_specs(
-        lambda spec: spec.replace_attributes(freshness_policy=policy) if spec.key.path == ["user_features"] else spec
-    )
-
-
-@dg.multi_asset(
-    specs=list(RAW_SPECS.values()),
-    check_specs=[DEAD_LETTERS_CHECK, CONSISTENCY_CHECK, COMMIT_LATENCY_CHECK],
-    pool=DUCKDB_POOL,
-    can_subset=False,
-    name="ingest_batch",
-)
-def ingest_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> RunOutput:
-    """Store the staged batch named by the run's batch tag; without one, move the window clock (tag
-    feature_pipeline/refresh=windows) or, launched by hand, rebuild user_features."""
-    batch_id = context.run.tags.get(BATCH_TAG)
-    if batch_id is not None:
-        yield from store_batch(context, pipeline, batch_id)
-    elif context.run.tags.get(REFRESH_TAG) == "windows":
-        yield from move_clock(context, pipeline)
-    else:
-        yield from rebuild(context, pipeline)
-
-
-def store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str) -> RunOutput:
-    """The batch's events into the store, or a Failure that says whether its messages caused it (which
-    decides whether settling spends their deliveries: see `ingest.failures`)."""
-    try:
-        outputs = list(_store_batch(context, pipeline, batch_id))
-    except Exception as exc:
-        cause = cause_of(exc)
-        raise dg.Failure(
-            description=f"storing batch {batch_id} failed ({_CAUSE_WORDS[cause]}): {type(exc).__name__}: {exc}",
-            metadata={CAUSE_KEY: cause.value},
-        ) from exc
-    yield from outputs
-
-
 _CAUSE_WORDS = {
     Cause.MESSAGES: "caused by its messages: their deliveries are spent",
     Cause.INFRASTRUCTURE: "not caused by its messages: the batch stays staged and is retried",
 }
 
 
-def _store_batch(context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str) -> RunOutput:
-    settings = pipeline.settings
-    with open_staging(settings) as staging:
-        manifest = staging.manifest(batch_id)
-        if manifest is None:
-            yield from _already_settled(context, pipeline, batch_id, staging.where)
-            return
-        with staging.local_copy(batch_id) as folder:
-            started = time.monotonic()
-            result = FeatureStore.from_settings(settings).apply_batch(
-                folder,
-                batch_id,
-                consistency_sample=settings.consistency_sample,
-                consistency_every=settings.consistency_every_seconds,
-                before_commit=faults.before_commit(settings.fault_set),
-            )
-            applied = time.monotonic() - started
-    _log_batch(context, result, settings.allowed_lateness_seconds)
-    context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
-    timing = {"apply_seconds": round(applied, 2), **_queue_wait(context)}
-    for key, extra in metadata.batch_per_table(result).items():
-        if key == "user_features":  # the batch's summary, once: on the asset it describes
-            yield dg.MaterializeResult(
-                asset_key=key, metadata={**metadata.batch_common(result, manifest), **timing, **extra}
-            )
-        elif extra.pop("changed"):  # a table the batch added no row to keeps its last materialization
-            yield dg.MaterializeResult(asset_key=key, metadata=extra)
-    yield from store_check_results(result.health, settings)
-
-
-def _queue_wait(context: dg.AssetExecutionContext) -> dict[str, float]:
-    """Seconds from the run's creation (the sensor's request) to its start: what the run list's duration hides."""
-    record = context.instance.get_run_record_by_id(context.run_id)
-    if record is None or record.start_time is None:
-        return {}
-    return {"queue_wait_seconds": round(record.start_time - record.create_timestamp.timestamp(), 2)}
-
-
-def _already_settled(
-    context: dg.AssetExecutionContext, pipeline: PipelineResource, batch_id: str, where: str
-) -> Iterator[dg.AssetCheckResult]:
-    """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
-    settings = pipeline.settings
-    stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
-    what = (
-        f"was stored at {stored_at.isoformat()} and acked"
-        if stored_at
-        else "was never stored: its messages went back to NATS and are stored by a later batch"
-    )
-    context.log.warning(f"nothing to do: batch {batch_id} is no longer staged in {where}; it {what}")
-    yield from store_check_results(health, settings)
-
-
-def _log_batch(context: dg.AssetExecutionContext, result: BatchResult, allowed_lateness_seconds: int) -> None:
-    _log_refresh(context, result.refresh)
-    if result.late_events:
-        context.log.warning(
-            f"{result.late_events} event(s) arrived more than {allowed_lateness_seconds} s after they "
-            f"occurred (up to {result.max_lateness_seconds:.0f} s), on {', '.join(result.late_days)}: stored and "
-            "counted; snapshots of those days taken before now miss them until backfilled"
+def table_specs(names: Names) -> dict[str, dg.AssetSpec]:
+    """The DuckDB tables a batch writes, by table name."""
+    specs = {
+        s.table: dg.AssetSpec(
+            names.table(s.table),
+            deps=[names.stream(s)],
+            description=s.table_description,
+            group_name=names.of("feature_store"),
+            kinds={"duckdb"},
+            skippable=True,  # a window-refresh run observes user_features and materializes nothing
         )
-    shown = ", ".join(result.event_ids[:LOGGED_IDS])
-    more = len(result.event_ids) - LOGGED_IDS
-    context.log.info(
-        f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
-        f"{result.feedback_inserted} new feedback, {result.duplicates_absorbed} duplicates absorbed), "
-        f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
-        f"{result.users_touched} users refreshed; "
-        f"events: {shown}{f' and {more} more' if more > 0 else ''}"
+        for s in STREAMS
+    }
+    specs["user_features"] = dg.AssetSpec(
+        names.user_features,
+        deps=[names.table(s.table) for s in EVENT_STREAMS],
+        description="One row per user, every feature of the registry (feature_defs.toml), correct as of the last "
+        "run's clock (valid_as_of in the metadata); updated_at is when the row was last recomputed.",
+        group_name=names.of("feature_store"),
+        kinds={"duckdb"},
+        skippable=True,
+    )
+    return specs
+
+
+def with_freshness(
+    assets_def: dg.AssetsDefinition, key: dg.AssetKey, warn_seconds: int, fail_seconds: int
+) -> dg.AssetsDefinition:
+    """user_features must be materialized every so often; the freshness daemon grades it."""
+    policy = dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(seconds=fail_seconds), warn_window=timedelta(seconds=warn_seconds)
+    )
+    return assets_def.map_asset_specs(
+        lambda spec: spec.replace_attributes(freshness_policy=policy) if spec.key == key else spec
     )
 
 
-def move_clock(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> Iterator[dg.AssetCheckResult]:
-    """The window refresh: rows change as time passes, but no data arrived, so user_features gets an
-    observation, not a materialization: its freshness keeps telling whether ingest is alive."""
-    settings = pipeline.settings
-    refresh, health = FeatureStore.from_settings(settings).advance(consistency_sample=settings.consistency_sample)
-    _log_refresh(context, refresh)
-    context.log.info(
-        f"moved the clock to {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows whose windows moved "
-        "were recomputed"
-    )
-    context.log_event(dg.AssetObservation(asset_key="user_features", metadata=metadata.refresh(refresh)))
-    yield from store_check_results(health, settings)
+class Ingest:
+    """One pipeline instance's ingest asset and job: what its runs do, under its names."""
 
+    def __init__(self, names: Names, checks: Checks) -> None:
+        self.names, self.checks = names, checks
+        self.specs = table_specs(names)
 
-def rebuild(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> RunOutput:
-    """Every user_features row recomputed from the raw tables (a materialization by hand, no batch)."""
-    settings = pipeline.settings
-    refresh, health = FeatureStore.from_settings(settings).recompute_all(settings.consistency_sample)
-    _log_refresh(context, refresh)
-    context.log.info(
-        f"rebuilt user_features as of {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows "
-        "recomputed from the raw tables"
-    )
-    for key in RAW_SPECS:
-        meta: dict[str, Any] = {"refresh": "rebuild"}
-        if key == "user_features":
-            meta.update(metadata.refresh(refresh))
-        if key == DEADLETTER.table:
-            meta.update(metadata.dead_letters(health))
-        yield dg.MaterializeResult(asset_key=key, metadata=meta)
-    yield from store_check_results(health, settings)
+    def asset(self) -> dg.AssetsDefinition:
+        names = self.names
 
+        @dg.multi_asset(
+            specs=list(self.specs.values()),
+            check_specs=self.checks.in_ingest_runs,
+            pool=names.pool,
+            can_subset=False,
+            name=names.of("ingest_batch"),
+            required_resource_keys={names.resource_key},
+        )
+        def ingest_batch(context: dg.AssetExecutionContext) -> RunOutput:
+            """Store the staged batch named by the run's batch tag; without one, move the window clock (tag
+            feature_pipeline/refresh=windows) or, launched by hand, rebuild user_features."""
+            settings = names.settings(context)
+            batch_id = context.run.tags.get(BATCH_TAG)
+            if batch_id is not None:
+                yield from self.store_batch(context, settings, batch_id)
+            elif context.run.tags.get(REFRESH_TAG) == "windows":
+                yield from self.move_clock(context, settings)
+            else:
+                yield from self.rebuild(context, settings)
 
-def _log_refresh(context: dg.AssetExecutionContext, refresh: Refresh) -> None:
-    if refresh.schema_changes:
-        context.log.info("feature definitions changed (" + "; ".join(refresh.schema_changes) + "): rebuilt every row")
-    if refresh.serving_error:
-        context.log.warning(refresh.serving_error + " (the previous copy stays; the batch is stored)")
+        return ingest_batch
 
+    def job(self, asset: dg.AssetsDefinition) -> AssetJob:
+        return dg.define_asset_job(
+            self.names.ingest_job,
+            # The asset's own checks, not the on-demand ones of user_features (they read the instance, for no batch).
+            selection=dg.AssetSelection.assets(asset).without_checks()
+            | dg.AssetSelection.checks(*(c.key for c in self.checks.in_ingest_runs)),
+            # One process per run: the default multiprocess executor adds ~4 s per micro-batch.
+            executor_def=dg.in_process_executor,
+            description=f"Stores one staged micro-batch; launched by {self.names.ingest_sensor}, which settles it "
+            "afterwards.",
+        )
 
-ingest_job = dg.define_asset_job(
-    "ingest",
-    # The asset's own checks, not the on-demand one of user_features (it reads the instance, for no batch).
-    selection=dg.AssetSelection.assets(ingest_batch).without_checks()
-    | dg.AssetSelection.checks(DEAD_LETTERS_CHECK.key, CONSISTENCY_CHECK.key, COMMIT_LATENCY_CHECK.key),
-    # One process per run: the default multiprocess executor adds ~4 s per micro-batch.
-    executor_def=dg.in_process_executor,
-    description="Stores one staged micro-batch; launched by ingest_sensor, which settles it afterwards.",
-)
+    def store_batch(self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str) -> RunOutput:
+        """The batch's events into the store, or a Failure that says whether its messages caused it (which
+        decides whether settling spends their deliveries: see `ingest.failures`)."""
+        try:
+            outputs = list(self._store_batch(context, settings, batch_id))
+        except Exception as exc:
+            cause = cause_of(exc)
+            raise dg.Failure(
+                description=f"storing batch {batch_id} failed ({_CAUSE_WORDS[cause]}): {type(exc).__name__}: {exc}",
+                metadata={CAUSE_KEY: cause.value},
+            ) from exc
+        yield from outputs
+
+    def _store_batch(self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str) -> RunOutput:
+        with open_staging(settings) as staging:
+            manifest = staging.manifest(batch_id)
+            if manifest is None:
+                yield from self._already_settled(context, settings, batch_id, staging.where)
+                return
+            with staging.local_copy(batch_id) as folder:
+                started = time.monotonic()
+                result = FeatureStore.from_settings(settings).apply_batch(
+                    folder,
+                    batch_id,
+                    consistency_sample=settings.consistency_sample,
+                    consistency_every=settings.consistency_every_seconds,
+                    before_commit=faults.before_commit(settings.fault_set),
+                )
+                applied = time.monotonic() - started
+        self._log_batch(context, result, settings.allowed_lateness_seconds)
+        context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
+        timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context)}
+        for key, extra in metadata.batch_per_table(result).items():
+            asset_key = self.specs[key].key
+            if key == "user_features":  # the batch's summary, once: on the asset it describes
+                yield dg.MaterializeResult(
+                    asset_key=asset_key, metadata={**metadata.batch_common(result, manifest), **timing, **extra}
+                )
+            elif extra.pop("changed"):  # a table the batch added no row to keeps its last materialization
+                yield dg.MaterializeResult(asset_key=asset_key, metadata=extra)
+        yield from self.checks.store_results(result.health, settings)
+
+    @staticmethod
+    def _queue_wait(context: dg.AssetExecutionContext) -> dict[str, float]:
+        """Seconds from the run's creation (the sensor's request) to its start: what the run list's duration hides."""
+        record = context.instance.get_run_record_by_id(context.run_id)
+        if record is None or record.start_time is None:
+            return {}
+        return {"queue_wait_seconds": round(record.start_time - record.create_timestamp.timestamp(), 2)}
+
+    def _already_settled(
+        self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str, where: str
+    ) -> Iterator[dg.AssetCheckResult]:
+        """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
+        stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
+        what = (
+            f"was stored at {stored_at.isoformat()} and acked"
+            if stored_at
+            else "was never stored: its messages went back to NATS and are stored by a later batch"
+        )
+        context.log.warning(f"nothing to do: batch {batch_id} is no longer staged in {where}; it {what}")
+        yield from self.checks.store_results(health, settings)
+
+    def _log_batch(self, context: dg.AssetExecutionContext, result: BatchResult, allowed_lateness_seconds: int) -> None:
+        self._log_refresh(context, result.refresh)
+        if result.late_events:
+            context.log.warning(
+                f"{result.late_events} event(s) arrived more than {allowed_lateness_seconds} s after they "
+                f"occurred (up to {result.max_lateness_seconds:.0f} s), on {', '.join(result.late_days)}: stored and "
+                "counted; snapshots of those days taken before now miss them until backfilled"
+            )
+        shown = ", ".join(result.event_ids[:LOGGED_IDS])
+        more = len(result.event_ids) - LOGGED_IDS
+        context.log.info(
+            f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
+            f"{result.feedback_inserted} new feedback, {result.duplicates_absorbed} duplicates absorbed), "
+            f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
+            f"{result.users_touched} users refreshed; "
+            f"events: {shown}{f' and {more} more' if more > 0 else ''}"
+        )
+
+    def move_clock(self, context: dg.AssetExecutionContext, settings: Settings) -> Iterator[dg.AssetCheckResult]:
+        """The window refresh: rows change as time passes, but no data arrived, so user_features gets an
+        observation, not a materialization: its freshness keeps telling whether ingest is alive."""
+        refresh, health = FeatureStore.from_settings(settings).advance(consistency_sample=settings.consistency_sample)
+        self._log_refresh(context, refresh)
+        context.log.info(
+            f"moved the clock to {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows whose windows moved "
+            "were recomputed"
+        )
+        context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=metadata.refresh(refresh)))
+        yield from self.checks.store_results(health, settings)
+
+    def rebuild(self, context: dg.AssetExecutionContext, settings: Settings) -> RunOutput:
+        """Every user_features row recomputed from the raw tables (a materialization by hand, no batch)."""
+        refresh, health = FeatureStore.from_settings(settings).recompute_all(settings.consistency_sample)
+        self._log_refresh(context, refresh)
+        context.log.info(
+            f"rebuilt user_features as of {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows "
+            "recomputed from the raw tables"
+        )
+        for key, spec in self.specs.items():
+            meta: dict[str, Any] = {"refresh": "rebuild"}
+            if key == "user_features":
+                meta.update(metadata.refresh(refresh))
+            if key == DEADLETTER.table:
+                meta.update(metadata.dead_letters(health))
+            yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
+        yield from self.checks.store_results(health, settings)
+
+    @staticmethod
+    def _log_refresh(context: dg.AssetExecutionContext, refresh: Refresh) -> None:
+        if refresh.schema_changes:
+            context.log.info(
+                "feature definitions changed (" + "; ".join(refresh.schema_changes) + "): rebuilt every row"
+            )
+        if refresh.serving_error:
+            context.log.warning(refresh.serving_error + " (the previous copy stays; the batch is stored)")

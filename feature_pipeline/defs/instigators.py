@@ -7,17 +7,17 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from feature_pipeline.health import INGEST_SENSOR, SensorState
+from feature_pipeline.health import SensorState
 
 TICKS_LOOKED_AT = 50  # a failing sensor's last completed tick may be a few failures back
 
 
-def ingest_sensor_state(instance: dg.DagsterInstance) -> SensorState | None:
+def ingest_sensor_state(instance: dg.DagsterInstance, sensor: str) -> SensorState | None:
     """None until the daemon has recorded the sensor (it has never ticked nor been switched)."""
     states = [
         s
         for s in instance.all_instigator_state()
-        if s.instigator_name == INGEST_SENSOR and s.instigator_type.value == "SENSOR"
+        if s.instigator_name == sensor and s.instigator_type.value == "SENSOR"
     ]
     if not states:
         return None

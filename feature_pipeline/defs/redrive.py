@@ -10,8 +10,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from feature_pipeline.defs.assets import DUCKDB_POOL
-from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.defs.names import Names
 from feature_pipeline.ingest.redrive import RedriveFilter, parse_time, redrive
 
 LISTED = 50  # dead letters named one by one in the run log
@@ -37,21 +36,28 @@ def _time(name: str, raw: str | None) -> datetime | None:
         raise dg.Failure(f"redrive config: {name} must be an RFC 3339 time like {example}, got {raw!r}") from None
 
 
-@dg.op(pool=DUCKDB_POOL, description="Publish the matching dead letters' originals again and record them.")
-def redrive_op(context: dg.OpExecutionContext, config: RedriveConfig, pipeline: PipelineResource) -> None:
-    f = RedriveFilter(
-        config.reason, config.subject, _time("since", config.since), _time("until", config.until), config.limit
+def build_redrive(names: Names) -> dg.JobDefinition:
+    @dg.op(
+        name=names.of("redrive"),
+        pool=names.pool,
+        required_resource_keys={names.resource_key},
+        description="Publish the matching dead letters' originals again and record them.",
     )
-    report = redrive(pipeline.settings, f, dry_run=config.dry_run)
-    for r in report.matched[:LISTED]:
-        context.log.info(f"{r['original_stream']} #{r['original_seq']} {r['original_subject']}: {r['reason']}")
-    context.log.info(report.summary(config.dry_run))
+    def redrive_op(context: dg.OpExecutionContext, config: RedriveConfig) -> None:
+        f = RedriveFilter(
+            config.reason, config.subject, _time("since", config.since), _time("until", config.until), config.limit
+        )
+        report = redrive(names.settings(context), f, dry_run=config.dry_run)
+        for r in report.matched[:LISTED]:
+            context.log.info(f"{r['original_stream']} #{r['original_seq']} {r['original_subject']}: {r['reason']}")
+        context.log.info(report.summary(config.dry_run))
 
+    @dg.job(
+        name=names.of("redrive_dead_letters"),
+        executor_def=dg.in_process_executor,
+        description="Publish dead letters' originals again (filters and dry_run in the config; dry_run by default).",
+    )
+    def redrive_job() -> None:
+        redrive_op.alias("redrive")()
 
-@dg.job(
-    name="redrive_dead_letters",
-    executor_def=dg.in_process_executor,
-    description="Publish dead letters' originals again (filters and dry_run in the config; dry_run by default).",
-)
-def redrive_job() -> None:
-    redrive_op.alias("redrive")()
+    return redrive_job

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from feature_pipeline.defs.assets import DUCKDB_POOL
-from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.defs.names import Names
 from feature_pipeline.ingest.replay import ReplayError, ReplayRange, ReplayReport, replay
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.streams import BY_NAME
@@ -38,21 +37,37 @@ def _time(name: str, raw: str | None) -> datetime | None:
         raise ReplayError(f"{name} must be an RFC 3339 time like 2026-11-27T00:00:00Z, got {raw!r}") from None
 
 
-@dg.op(pool=DUCKDB_POOL, description="Read the range with an ephemeral ordered consumer and store it.")
-def replay_range(context: dg.OpExecutionContext, config: ReplayConfig, pipeline: PipelineResource) -> None:
-    rng = _range(config)
-    settings = pipeline.settings
-    report = replay(
-        settings.nats_url,
-        settings.nats_auth,
-        FeatureStore.from_settings(settings),
-        rng,
-        chunk=max(1, config.chunk),
-        work_root=Path(settings.staging_dir).parent / "replay-work",
-        run_id=context.run_id[:8],
-        log=context.log.info,
+def build_replay(names: Names) -> dg.JobDefinition:
+    @dg.op(
+        name=names.of("replay_range"),
+        pool=names.pool,
+        required_resource_keys={names.resource_key},
+        description="Read the range with an ephemeral ordered consumer and store it.",
     )
-    _record(context, rng, report)
+    def replay_range(context: dg.OpExecutionContext, config: ReplayConfig) -> None:
+        rng = _range(config)
+        settings = names.settings(context)
+        report = replay(
+            settings.nats_url,
+            settings.nats_auth,
+            FeatureStore.from_settings(settings),
+            rng,
+            chunk=max(1, config.chunk),
+            work_root=Path(settings.staging_dir).parent / "replay-work",
+            run_id=context.run_id[:8],
+            log=context.log.info,
+        )
+        _record(context, names, rng, report)
+
+    @dg.job(
+        name=names.of("replay_stream"),
+        executor_def=dg.in_process_executor,
+        description="Re-read a stream range into the store, idempotently.",
+    )
+    def replay_stream() -> None:
+        replay_range.alias("replay_range")()
+
+    return replay_stream
 
 
 def _range(config: ReplayConfig) -> ReplayRange:
@@ -70,7 +85,7 @@ def _range(config: ReplayConfig) -> ReplayRange:
     return rng
 
 
-def _record(context: dg.OpExecutionContext, rng: ReplayRange, report: ReplayReport) -> None:
+def _record(context: dg.OpExecutionContext, names: Names, rng: ReplayRange, report: ReplayReport) -> None:
     """The run log says what was restored; the stream's table and user_features get a materialization."""
     context.log.info(
         f"replay of {rng.stream} done ({report.stopped}): read {report.read} messages "
@@ -87,10 +102,5 @@ def _record(context: dg.OpExecutionContext, rng: ReplayRange, report: ReplayRepo
         "already_stored": report.already_stored,
         "poison": report.poison,
     }
-    for key in (BY_NAME[rng.stream].table, "user_features"):
+    for key in (names.table(BY_NAME[rng.stream].table), names.user_features):
         context.log_event(dg.AssetMaterialization(asset_key=key, metadata=meta))
-
-
-@dg.job(executor_def=dg.in_process_executor, description="Re-read a stream range into the store, idempotently.")
-def replay_stream() -> None:
-    replay_range()

@@ -1,21 +1,17 @@
 """The Dagster resource: the configuration table as one resource, each variable wired to its `EnvVar`.
 
 `PipelineResource` gets one text config field per variable of `feature_pipeline.settings`, made
-from the table, so nothing is listed twice. A variable that is set reaches the resource as an
-`EnvVar`, so the UI shows where a value came from instead of the value (credentials included);
-an unset one shows its default. `settings` parses every field the way the CLI does.
+from the table, so nothing is listed twice. A value given as an environment variable reaches the
+resource as an `EnvVar` (see `feature_pipeline.component`), so the UI shows where a value came
+from instead of the value (credentials included). `settings` parses every field the way the CLI does.
 """
 
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 from pydantic import Field, create_model
 
 from feature_pipeline import settings as config
-
-RESOURCE_KEY = "pipeline"
 
 
 class PipelineResource(dg.ConfigurableResource):
@@ -38,14 +34,3 @@ FeaturePipelineResource: type[PipelineResource] = create_model(
 def pipeline_resource(**values: Any) -> PipelineResource:
     """A resource with these field values (text, or `EnvVar`s); the others take their defaults."""
     return FeaturePipelineResource(**values)
-
-
-def build_resources(environ: Mapping[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
-    """The code location's resources: every variable that is set arrives as its `EnvVar`; an unset one
-    as its default, resolved here (relative paths against this process's working directory)."""
-    env = os.environ if environ is None else environ
-    defaults = config.from_raw({})
-    values = {
-        v.field: dg.EnvVar(v.name) if v.name in env else str(getattr(defaults, v.field)) for v in config.VARIABLES
-    }
-    return {RESOURCE_KEY: pipeline_resource(**values)}

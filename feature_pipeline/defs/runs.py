@@ -18,13 +18,15 @@ FAILURE_TEXT_LIMIT = 300
 
 
 class DagsterRuns:
-    """`RunLookup` over a Dagster instance."""
+    """`RunLookup` over a Dagster instance: the runs of one pipeline's ingest job."""
 
-    def __init__(self, instance: dg.DagsterInstance) -> None:
+    def __init__(self, instance: dg.DagsterInstance, job_name: str = "ingest") -> None:
         self.instance = instance
+        self.job_name = job_name
 
     def run_for(self, batch_id: str) -> BatchRun | None:
-        records = self.instance.get_run_records(filters=dg.RunsFilter(tags={BATCH_TAG: batch_id}), limit=1)
+        filters = dg.RunsFilter(job_name=self.job_name, tags={BATCH_TAG: batch_id})
+        records = self.instance.get_run_records(filters=filters, limit=1)
         if not records:
             return None
         record = records[0]

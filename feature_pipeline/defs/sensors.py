@@ -6,42 +6,54 @@ Python; this module turns a tick's report into run requests, observations and a 
 
 import dagster as dg
 
-from feature_pipeline.defs.assets import ingest_job
-from feature_pipeline.defs.checks import ingest_graded, read_stats, runs_evaluation, stream_events
-from feature_pipeline.defs.resources import PipelineResource
+from feature_pipeline.defs.checks import Checks, read_stats
+from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import DagsterRuns, batch_tags, run_key
-from feature_pipeline.health import INGEST_SENSOR
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import run_tick
 from feature_pipeline.settings import Settings
 
 # The stream plots keep about the last 100 observations: one every 40 s is an hour of history.
 MONITOR_INTERVAL_SECONDS = 40
+# The daemon looks at sensors every 5 s, so an interval under 5 s means "every loop"; the UI shows the
+# interval itself as "Frequency", so the description says what it really is.
+DAEMON_LOOP_SECONDS = 5
 
 
 def _log(context: dg.SensorEvaluationContext, report: TickReport) -> None:
     (context.log.warning if report.problem or report.retrying else context.log.info)(report.summary())
 
 
-def build_ingest_sensor(interval_seconds: int) -> dg.SensorDefinition:
+def _cadence(interval_seconds: int) -> str:
+    if interval_seconds < DAEMON_LOOP_SECONDS:
+        return (
+            f"Ticks every {DAEMON_LOOP_SECONDS} s, the daemon's sensor loop (the {interval_seconds} s shown as its "
+            "frequency is the minimum interval Dagster allows between ticks)."
+        )
+    return f"Ticks at least {interval_seconds} s after the previous tick ended, on the daemon's 5 s loop."
+
+
+def build_ingest_sensor(names: Names, job: AssetJob, checks: Checks, interval_seconds: int) -> dg.SensorDefinition:
     @dg.sensor(
-        name=INGEST_SENSOR,
-        job=ingest_job,
+        name=names.ingest_sensor,
+        job=job,
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={names.resource_key},
         description="Drains the SIGNALS, FEEDBACK and DEADLETTER durable consumers into staged micro-batches, "
-        "one ingest run each, and acks a batch only after its run succeeded.",
+        f"one {names.ingest_job} run each, and acks a batch only after its run succeeded. "
+        + _cadence(interval_seconds),
     )
-    def ingest_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineResource) -> dg.SensorResult:
-        settings = pipeline.settings
-        report = run_tick(settings, DagsterRuns(context.instance))
+    def ingest_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        settings = names.settings(context)
+        report = run_tick(settings, DagsterRuns(context.instance, names.ingest_job))
         _log(context, report)
-        return to_result(report, settings)
+        return to_result(report, settings, checks)
 
     return ingest_sensor
 
 
-def to_result(report: TickReport, settings: Settings) -> dg.SensorResult:
+def to_result(report: TickReport, settings: Settings, checks: Checks) -> dg.SensorResult:
     """A tick's report as Dagster sees it: one run request per batch that needs a run, and the runs check.
     The streams are observed and graded by stream_monitor alone, at a pace that keeps an hour of plots."""
     timeout = settings.run_timeout_seconds
@@ -51,24 +63,32 @@ def to_result(report: TickReport, settings: Settings) -> dg.SensorResult:
         requests.append(dg.RunRequest(run_key=run_key(batch_id, attempt), tags=batch_tags(batch_id, timeout, attempt)))
     return dg.SensorResult(
         run_requests=requests,
-        asset_events=[runs_evaluation(report.retrying)],
+        asset_events=[checks.runs_evaluation(report.retrying)],
         skip_reason=None if requests else report.summary(),
     )
 
 
-@dg.sensor(
-    name="stream_monitor",
-    minimum_interval_seconds=MONITOR_INTERVAL_SECONDS,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description=f"Observes the streams and grades the lag checks and ingest_running every {MONITOR_INTERVAL_SECONDS} "
-    "s, also while ingest_sensor is stopped, so a stopped pipeline turns the checks red.",
-)
-def stream_monitor(context: dg.SensorEvaluationContext, pipeline: PipelineResource) -> dg.SensorResult:
-    settings = pipeline.settings
-    stats, problem = read_stats(settings, "feature-pipeline-monitor")
-    ingest = ingest_graded(context.instance)
-    lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
-    return dg.SensorResult(
-        asset_events=[*stream_events(stats, problem, settings), *(dg.AssetCheckEvaluation(**g) for g in ingest)],
-        skip_reason=f"{problem or lags}; {ingest[0]['description']}",
+def build_stream_monitor(names: Names, checks: Checks) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=names.of("stream_monitor"),
+        minimum_interval_seconds=MONITOR_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={names.resource_key},
+        description=f"Observes the streams and grades the lag checks and ingest_running every "
+        f"{MONITOR_INTERVAL_SECONDS} s, also while {names.ingest_sensor} is stopped, so a stopped pipeline turns the "
+        "checks red.",
     )
+    def stream_monitor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        settings = names.settings(context)
+        stats, problem = read_stats(settings, "feature-pipeline-monitor")
+        ingest = checks.ingest_graded(context.instance)
+        lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
+        return dg.SensorResult(
+            asset_events=[
+                *checks.stream_events(stats, problem, settings),
+                *(dg.AssetCheckEvaluation(**g) for g in ingest),
+            ],
+            skip_reason=f"{problem or lags}; {ingest[0]['description']}",
+        )
+
+    return stream_monitor

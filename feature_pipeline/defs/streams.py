@@ -2,20 +2,20 @@
 
 import dagster as dg
 
-from feature_pipeline.streams import STREAMS, StreamSpec
+from feature_pipeline.defs.names import Names
+from feature_pipeline.streams import STREAMS
 
 
-def stream_key(spec: StreamSpec) -> dg.AssetKey:
-    return dg.AssetKey(["nats", spec.key])
-
-
-STREAM_ASSETS = [
-    dg.AssetSpec(
-        stream_key(spec),
-        description=f"JetStream stream {spec.name} ({spec.subject}). Observed every stream_monitor tick (40 s): "
-        "consumer lag, last message time, messages in flight; ingest_running says whether ingest_sensor drains it.",
-        group_name="streams",
-        kinds={"nats"},
-    )
-    for spec in STREAMS
-]
+def stream_assets(names: Names) -> list[dg.AssetSpec]:
+    monitor = names.of("stream_monitor")
+    return [
+        dg.AssetSpec(
+            names.stream(spec),
+            description=f"JetStream stream {spec.name} ({spec.subject}). Observed every {monitor} tick (40 s): "
+            f"consumer lag, last message time, messages in flight; ingest_running says whether "
+            f"{names.ingest_sensor} drains it.",
+            group_name=names.of("streams"),
+            kinds={"nats"},
+        )
+        for spec in STREAMS
+    ]

@@ -117,9 +117,12 @@ class Fetcher:
     async def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self.report.count_fetched(d.stream)
-        assembled = self.assemble(deliveries)
+        own = self.settings.durable_prefix
+        ours, theirs = split_dead_letters(deliveries, own)
+        assembled = self.assemble(ours)
+        assembled.staged.extend(theirs)  # acked with the batch, not recorded: the pipeline that made them does
         if assembled.poison:
-            self.report.poison += await self.broker.dead_letter(assembled.poison)
+            self.report.poison += await self.broker.dead_letter(assembled.poison, own)
         writer.add(assembled)
 
     async def pull_round(self, want: int, max_bytes: int) -> list[Delivery]:
@@ -145,3 +148,14 @@ class Fetcher:
     async def _pull(self, spec: streams.StreamSpec, batch: int, max_bytes: int) -> list[Delivery]:
         consumer = streams.consumer_name(self.settings.durable_prefix, spec)
         return await self.broker.pull(spec.name, consumer, batch=batch, max_bytes=max_bytes)
+
+
+def split_dead_letters(deliveries: list[Delivery], pipeline: str) -> tuple[list[Delivery], list[Delivery]]:
+    """(what this pipeline records, dead-letter copies another pipeline on the same streams made)."""
+
+    def theirs(d: Delivery) -> bool:
+        return d.stream == streams.DEADLETTER.name and (d.headers or {}).get(streams.H_PIPELINE, pipeline) != pipeline
+
+    if not any(theirs(d) for d in deliveries):
+        return deliveries, []
+    return [d for d in deliveries if not theirs(d)], [d for d in deliveries if theirs(d)]

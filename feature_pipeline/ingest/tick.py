@@ -20,7 +20,7 @@ from nats.errors import Error as NatsError
 from feature_pipeline import faults, streams
 from feature_pipeline.broker import topology
 from feature_pipeline.broker.auth import redact
-from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyError
+from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyError, nats_problem
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.stats import collect
 from feature_pipeline.ingest import bisect
@@ -96,10 +96,8 @@ def blocked_batches(settings: Settings, runs: RunLookup) -> list[str]:
 
 def _problem(exc: Exception, settings: Settings) -> str:
     """What ended a tick early, in a line for the tick log and the checks."""
-    if isinstance(exc, BrokerUnavailable):
-        return str(exc)
-    if isinstance(exc, NatsError | TimeoutError | ConnectionError):
-        return f"lost NATS at {redact(settings.nats_url)} during the tick: {exc!r}"
+    if isinstance(exc, BrokerUnavailable | NatsError | TimeoutError | ConnectionError):
+        return nats_problem(exc, settings.nats_url)
     return f"{type(exc).__name__}: {exc} (NATS {redact(settings.nats_url)})"
 
 
@@ -249,7 +247,7 @@ class _Tick:
                 dead.append((delivery_from_row(row), action.reason))
             else:
                 naks.append((row["reply"], action.delay_seconds))
-        self.report.dead_lettered += await broker.dead_letter(dead)
+        self.report.dead_lettered += await broker.dead_letter(dead, self.settings.durable_prefix)
         self.report.nacked += await broker.nak(naks)
 
     # -- what the server gave up on -------------------------------------------------------------
@@ -262,7 +260,7 @@ class _Tick:
             f"{self.settings.max_deliver}); the pipeline was not able to settle them"
         )
         rescue = [(e.original, reason.format(n=e.original.num_delivered)) for e in found if e.original is not None]
-        self.report.dead_lettered += await broker.dead_letter(rescue)
+        self.report.dead_lettered += await broker.dead_letter(rescue, self.settings.durable_prefix)
         for e in found:
             if e.original is None:
                 self.report.problem = (

@@ -24,6 +24,7 @@ from feature_pipeline.store import archive, batch, incremental
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
+from feature_pipeline.store.first_day import record_first_day
 from feature_pipeline.store.loader import load_registry
 from feature_pipeline.store.registry import Registry
 from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, index_existing_events, sync_columns
@@ -161,6 +162,7 @@ class FeatureStore:
             for statement in ddl(self.registry):
                 con.execute(statement)
             index_existing_events(con)
+            record_first_day(con, self.path)
         return con
 
     @contextlib.contextmanager
