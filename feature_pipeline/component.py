@@ -10,9 +10,10 @@ Every attribute but `prefix` is a field of the configuration table (`feature_pip
 so the YAML covers exactly what the environment variables cover. A value is literal text or
 `{env: NAME}`: the resource then holds `EnvVar(NAME)`, which every process that uses it (runs on
 other hosts included) reads from its own environment, and the UI shows the variable's name, never
-a credential; the secrets of the table are accepted only that way. An attribute left out takes the table's default; in a prefixed instance the store,
-staging, serving and archive paths default to `data/<prefix>/…` under the project and the durable
-consumers to `feature-pipeline-<prefix>-…`, so two instances share nothing unless told to.
+a credential; the secrets of the table are accepted only that way. An attribute left out takes the
+table's default; in a prefixed instance the store, staging, serving and archive paths default to
+`data/<prefix>/…` under the project and the durable consumers to `feature-pipeline-<prefix>-…`, so
+two instances share no file and no consumer unless told to.
 
 This repository's own code location is the same Component without a prefix, built from the
 environment (`from_environment`): one path for both.

@@ -163,10 +163,18 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
             records = inst.fetch_observations(dg.AssetKey(["nats", "signals"]), limit=1).records
         return records[0].asset_observation.metadata if records else None
 
+    # An observation made after the poison was dead-lettered: the monitor's first one (its tick when the
+    # daemon started, before anything was published) also reads lag 0.
     meta = wait_for(
-        lambda: (m := latest_observation()) and m["consumer_lag_messages"].value == 0 and m,
+        lambda: (
+            (m := latest_observation())
+            and m["consumer_lag_messages"].value == 0
+            and m.get("dead_lettered_messages") is not None
+            and m["dead_lettered_messages"].value == 2
+            and m
+        ),
         MONITOR_INTERVAL_SECONDS + 15,
-        "stream_monitor to observe the drained stream",
+        "stream_monitor to observe the drained stream and its two dead letters",
     )
     assert "last_message_at" in meta
     for field in ("oldest_unacked_age_seconds", "redelivered_messages", "in_flight_messages", "dead_lettered_messages"):

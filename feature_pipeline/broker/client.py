@@ -62,7 +62,10 @@ def nats_problem(exc: BaseException, url: str) -> str:
         return str(exc)
     if isinstance(exc, NotFoundError):  # a stream, consumer or bucket was deleted (or never made)
         what = getattr(exc, "description", None) or type(exc).__name__
-        return f"NATS at {where} says a stream, consumer or bucket is missing ({what}); ingest_sensor makes them again"
+        return (
+            f"NATS at {where} says a stream, consumer or bucket is missing ({what}); the ingest sensor makes them "
+            "again on its next tick"
+        )
     if isinstance(exc, TimeoutError):
         return f"NATS at {where} did not answer in time ({type(exc).__name__})"
     return f"lost NATS at {where}: {type(exc).__name__}: {_reason(exc)}"

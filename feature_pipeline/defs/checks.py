@@ -63,12 +63,18 @@ class Checks:
             spec
             for s in STREAMS
             for spec in (
-                dg.AssetCheckSpec(LAG_CHECK, asset=names.stream(s), description="Messages pending or unacked."),
-                dg.AssetCheckSpec(AGE_CHECK, asset=names.stream(s), description="Age of the oldest message not acked."),
+                dg.AssetCheckSpec(
+                    LAG_CHECK, asset=names.stream(s), description="Messages pending or unacked on the consumer."
+                ),
+                dg.AssetCheckSpec(
+                    AGE_CHECK, asset=names.stream(s), description="Age of the oldest message not yet acked."
+                ),
             )
         ]
         self.dead_letters = dg.AssetCheckSpec(
-            "dead_letters_last_hour", asset=names.table(DEADLETTER.table), description="Dead letters in the last hour."
+            "dead_letters_last_hour",
+            asset=names.table(DEADLETTER.table),
+            description="Dead letters recorded in the last hour.",
         )
         self.consistency = dg.AssetCheckSpec(
             "matches_recomputation",
@@ -109,10 +115,6 @@ class Checks:
     def in_ingest_runs(self) -> list[dg.AssetCheckSpec]:
         """The checks an ingest run evaluates on the store it has just committed."""
         return [self.dead_letters, self.consistency, self.commit_latency]
-
-    @property
-    def graded_by_sensors(self) -> list[dg.AssetCheckSpec]:
-        return [*self.stream_specs, *self.ingest_specs, self.runs]
 
     # -- graded by the sensors, or on demand ------------------------------------------------------
 
