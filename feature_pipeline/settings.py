@@ -279,6 +279,13 @@ class Settings:
         "so 1 means a tick every 5 s; 5 would mean every 10 s (1-3600).",
         _int_between(1, 3600),
     )
+    monitor_interval_seconds: int = _var(
+        "FEATURE_PIPELINE_MONITOR_INTERVAL_SECONDS",
+        "40",
+        "Seconds between stream_monitor ticks, which observe the streams and grade the lag checks and "
+        "ingest_running; the UI plots the last 100 observations, so 40 keeps an hour of history (5-3600).",
+        _int_between(5, 3600),
+    )
     fetch_seconds: int = _var(
         "FEATURE_PIPELINE_FETCH_SECONDS",
         "8",

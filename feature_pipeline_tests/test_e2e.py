@@ -18,7 +18,6 @@ import dagster as dg
 import pytest
 
 from feature_pipeline.broker.local import port_open
-from feature_pipeline.defs.sensors import MONITOR_INTERVAL_SECONDS
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.samples import publish_events
 from feature_pipeline.store.feature_store import FeatureStore
@@ -30,6 +29,8 @@ pytestmark = pytest.mark.e2e
 
 SIGNAL_SUBJECTS = ["signals.task.synced", "signals.task.completed", "signals.session.started"]
 FEEDBACK_SUBJECTS = ["feedback.recommendation.shown", "feedback.recommendation.accepted"]
+MONITOR_SECONDS = 10  # stream_monitor's interval in the tests that wait for it (40 by default)
+MONITOR_TICK_SECONDS = MONITOR_SECONDS + 5  # between two of its ticks: the interval, then the daemon's 5 s loop
 
 
 def _features(p: Pipeline, user: str) -> dict[str, Any] | None:
@@ -74,6 +75,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
             "FEATURE_PIPELINE_DEAD_LETTERS_HOUR_WARN": "1",
             "FEATURE_PIPELINE_SNAPSHOT_START": (today - timedelta(days=30)).isoformat(),
             "FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS": "0",  # the next run compares, so it sees the damage
+            "FEATURE_PIPELINE_MONITOR_INTERVAL_SECONDS": str(MONITOR_SECONDS),
         },
         webserver=True,
     )
@@ -117,7 +119,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     assert _check(p, "dead_letters", "dead_letters_last_hour")["passed"] is True
     lag_check = wait_for(
         lambda: (c := _check(p, "nats/signals", "consumer_lag")) and c["passed"] and c,
-        MONITOR_INTERVAL_SECONDS + 15,
+        MONITOR_TICK_SECONDS + 15,
         "a passing consumer_lag evaluation",
     )
     assert lag_check["passed"] is True
@@ -173,7 +175,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
             and m["dead_lettered_messages"].value == 2
             and m
         ),
-        MONITOR_INTERVAL_SECONDS + 15,
+        MONITOR_TICK_SECONDS + 15,
         "stream_monitor to observe the drained stream and its two dead letters",
     )
     assert "last_message_at" in meta
@@ -222,6 +224,7 @@ def test_slow_commits_and_a_stopped_ingest_sensor_are_named(make_pipeline: Any) 
             "FEATURE_PIPELINE_FRESHNESS_WARN_SECONDS": "60",
             "FEATURE_PIPELINE_FRESHNESS_FAIL_SECONDS": "61",
             "FRESHNESS_DAEMON_INTERVAL_SECONDS": "5",
+            "FEATURE_PIPELINE_MONITOR_INTERVAL_SECONDS": str(MONITOR_SECONDS),
         }
     )
     run(publish(p.nats.url, [synced("evt-before-stop", "u-1")]))
@@ -243,7 +246,7 @@ def test_slow_commits_and_a_stopped_ingest_sensor_are_named(make_pipeline: Any) 
     assert stop.returncode == 0, stop.stdout + stop.stderr
     stopped = wait_for(
         lambda: (c := _check(p, "nats/signals", "ingest_running")) and c["passed"] is False and c,
-        2 * MONITOR_INTERVAL_SECONDS + 15,
+        2 * MONITOR_TICK_SECONDS + 15,
         "stream_monitor to fail ingest_running",
     )
     assert stopped["severity"] == dg.AssetCheckSeverity.ERROR

@@ -52,6 +52,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         batch_max_bytes=128 * MIB,
         max_batches_in_flight=4,
         sensor_interval_seconds=1,
+        monitor_interval_seconds=40,
         fetch_seconds=8,
         nak_delay_seconds=2,
         run_timeout_seconds=600,
@@ -225,6 +226,7 @@ def _every_variable_set(tmp_path: Path) -> dict[str, str]:
         "FEATURE_PIPELINE_MAX_BATCHES_IN_FLIGHT": "5",
         "FEATURE_PIPELINE_SENSOR_INTERVAL_SECONDS": "2",
         "FEATURE_PIPELINE_FETCH_SECONDS": "3",
+        "FEATURE_PIPELINE_MONITOR_INTERVAL_SECONDS": "17",
         "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "4",
         "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": "99",
         "FEATURE_PIPELINE_LAG_WARN": "11",
@@ -256,10 +258,12 @@ from feature_pipeline import definitions
 with dg.build_resources({"pipeline": definitions.defs.resources["pipeline"]}) as res:
     s = res.pipeline.settings
 sensor = next(x for x in definitions.defs.sensors if x.name == "ingest_sensor")
+monitor = next(x for x in definitions.defs.sensors if x.name == "stream_monitor")
 features = definitions.defs.resolve_assets_def("user_features").specs_by_key[dg.AssetKey("user_features")]
 print(json.dumps({
     "settings": {f: getattr(s, f) for f in s.__dataclass_fields__},
     "interval": sensor.minimum_interval_seconds,
+    "monitor": monitor.minimum_interval_seconds,
     "first_partition": definitions.defs.resolve_assets_def("user_feature_snapshots").partitions_def
     .get_first_partition_key(),
     "freshness": str(features.freshness_policy),
@@ -282,7 +286,7 @@ def test_every_variable_reaches_every_entry_point(
     out = subprocess.run([sys.executable, "-c", _CODE_LOCATION], capture_output=True, text=True, cwd=REPO, check=True)
     loaded = json.loads(out.stdout)
     assert loaded["settings"] == {f: getattr(expected, f) for f in Settings.__dataclass_fields__}
-    assert loaded["interval"] == 2 and loaded["first_partition"] == "2026-02-03"
+    assert loaded["interval"] == 2 and loaded["monitor"] == 17 and loaded["first_partition"] == "2026-02-03"
     assert "120" in loaded["freshness"] and "240" in loaded["freshness"]
 
     # The CLI.

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from feature_pipeline.defs.sensors import MONITOR_INTERVAL_SECONDS
 from feature_pipeline.samples import publish_events
+from feature_pipeline.settings import BY_NAME
 from feature_pipeline.testing import BIN, REPO, Pipeline, run, wait_for
 
 PAGES = {
@@ -74,6 +74,7 @@ def capture_all(browser: str, base: str, out: Path) -> None:
 
 
 PLOTTED_POINTS = 100  # observations the UI's plots show
+MONITOR_INTERVAL_SECONDS = int(BY_NAME["FEATURE_PIPELINE_MONITOR_INTERVAL_SECONDS"].default)
 
 
 def traffic(p: Pipeline, minutes: float, rate: float) -> None:

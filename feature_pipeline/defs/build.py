@@ -29,7 +29,7 @@ def build_definitions(names: Names, resource: PipelineResource, settings: Settin
     prune_job, prune_schedule = build_retention(names)
     return dg.Definitions(
         assets=[
-            *stream_assets(names),
+            *stream_assets(names, settings.monitor_interval_seconds),
             with_freshness(
                 ingest_asset, names.user_features, settings.freshness_warn_seconds, settings.freshness_fail_seconds
             ),
@@ -47,7 +47,7 @@ def build_definitions(names: Names, resource: PipelineResource, settings: Settin
         ],
         sensors=[
             build_ingest_sensor(names, ingest_job, checks, settings.sensor_interval_seconds),
-            build_stream_monitor(names, checks),
+            build_stream_monitor(names, checks, settings.monitor_interval_seconds),
         ],
         schedules=[build_refresh_schedule(names, ingest_job), snapshot_schedule, prune_schedule, archive_schedule],
         resources={names.resource_key: resource},

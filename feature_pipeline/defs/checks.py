@@ -99,7 +99,7 @@ class Checks:
         )
         # On the stream assets, which no run materializes: the UI shows a check's latest evaluation only while
         # it targets the asset's latest materialization, so a check on user_features that stream_monitor grades
-        # every 40 s would read "Not Evaluated" after each batch.
+        # every tick would read "Not Evaluated" after each batch.
         sensor, monitor = names.ingest_sensor, names.of("stream_monitor")
         self.ingest_specs = [
             dg.AssetCheckSpec(

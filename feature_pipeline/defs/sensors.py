@@ -13,8 +13,6 @@ from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import run_tick
 from feature_pipeline.settings import Settings
 
-# The stream plots keep about the last 100 observations: one every 40 s is an hour of history.
-MONITOR_INTERVAL_SECONDS = 40
 # The daemon looks at sensors every 5 s, so an interval under 5 s means "every loop"; the UI shows the
 # interval itself as "Frequency", so the description says what it really is.
 DAEMON_LOOP_SECONDS = 5
@@ -68,14 +66,14 @@ def to_result(report: TickReport, settings: Settings, checks: Checks) -> dg.Sens
     )
 
 
-def build_stream_monitor(names: Names, checks: Checks) -> dg.SensorDefinition:
+def build_stream_monitor(names: Names, checks: Checks, interval_seconds: int) -> dg.SensorDefinition:
     @dg.sensor(
         name=names.of("stream_monitor"),
-        minimum_interval_seconds=MONITOR_INTERVAL_SECONDS,
+        minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={names.resource_key},
         description=f"Observes the streams and grades the lag checks and ingest_running every "
-        f"{MONITOR_INTERVAL_SECONDS} s, also while {names.ingest_sensor} is stopped, so a stopped pipeline turns the "
+        f"{interval_seconds} s, also while {names.ingest_sensor} is stopped, so a stopped pipeline turns the "
         "checks red.",
     )
     def stream_monitor(context: dg.SensorEvaluationContext) -> dg.SensorResult:

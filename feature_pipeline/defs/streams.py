@@ -6,14 +6,14 @@ from feature_pipeline.defs.names import Names
 from feature_pipeline.streams import STREAMS
 
 
-def stream_assets(names: Names) -> list[dg.AssetSpec]:
+def stream_assets(names: Names, monitor_seconds: int) -> list[dg.AssetSpec]:
     monitor = names.of("stream_monitor")
     return [
         dg.AssetSpec(
             names.stream(spec),
-            description=f"JetStream stream {spec.name} ({spec.subject}). Observed every {monitor} tick (40 s): "
-            f"consumer lag, last message time, messages in flight; ingest_running says whether "
-            f"{names.ingest_sensor} drains it.",
+            description=f"JetStream stream {spec.name} ({spec.subject}). Observed every {monitor} tick "
+            f"({monitor_seconds} s): consumer lag, last message time, messages in flight; ingest_running says "
+            f"whether {names.ingest_sensor} drains it.",
             group_name=names.of("streams"),
             kinds={"nats"},
         )
