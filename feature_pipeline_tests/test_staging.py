@@ -21,6 +21,7 @@ from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.deliveries import Delivery, parse_reply, ts_from_nats
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import assemble
+from feature_pipeline.ingest.fetch import for_pipeline
 from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, FolderStaging, delivery_from_row
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
@@ -113,6 +114,17 @@ def test_assemble_splits_events_poison_and_dead_letters() -> None:
             "body": b"original body",
         }
     ]
+
+
+def test_another_pipelines_dead_letter_copy_is_staged_but_not_recorded() -> None:
+    """What a tick and a batch split assemble (`for_pipeline`): copies this pipeline made and copies without
+    FP-Pipeline are recorded; another pipeline's are staged (acked with the batch) and left to it."""
+    ours = dead_letter(1, 10, **{streams.H_PIPELINE: "feature-pipeline"})
+    theirs = dead_letter(2, 11, **{streams.H_PIPELINE: "feature-pipeline-ads"})
+    unnamed = dead_letter(3, 12)
+    out = for_pipeline(assemble, "feature-pipeline")([ours, theirs, unnamed, signal(4, "evt-4")])
+    assert sorted(r["original_seq"] for r in out.dead_letters) == [10, 12]
+    assert sorted(d.stream_seq for d in out.staged) == [1, 2, 3, 4]
 
 
 def test_foreign_dead_letter_is_recorded_under_its_own_sequence() -> None:

@@ -117,12 +117,9 @@ class Fetcher:
     async def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self.report.count_fetched(d.stream)
-        own = self.settings.durable_prefix
-        ours, theirs = split_dead_letters(deliveries, own)
-        assembled = self.assemble(ours)
-        assembled.staged.extend(theirs)  # acked with the batch, not recorded: the pipeline that made them does
+        assembled = self.assemble(deliveries)
         if assembled.poison:
-            self.report.poison += await self.broker.dead_letter(assembled.poison, own)
+            self.report.poison += await self.broker.dead_letter(assembled.poison, self.settings.durable_prefix)
         writer.add(assembled)
 
     async def pull_round(self, want: int, max_bytes: int) -> list[Delivery]:
@@ -150,12 +147,21 @@ class Fetcher:
         return await self.broker.pull(spec.name, consumer, batch=batch, max_bytes=max_bytes)
 
 
-def split_dead_letters(deliveries: list[Delivery], pipeline: str) -> tuple[list[Delivery], list[Delivery]]:
-    """(what this pipeline records, dead-letter copies another pipeline on the same streams made)."""
+def for_pipeline(
+    assemble: Callable[[Sequence[Delivery]], Assembled], pipeline: str
+) -> Callable[[Sequence[Delivery]], Assembled]:
+    """`assemble` for one pipeline: dead-letter copies another pipeline on the same streams made (its
+    `FP-Pipeline` header) are staged, so acked with the batch, but not recorded: that pipeline records them.
+    Used for fetched pulls and for the halves of a split batch alike."""
 
     def theirs(d: Delivery) -> bool:
         return d.stream == streams.DEADLETTER.name and (d.headers or {}).get(streams.H_PIPELINE, pipeline) != pipeline
 
-    if not any(theirs(d) for d in deliveries):
-        return deliveries, []
-    return [d for d in deliveries if not theirs(d)], [d for d in deliveries if theirs(d)]
+    def assemble_ours(deliveries: Sequence[Delivery]) -> Assembled:
+        if not any(theirs(d) for d in deliveries):
+            return assemble(deliveries)
+        out = assemble([d for d in deliveries if not theirs(d)])
+        out.staged.extend(d for d in deliveries if theirs(d))
+        return out
+
+    return assemble_ours

@@ -26,7 +26,7 @@ from feature_pipeline.broker.stats import collect
 from feature_pipeline.ingest import bisect
 from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.failures import Cause, RunFailure
-from feature_pipeline.ingest.fetch import Fetcher
+from feature_pipeline.ingest.fetch import Fetcher, for_pipeline
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun, RunLookup
 from feature_pipeline.ingest.settle import (
@@ -151,7 +151,8 @@ class _Tick:
             self.report.holding = waiting[0]
             return
         o = self.options
-        fetcher = Fetcher(broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, o.assemble)
+        assemble = for_pipeline(o.assemble, self.settings.durable_prefix)
+        fetcher = Fetcher(broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, assemble)
         await fetcher.stage_batches(len(remaining))
         self.report.in_flight = len(remaining) + len(self.report.staged)
 
@@ -181,7 +182,8 @@ class _Tick:
         now = time.time()
         for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
             self.report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)  # the halves' clock
-        halves = bisect.split(self.staging, manifest, self.options.assemble, self.options.fetch_chunk)
+        assemble = for_pipeline(self.options.assemble, self.settings.durable_prefix)
+        halves = bisect.split(self.staging, manifest, assemble, self.options.fetch_chunk)
         for half in halves:
             self.staging.mark_kept_alive(half.batch_id, now)
         self.report.staged += halves
