@@ -103,6 +103,7 @@ class Pipeline:
 
     `nats`: a server someone else started and stops (the benchmark's); by default the pipeline starts
     its own and kills it on `close`. `env`: variables on top of the pipeline's own (paths, URL, prefix).
+    `workspace`: another project's workspace.yaml (Component instances configured in its YAML).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class Pipeline:
         prefix: str = "e2e",
         webserver: bool = False,
         instance_yaml: Path = REPO / "dagster.yaml",
+        workspace: Path = REPO / "workspace.yaml",
     ) -> None:
         self.root = root
         self.owns_nats = nats is None
@@ -129,6 +131,7 @@ class Pipeline:
         self.webserver_port = free_port() if webserver else None
         self.webserver: subprocess.Popen[bytes] | None = None
         self.instance_yaml = instance_yaml
+        self.workspace = workspace
         self.workers: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -158,13 +161,13 @@ class Pipeline:
             pass
         self.start_daemon()
         if self.webserver_port:
-            workspace, port = str(REPO / "workspace.yaml"), str(self.webserver_port)
+            workspace, port = str(self.workspace), str(self.webserver_port)
             cmd = ["dagster-webserver", "-w", workspace, "-h", "127.0.0.1", "-p", port]
             self.webserver = self._spawn(cmd, self.root / "webserver.log")
         return self
 
     def start_daemon(self) -> None:
-        self.daemon = self._spawn(["dagster-daemon", "run", "-w", str(REPO / "workspace.yaml")], self.daemon_log)
+        self.daemon = self._spawn(["dagster-daemon", "run", "-w", str(self.workspace)], self.daemon_log)
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         """A warm Celery run worker (`feature-pipeline worker`, for deploy/dagster.yaml) in its own process

@@ -15,7 +15,7 @@ import pytest
 
 from feature_pipeline import FeaturePipelineComponent, cli
 from feature_pipeline.settings import SettingsError
-from feature_pipeline.testing import LocalNats, query, run
+from feature_pipeline.testing import BIN, LocalNats, Pipeline, consumer_states, query, run, wait_for
 from feature_pipeline_tests.helpers import publish, synced
 
 _PYPROJECT = """\
@@ -66,10 +66,12 @@ def _readme_yaml() -> str:
     return section.split("<<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0] + "\n"
 
 
-def _project(root: Path) -> Path:
-    """What `create-dagster project demo` makes, plus three defs.yaml files."""
+def _project(root: Path, *, readme: bool = True, extra: str = "") -> Path:
+    """What `create-dagster project demo` makes, plus the defs.yaml files (`extra`: attributes for alpha
+    and beta)."""
     package = root / "src" / "demo"
-    for folder, text in (("alpha", _ALPHA), ("beta", _BETA), ("recs", _readme_yaml())):
+    instances = [("alpha", _ALPHA + extra), ("beta", _BETA + extra), *([("recs", _readme_yaml())] if readme else [])]
+    for folder, text in instances:
         (package / "defs" / folder).mkdir(parents=True)
         (package / "defs" / folder / "defs.yaml").write_text(text)
     (root / "pyproject.toml").write_text(_PYPROJECT)
@@ -209,3 +211,54 @@ def test_credentials_stay_references_and_paths_resolve_against_the_project(
     defs = component.definitions(tmp_path)
     with dg.build_resources({"recs_pipeline": defs.resources["recs_pipeline"]}) as res:
         assert res.recs_pipeline.settings.nats_password == "s3cret"
+
+
+@pytest.mark.e2e
+def test_two_instances_under_the_real_daemon_store_apart_and_a_stopped_one_is_named(
+    tmp_path: Path, nats_server: LocalNats, make_pipeline: Any
+) -> None:
+    """The throwaway project as its own code location under dagster-daemon: each instance's sensor requests
+    its own runs, which store every event once in its own store; stopping alpha_ingest_sensor turns alpha's
+    ingest_running red naming it, within two monitor ticks, while beta's stays green."""
+    project = _project(tmp_path / "demo", readme=False, extra="  monitor_interval_seconds: 10\n")
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        f"load_from:\n  - python_module:\n      module_name: demo.definitions\n"
+        f"      working_directory: {project / 'src'}\n      location_name: demo\n"
+    )
+    p = make_pipeline({"DEMO_NATS_URL": nats_server.url}, nats=nats_server, workspace=workspace)
+    run(publish(nats_server.url, [synced("evt-a"), synced("evt-b", "u-2")]))
+    dbs = {prefix: project / "data" / prefix / "feature_store.duckdb" for prefix in ("alpha", "beta")}
+    for prefix, db in dbs.items():
+        wait_for(lambda db=db: len(query(db, "SELECT event_id FROM signal_events")) == 2, 90, f"{prefix}'s rows")
+        consumers = f"feature-pipeline-{prefix}"
+        wait_for(lambda c=consumers: not any(_lags(nats_server.url, c).values()), 60, f"{prefix} acked")
+    with p.instance() as inst:
+        jobs = {r.dagster_run.job_name for r in inst.get_run_records() if r.dagster_run.status.value == "SUCCESS"}
+    assert {"alpha_ingest", "beta_ingest"} <= jobs
+    assert sorted(query(dbs["alpha"], "SELECT event_id FROM signal_events")) == [("evt-a",), ("evt-b",)]
+
+    stop = [str(BIN / "dagster"), "sensor", "stop", "alpha_ingest_sensor", "-w", str(workspace)]
+    stopped = subprocess.run(stop, env=p.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    red = wait_for(
+        lambda: (c := _ingest_running(p, "alpha")) and c.passed is False and c,
+        2 * (10 + 5) + 15,
+        "alpha's ingest_running to fail",
+    )
+    assert (red.description or "").startswith("alpha_ingest_sensor is STOPPED since"), red.description
+    beta = _ingest_running(p, "beta")
+    assert beta is not None and beta.passed, beta
+
+
+def _lags(url: str, durable_prefix: str) -> dict[str, int]:
+    infos = run(consumer_states(url, durable_prefix))
+    return {name: i.num_pending + i.num_ack_pending for name, i in infos.items()}
+
+
+def _ingest_running(p: Pipeline, prefix: str) -> dg.AssetCheckEvaluation | None:
+    key = dg.AssetCheckKey(dg.AssetKey([prefix, "nats", "signals"]), "ingest_running")
+    with p.instance() as inst:
+        rec = inst.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+    data = rec.event.dagster_event.event_specific_data if rec and rec.event and rec.event.dagster_event else None
+    return data if isinstance(data, dg.AssetCheckEvaluation) else None
