@@ -34,7 +34,7 @@ from feature_pipeline.testing import BIN, REPO, Pipeline, run, wait_for
 PAGES = {
     "asset-graph": "/asset-groups/feature_store",
     "stream-signals": "/assets/nats/signals",
-    "stream-signals-plots": "/assets/nats/signals?view=plots",
+    "stream-signals-plots": "/assets/nats/signals",  # its Metadata section switched to Plots
     "user-features": "/assets/user_features",
     "user-features-checks": "/assets/user_features?view=checks",
     "runs": "/runs",
@@ -68,6 +68,11 @@ def capture_all(browser: str, base: str, out: Path) -> None:
             if skip.count():
                 skip.first.click()
             page.wait_for_timeout(3000)  # plots and lineage draw after the data arrives
+            if name.endswith("-plots"):
+                page.get_by_role("button", name="Plots").first.click()
+                page.wait_for_timeout(3000)
+                page.get_by_text("consumer_lag_messages").first.scroll_into_view_if_needed()
+                page.wait_for_timeout(1000)
             page.screenshot(path=str(out / f"{name}.png"))
             log(f"captured {name}")
         chrome.close()
