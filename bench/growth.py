@@ -158,7 +158,7 @@ def apply_batches(store: FeatureStore, root: Path, events: int, batch: int, user
 
 def phase(name: str, root: Path, events: int, batch: int, users: int, reps: int, labels: int) -> dict[str, Any]:
     """One phase at one size, in this process: its peak RSS is the phase's own."""
-    store = FeatureStore(root / "store.duckdb", serving_path=root / "serving" / "user_features.parquet")
+    store = FeatureStore(root / "store.duckdb")
     now = datetime.fromisoformat((root / "now").read_text()) if name != "prefill" else datetime.now(UTC)
     if name == "prefill":
         root.mkdir(parents=True, exist_ok=True)

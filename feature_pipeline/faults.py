@@ -6,8 +6,11 @@ before COMMIT) or an option (send keep-alives or not), and this module turns nam
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import duckdb
 
@@ -19,6 +22,7 @@ MARK = "fail-"  # FAIL_MARKED: event ids that make their batch's run fail
 SLOW_COMMIT = "slow-commit"
 NO_KEEPALIVE = "no-keepalive"
 ARCHIVE_KILL = "archive-kill"
+KILL_AFTER_COMMIT = "kill-after-commit"
 SLOW_COMMIT_SECONDS = 10
 
 FAULTS = {
@@ -29,6 +33,8 @@ FAULTS = {
     "(to kill or cancel it there)",
     NO_KEEPALIVE: "the sensor sends no +WPI, so ack_wait can expire under a waiting batch",
     ARCHIVE_KILL: "`feature-pipeline archive` kills itself (SIGKILL) once its first Parquet file is on disk",
+    KILL_AFTER_COMMIT: "the first ingest run that stores events kills itself (SIGKILL) after its DuckDB commit, before "
+    "it writes the online store (once per store: a marker file beside it)",
 }
 
 
@@ -63,3 +69,11 @@ def before_commit(faults: Iterable[str]) -> Callable[[duckdb.DuckDBPyConnection]
                 raise InjectedFault(f"FEATURE_PIPELINE_FAULTS={FAIL_MARKED}: event {found} breaks this batch")
 
     return hook
+
+
+def after_commit(faults: Iterable[str], store_path: str | os.PathLike[str], inserted: int) -> None:
+    """What an ingest run does between its commit and the online store's write: KILL_AFTER_COMMIT dies there once."""
+    marker = Path(f"{store_path}.{KILL_AFTER_COMMIT}")
+    if KILL_AFTER_COMMIT in set(faults) and inserted and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -357,7 +357,6 @@ def make_env(root: Path, registry: Any = None) -> Env:
     store = FeatureStore(
         root / "fs.duckdb",
         registry=registry,
-        serving_path=root / "serving" / "user_features.parquet",
         allowed_lateness=timedelta(hours=1),
     )
     return Env(store, FolderStaging(root / "staging"), Feed())

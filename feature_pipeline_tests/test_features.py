@@ -19,8 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_pipeline import get_features, streams, training_set
-from feature_pipeline.read.serving import FeatureReader, ServingCopyMissing
+from feature_pipeline import streams, training_set
 from feature_pipeline.read.training import LabelsError
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
@@ -349,45 +348,6 @@ def test_numeric_user_ids_in_labels_are_read_as_text_with_a_warning(env: Env, tm
     assert row["user_id"] == "7" and row["signal_count_total"] == 1
 
 
-# -- serving ---------------------------------------------------------------------------------
-
-
-def test_each_run_replaces_the_serving_copy_atomically(env: Env) -> None:
-    path = env.store.serving_path
-    assert path is not None
-    with pytest.raises(ServingCopyMissing, match="no serving copy"):
-        get_features(["u"], path=path)
-    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
-    env.apply([env.feed.event("a", "signals.task.completed", "u", t0)], now=t0)
-    first_inode = os.stat(path).st_ino
-    got = get_features(["nobody", "u"], path=path)
-    assert list(got["user_id"]) == ["nobody", "u"]
-    assert pd.isna(got.loc[0, "signal_count_total"]) and got.loc[1, "signal_count_total"] == 1
-    assert got.loc[1, "valid_as_of"] == t0
-
-    env.apply([env.feed.event("b", "signals.task.completed", "u", t0)], now=t0 + timedelta(hours=25))
-    assert os.stat(path).st_ino != first_inode  # renamed into place, not rewritten in place
-    got = get_features(["u"], path=path)
-    assert got.loc[0, "signal_count_total"] == 2 and got.loc[0, "signal_count_24h"] == 0  # 25 h later
-    assert not list(path.parent.glob(".*tmp"))
-    assert list(got.columns) == ["user_id", *env.store.registry.names, "updated_at", "valid_as_of"]
-
-
-def test_serving_copy_failure_keeps_the_batch_and_the_old_copy(env: Env) -> None:
-    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
-    env.apply([env.feed.event("a", "signals.task.completed", "u", t0)], now=t0)
-    path = env.store.serving_path
-    assert path is not None
-    # The temp file each publish writes first is blocked (a full or broken disk, as far as COPY can tell).
-    blocker = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    blocker.mkdir()
-    (blocker / "keep").write_text("x")
-    result = env.apply([env.feed.event("b", "signals.task.completed", "u", t0)], now=t0)
-    assert result.refresh.serving_error and "could not replace the serving copy" in result.refresh.serving_error
-    assert env.count("signal_events") == 2
-    assert FeatureReader(path).get(["u"]).loc[0, "signal_count_total"] == 1  # the previous copy
-
-
 # -- the registry drives the schema ----------------------------------------------------------
 
 
@@ -413,7 +373,7 @@ def test_adding_a_feature_backfills_its_column_and_keeps_the_others(tmp_path: Pa
         'field = "data.provider"\n'
     )
     env2 = Env(
-        FeatureStore(env.store.path, registry=load_registry(extended), serving_path=env.store.serving_path),
+        FeatureStore(env.store.path, registry=load_registry(extended)),
         env.staging,
         env.feed,
     )

@@ -1,4 +1,4 @@
-"""`feature-pipeline features | serve | training-set`: reading features out, with the configured registry."""
+"""`feature-pipeline features | export | training-set`: reading features out, with the configured registry."""
 
 from __future__ import annotations
 
@@ -6,19 +6,27 @@ import argparse
 import json
 import time
 
+import duckdb
+
+from feature_pipeline.broker.auth import redact
 from feature_pipeline.cli.common import EXIT_DEGRADED, EXIT_OK, fail, load_settings
 from feature_pipeline.store.db import StoreBusy
 from feature_pipeline.store.feature_store import FeatureStore
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    feat = sub.add_parser("features", help="print one user's feature row")
-    feat.add_argument("user_id")
+    feat = sub.add_parser(
+        "features", help="users' current feature rows from the online store (what get_features returns)"
+    )
+    feat.add_argument("user_ids", nargs="+", metavar="user_id")
+    feat.add_argument(
+        "--from-store", action="store_true", help="read the DuckDB store instead (on its host; waits for its lock)"
+    )
     feat.set_defaults(func=cmd_features)
 
-    serve = sub.add_parser("serve", help="current features from the serving copy (what get_features returns)")
-    serve.add_argument("user_ids", nargs="+")
-    serve.set_defaults(func=cmd_serve)
+    export = sub.add_parser("export", help="write user_features to the Parquet export, for bulk readers")
+    export.add_argument("--out", help="the file (default FEATURE_PIPELINE_SERVING_PATH)")
+    export.set_defaults(func=cmd_export)
 
     train = sub.add_parser("training-set", help="point-in-time features for labels (user_id, ts, ...)")
     train.add_argument("labels", help="a .parquet or .csv file with columns user_id, ts and any label columns")
@@ -30,26 +38,44 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
+    """Prints each user's row as JSON; exits 1 when a user has none, saying where it looked."""
     cfg = load_settings()
-    try:
-        row = FeatureStore.from_settings(cfg).user_features(args.user_id)
-    except (FileNotFoundError, StoreBusy) as exc:
-        return fail(str(exc))
-    if row is None:
-        return fail(f"no features for user {args.user_id!r} in {cfg.feature_store_path}", EXIT_DEGRADED)
-    print(json.dumps(row, default=str, indent=2))
+    if args.from_store:
+        where = cfg.feature_store_path
+        try:
+            rows = [FeatureStore.from_settings(cfg).user_features(u) for u in args.user_ids]
+        except (FileNotFoundError, StoreBusy) as exc:
+            return fail(str(exc))
+    else:
+        from feature_pipeline.broker.kv import OnlineStoreError, bucket_for
+        from feature_pipeline.read.online import OnlineReader
+
+        where = f"the online store {bucket_for(cfg.durable_prefix)} (NATS at {redact(cfg.nats_url)})"
+        reader = OnlineReader(cfg)
+        try:
+            rows = list(reader.get_rows(args.user_ids))
+        except OnlineStoreError as exc:
+            return fail(str(exc))
+        finally:
+            reader.close()
+    missing = [u for u, r in zip(args.user_ids, rows, strict=True) if r is None]
+    for row in rows:
+        if row is not None:
+            print(json.dumps(row, default=str, indent=2))
+    if missing:
+        return fail(f"no features for {', '.join(map(repr, missing))} in {where}", EXIT_DEGRADED)
     return EXIT_OK
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from feature_pipeline.read.serving import ServingCopyMissing, get_features
-
+def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_settings()
+    out = args.out or cfg.serving_path
+    started = time.monotonic()
     try:
-        frame = get_features(args.user_ids, path=cfg.serving_path)
-    except ServingCopyMissing as exc:
-        return fail(str(exc))
-    print(frame.to_json(orient="records", date_format="iso", indent=2))
+        rows, as_of = FeatureStore.from_settings(cfg).export(out)
+    except (FileNotFoundError, StoreBusy, OSError, duckdb.Error) as exc:
+        return fail(f"could not write the export {out}: {exc}")
+    print(f"wrote {rows} rows (valid as of {as_of}) to {out} in {time.monotonic() - started:.1f} s")
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from feature_pipeline.defs.checks import Checks
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
 from feature_pipeline.ingest.failures import Cause, cause_of
+from feature_pipeline.ingest.online import SyncResult, sync
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
@@ -144,9 +145,11 @@ class Ingest:
                     before_commit=faults.before_commit(settings.fault_set),
                 )
                 applied = time.monotonic() - started
+        faults.after_commit(settings.fault_set, settings.feature_store_path, result.inserted)
+        synced = self._sync_online(context, settings)
         self._log_batch(context, result, settings.allowed_lateness_seconds)
         context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
-        timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context)}
+        timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context), **metadata.online(synced)}
         for key, extra in metadata.batch_per_table(result).items():
             asset_key = self.specs[key].key
             if key == "user_features":  # the batch's summary, once: on the asset it describes
@@ -170,6 +173,7 @@ class Ingest:
     ) -> Iterator[dg.AssetCheckResult]:
         """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
         stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
+        self._sync_online(context, settings)  # the rows of a run that died after its commit
         what = (
             f"was stored at {stored_at.isoformat()} and acked"
             if stored_at
@@ -200,17 +204,20 @@ class Ingest:
         """The window refresh: rows change as time passes, but no data arrived, so user_features gets an
         observation, not a materialization: its freshness keeps telling whether ingest is alive."""
         refresh, health = FeatureStore.from_settings(settings).advance(consistency_sample=settings.consistency_sample)
+        synced = self._sync_online(context, settings)
         self._log_refresh(context, refresh)
         context.log.info(
             f"moved the clock to {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows whose windows moved "
             "were recomputed"
         )
-        context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=metadata.refresh(refresh)))
+        meta = {**metadata.refresh(refresh), **metadata.online(synced)}
+        context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=meta))
         yield from self.checks.store_results(health, settings)
 
     def rebuild(self, context: dg.AssetExecutionContext, settings: Settings) -> RunOutput:
         """Every user_features row recomputed from the raw tables (a materialization by hand, no batch)."""
         refresh, health = FeatureStore.from_settings(settings).recompute_all(settings.consistency_sample)
+        synced = self._sync_online(context, settings)
         self._log_refresh(context, refresh)
         context.log.info(
             f"rebuilt user_features as of {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows "
@@ -219,11 +226,23 @@ class Ingest:
         for key, spec in self.specs.items():
             meta: dict[str, Any] = {"refresh": "rebuild"}
             if key == "user_features":
-                meta.update(metadata.refresh(refresh))
+                meta.update({**metadata.refresh(refresh), **metadata.online(synced)})
             if key == DEADLETTER.table:
                 meta.update(metadata.dead_letters(health))
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
         yield from self.checks.store_results(health, settings)
+
+    @staticmethod
+    def _sync_online(context: dg.AssetExecutionContext, settings: Settings) -> SyncResult:
+        """The rows the run changed, into the online store, before the run reports success (see `ingest.online`)."""
+        synced = sync(settings, FeatureStore.from_settings(settings))
+        context.log.info(
+            f"online store {synced.bucket}: wrote {synced.written} rows"
+            + (f", deleted {synced.deleted} keys" if synced.deleted else "")
+            + (" (every row: the bucket had no state)" if synced.everything else "")
+            + f" in {synced.seconds:.2f} s"
+        )
+        return synced
 
     @staticmethod
     def _log_refresh(context: dg.AssetExecutionContext, refresh: Refresh) -> None:
@@ -231,5 +250,3 @@ class Ingest:
             context.log.info(
                 "feature definitions changed (" + "; ".join(refresh.schema_changes) + "): rebuilt every row"
             )
-        if refresh.serving_error:
-            context.log.warning(refresh.serving_error + " (the previous copy stays; the batch is stored)")

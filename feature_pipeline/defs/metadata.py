@@ -5,6 +5,7 @@ from typing import Any
 import dagster as dg
 
 from feature_pipeline import streams
+from feature_pipeline.ingest.online import SyncResult
 from feature_pipeline.ingest.staging import Manifest
 from feature_pipeline.store.feature_store import BatchResult, Refresh, StoreHealth
 
@@ -26,13 +27,23 @@ def refresh(r: Refresh) -> dict[str, Any]:
         "valid_as_of": dg.MetadataValue.timestamp(r.valid_as_of),
         "rows_recomputed": r.rows_written,
         "rebuilt_all_rows": r.rebuilt,
-        "serving_copy": "published" if r.serving_error is None else f"NOT replaced: {r.serving_error}",
     }
     if r.schema_changes:
         meta["schema_changes"] = "; ".join(r.schema_changes)
     if r.partials_rebuilt:  # the whole history was read for these sources' all-time features
         meta["partials_rebuilt_from_history"] = ", ".join(r.partials_rebuilt)
     return meta
+
+
+def online(sync: SyncResult) -> dict[str, Any]:
+    """What the run wrote to the online store (JetStream KV) after its commit."""
+    return {
+        "online_bucket": sync.bucket,
+        "online_rows_written": sync.written,
+        "online_keys_deleted": sync.deleted,
+        "online_write_seconds": sync.seconds,
+        **({"online_wrote_every_row": True} if sync.everything else {}),
+    }
 
 
 def run_tags(result: BatchResult, manifest: Manifest) -> dict[str, str]:

@@ -2,13 +2,12 @@
 
 Every write happens in one transaction (`db.transaction` owns BEGIN and COMMIT): a batch lands in
 the raw tables, the dead letters and user_features together or not at all. After the commit the
-serving copy is replaced and the health figures are read.
+health figures are read; `ingest.online` then writes the changed rows to the online store.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import duckdb
 
 from feature_pipeline import streams
 from feature_pipeline.settings import Settings
-from feature_pipeline.store import archive, batch, incremental
+from feature_pipeline.store import archive, batch, incremental, online
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
@@ -55,7 +54,6 @@ class Refresh:
     rebuilt: bool  # every row was recomputed (new store, or the feature definitions changed)
     schema_changes: list[str] = field(default_factory=list)
     partials_rebuilt: list[str] = field(default_factory=list)  # sources whose all-time partials were rebuilt
-    serving_error: str | None = None  # the serving copy could not be replaced (the old one stays)
 
 
 @dataclass(frozen=True)
@@ -137,21 +135,18 @@ class FeatureStore:
         path: str | os.PathLike[str],
         *,
         registry: Registry | None = None,
-        serving_path: str | os.PathLike[str] | None = None,
         allowed_lateness: timedelta = timedelta(hours=1),
     ) -> None:
         self.path = Path(path)
         self.registry = registry or load_registry()
-        self.serving_path = Path(serving_path) if serving_path else None
         self.allowed_lateness = allowed_lateness
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeatureStore:
-        """The store every entry point uses: its file, feature registry, serving copy and lateness."""
+        """The store every entry point uses: its file, feature registry and lateness."""
         return cls(
             settings.feature_store_path,
             registry=load_registry(settings.features_file or None),
-            serving_path=settings.serving_path,
             allowed_lateness=timedelta(seconds=settings.allowed_lateness_seconds),
         )
 
@@ -200,7 +195,6 @@ class FeatureStore:
                 late = batch.lateness(con, now, self.allowed_lateness)
                 if before_commit is not None:
                     before_commit(con)
-            refresh = self._publish(con, refresh)
             p50, p95, worst = batch.latency(con, datetime.now(UTC))
             con.execute(
                 "UPDATE ingested_batches SET latency_p95_seconds = $p WHERE batch_id = $b", {"p": p95, "b": batch_id}
@@ -269,7 +263,7 @@ class FeatureStore:
                         f"CREATE OR REPLACE TEMP TABLE {batch.new_table(spec.key)} AS FROM {spec.table} LIMIT 0"
                     )
                 refresh = self._refresh(con, now or datetime.now(UTC), batch.TOUCHED, rebuild=rebuild)
-            return self._publish(con, refresh), self._health(con, consistency_sample)
+            return refresh, self._health(con, consistency_sample)
 
     def _refresh(
         self, con: duckdb.DuckDBPyConnection, now: datetime, touched: str, *, rebuild: bool = False
@@ -296,43 +290,42 @@ class FeatureStore:
                 incremental.merge_partials(con, self.registry, spec.key, spec.table, new_rows, previous, as_of)
         rebuild = rebuild or previous is None or fingerprint != self.registry.fingerprint or bool(changes)
         if rebuild:
+            online.mark_everyone(con)  # a user who has no row after the rebuild is deleted from the KV
             con.execute("DELETE FROM user_features")
             users = incremental.every_user()
         else:
             moved = incremental.users_changed_by_time(con, self.registry, previous, as_of)
             users = f"SELECT user_id FROM {touched} UNION SELECT user_id FROM {moved}"
         rows = incremental.write_rows(con, self.registry, as_of, users)
+        online.mark(con, f"SELECT user_id FROM {incremental.FEATURE_ROWS}")
         con.execute(
             "INSERT OR REPLACE INTO feature_state VALUES (1, $as_of, $fp)",
             {"as_of": as_of, "fp": self.registry.fingerprint},
         )
         return Refresh(as_of, rows, rebuild, changes, rebuilt_partials)
 
-    def _publish(self, con: duckdb.DuckDBPyConnection, refresh: Refresh) -> Refresh:
-        """Replace the serving copy atomically (write a temp file, rename over the old one).
-
-        A failure leaves the previous copy in place and is reported, not raised: the batch is
-        committed, and failing its run would only redeliver what is already stored.
-        """
-        if self.serving_path is None:
-            return refresh
-        tmp = self.serving_path.with_name(f".{self.serving_path.name}.{os.getpid()}.tmp")
+    def export(self, path: str | os.PathLike[str], *, wait_seconds: float = 120.0) -> tuple[int, datetime | None]:
+        """Write user_features to a Parquet file for bulk readers, atomically (a temp file renamed over the
+        old one); returns (rows, valid_as_of). O(users): on demand or on a schedule, never per batch."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        con = self.connect(read_only=True, wait_seconds=wait_seconds)
         try:
-            self.serving_path.parent.mkdir(parents=True, exist_ok=True)
-            stamp = refresh.valid_as_of.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
-            target = str(tmp).replace("'", "''")
+            row = con.execute("SELECT valid_as_of FROM feature_state WHERE id = 1").fetchone()
+            as_of = row[0] if row else None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            quoted = str(tmp).replace("'", "''")
             con.execute(
-                f"COPY (SELECT *, TIMESTAMPTZ '{stamp}' AS valid_as_of FROM user_features ORDER BY user_id) "
-                f"TO '{target}' (FORMAT parquet, COMPRESSION zstd)"
+                f"COPY (SELECT *, CAST($as_of AS TIMESTAMPTZ) AS valid_as_of FROM user_features ORDER BY user_id) "
+                f"TO '{quoted}' (FORMAT parquet, COMPRESSION zstd)",
+                {"as_of": as_of},
             )
-            os.replace(tmp, self.serving_path)
-            return refresh
-        except (OSError, duckdb.Error) as exc:
+            os.replace(tmp, target)
+            return self._count(con, "user_features"), as_of
+        finally:
+            con.close()
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            return dataclasses.replace(
-                refresh, serving_error=f"could not replace the serving copy {self.serving_path}: {exc}"
-            )
 
     # -- reads ------------------------------------------------------------------------------------
 

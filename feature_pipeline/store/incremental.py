@@ -259,6 +259,9 @@ def window_bounds(registry: Registry, as_of: datetime) -> dict[str, datetime]:
     return out
 
 
+FEATURE_ROWS = "feature_rows"  # the temp table of the rows `write_rows` wrote, until the next refresh
+
+
 def write_rows(con: duckdb.DuckDBPyConnection, registry: Registry, as_of: datetime, users: str) -> int:
     """Replace the user_features rows of the users selected by `users` (a query of user_id) as of `as_of`.
 
@@ -266,18 +269,20 @@ def write_rows(con: duckdb.DuckDBPyConnection, registry: Registry, as_of: dateti
     re-inserts every key of the primary-key index, which took 2-4 s for a batch's 63 000 users."""
     set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({users})", {"as_of": as_of})
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE feature_rows AS {rows_sql(registry)}",
+        f"CREATE OR REPLACE TEMP TABLE {FEATURE_ROWS} AS {rows_sql(registry)}",
         {"as_of": as_of, **window_bounds(registry, as_of)},
     )
     cols = [*registry.names, "updated_at"]
     for c in cols:  # one column per UPDATE: DuckDB 2.0 takes ~100 x longer for a dozen columns in one
-        con.execute(f"UPDATE user_features SET {c} = r.{c} FROM feature_rows r WHERE user_features.user_id = r.user_id")
+        con.execute(
+            f"UPDATE user_features SET {c} = r.{c} FROM {FEATURE_ROWS} r WHERE user_features.user_id = r.user_id"
+        )
     listed = ", ".join(["user_id", *cols])
     con.execute(
-        f"INSERT INTO user_features ({listed}) SELECT {listed} FROM feature_rows r "
+        f"INSERT INTO user_features ({listed}) SELECT {listed} FROM {FEATURE_ROWS} r "
         "WHERE NOT EXISTS (SELECT 1 FROM user_features u WHERE u.user_id = r.user_id)"
     )
-    return int(scalar(con, "SELECT count(*) FROM feature_rows"))
+    return int(scalar(con, f"SELECT count(*) FROM {FEATURE_ROWS}"))
 
 
 def every_user() -> str:
