@@ -220,8 +220,8 @@ class Settings:
     serving_path: str = _var(
         "FEATURE_PIPELINE_SERVING_PATH",
         "./data/serving/user_features.parquet",
-        "The read-only Parquet copy of user_features that every successful run replaces atomically; "
-        "`feature_pipeline.get_features` reads it.",
+        "The Parquet export of user_features for bulk readers (`read_export`), written atomically by "
+        "`feature-pipeline export` or the export_user_features job; point lookups read the online store instead.",
         _path,
     )
     archive_path: str = _var(

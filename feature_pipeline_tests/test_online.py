@@ -192,6 +192,31 @@ def test_a_store_older_than_the_kv_and_an_emptied_bucket_are_written_whole(setti
     assert sync(settings, env.store).written == 0, "nothing pending, nothing written"
 
 
+def test_a_kv_row_that_differs_from_the_store_is_found_and_written_again(settings: Settings, tmp_path: Path) -> None:
+    """The check's comparison: a value changed behind the pipeline's back (or lost) fails the sample that holds
+    it, and the next sync writes it again."""
+    env = make_env(tmp_path)
+    t0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    env.apply([env.feed.event(f"e{i}", "signals.task.completed", f"u-{i}", t0) for i in range(3)], now=t0)
+    assert sync(settings, env.store, compare=10).different == ()
+    bucket = kv.bucket_for(settings.durable_prefix)
+
+    bad = dict(kv_rows(settings)["u-1"], signal_count_total=99)
+
+    async def tamper() -> None:
+        from feature_pipeline.broker.client import Broker
+
+        async with await Broker.connect(settings.nats_url) as broker:
+            await broker.js.publish(kv.subject_of(bucket, kv.key_for("u-1")), json.dumps(bad).encode())
+            await kv.delete_many(broker, bucket, [kv.key_for("u-2")])
+
+    run(tamper())
+    found = sync(settings, env.store, compare=10)
+    assert found.compared == 3 and found.different == ("u-1", "u-2")
+    assert sync(settings, env.store, compare=10).different == ()
+    assert_kv_equals_store(settings, env)
+
+
 # -- readers ----------------------------------------------------------------------------------------------
 
 ODD_IDS = ["u.1 x", "*>", "ünï©ødé 用户", "ü" * 256]  # the last: 512 bytes, the longest id an envelope takes

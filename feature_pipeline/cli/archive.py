@@ -10,7 +10,7 @@ from pathlib import Path
 
 from feature_pipeline import faults
 from feature_pipeline.cli.common import EXIT_OK, fail, load_settings
-from feature_pipeline.store.archive import ArchiveError, ArchiveResult
+from feature_pipeline.store.archive import ArchiveError
 from feature_pipeline.store.feature_store import FeatureStore
 
 
@@ -19,13 +19,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmd.add_argument("--older-than-days", type=int, help="this horizon instead of FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS")
     cmd.add_argument("--dry-run", action="store_true", help="count what would be archived; move nothing")
     cmd.set_defaults(func=cmd_archive)
-
-
-def summary(result: ArchiveResult) -> str:
-    moved = ", ".join(f"{n:,} from {table}" for table, n in result.rows.items())
-    verb = "would archive" if result.dry_run else f"archived into {result.files} files"
-    orphans = f"; removed {result.orphans_removed} files of an unfinished run" if result.orphans_removed else ""
-    return f"{verb} events that occurred before {result.cutoff:%Y-%m-%d %H:%M} UTC: {moved}{orphans}"
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -40,7 +33,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return fail(str(exc))
     except Exception as exc:  # the store or the disk: say which, never a stack trace
         return fail(f"archive failed: {type(exc).__name__}: {exc}")
-    print(summary(result))
+    print(result.summary())
     return EXIT_OK
 
 

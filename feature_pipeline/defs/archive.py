@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import dagster as dg
 
-from feature_pipeline.cli.archive import summary
 from feature_pipeline.defs.names import Names
 from feature_pipeline.store.feature_store import FeatureStore
 
@@ -25,7 +24,7 @@ def build_archive(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition
     def archive_op(context: dg.OpExecutionContext) -> None:
         cfg = names.settings(context)
         result = FeatureStore.from_settings(cfg).archive(cfg.archive_path, timedelta(days=cfg.archive_after_days))
-        context.log.info(summary(result))
+        context.log.info(result.summary())
 
     @dg.job(
         name=names.of("archive_raw_events"),

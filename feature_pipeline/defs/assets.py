@@ -159,6 +159,7 @@ class Ingest:
             elif extra.pop("changed"):  # a table the batch added no row to keeps its last materialization
                 yield dg.MaterializeResult(asset_key=asset_key, metadata=extra)
         yield from self.checks.store_results(result.health, settings)
+        yield self.checks.online_result(synced)
 
     @staticmethod
     def _queue_wait(context: dg.AssetExecutionContext) -> dict[str, float]:
@@ -173,7 +174,7 @@ class Ingest:
     ) -> Iterator[dg.AssetCheckResult]:
         """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
         stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
-        self._sync_online(context, settings)  # the rows of a run that died after its commit
+        synced = self._sync_online(context, settings)  # the rows of a run that died after its commit
         what = (
             f"was stored at {stored_at.isoformat()} and acked"
             if stored_at
@@ -181,6 +182,7 @@ class Ingest:
         )
         context.log.warning(f"nothing to do: batch {batch_id} is no longer staged in {where}; it {what}")
         yield from self.checks.store_results(health, settings)
+        yield self.checks.online_result(synced)
 
     def _log_batch(self, context: dg.AssetExecutionContext, result: BatchResult, allowed_lateness_seconds: int) -> None:
         self._log_refresh(context, result.refresh)
@@ -213,6 +215,7 @@ class Ingest:
         meta = {**metadata.refresh(refresh), **metadata.online(synced)}
         context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=meta))
         yield from self.checks.store_results(health, settings)
+        yield self.checks.online_result(synced)
 
     def rebuild(self, context: dg.AssetExecutionContext, settings: Settings) -> RunOutput:
         """Every user_features row recomputed from the raw tables (a materialization by hand, no batch)."""
@@ -231,16 +234,17 @@ class Ingest:
                 meta.update(metadata.dead_letters(health))
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
         yield from self.checks.store_results(health, settings)
+        yield self.checks.online_result(synced)
 
     @staticmethod
     def _sync_online(context: dg.AssetExecutionContext, settings: Settings) -> SyncResult:
         """The rows the run changed, into the online store, before the run reports success (see `ingest.online`)."""
-        synced = sync(settings, FeatureStore.from_settings(settings))
+        synced = sync(settings, FeatureStore.from_settings(settings), compare=settings.consistency_sample)
         context.log.info(
             f"online store {synced.bucket}: wrote {synced.written} rows"
             + (f", deleted {synced.deleted} keys" if synced.deleted else "")
             + (" (every row: the bucket had no state)" if synced.everything else "")
-            + f" in {synced.seconds:.2f} s"
+            + f" in {synced.seconds:.2f} s; {synced.compared} sampled rows read back"
         )
         return synced
 

@@ -5,6 +5,7 @@ import dagster as dg
 from feature_pipeline.defs.archive import build_archive
 from feature_pipeline.defs.assets import Ingest, with_freshness
 from feature_pipeline.defs.checks import Checks
+from feature_pipeline.defs.export import build_export
 from feature_pipeline.defs.names import Names
 from feature_pipeline.defs.redrive import build_redrive
 from feature_pipeline.defs.replay import build_replay
@@ -27,6 +28,7 @@ def build_definitions(names: Names, resource: PipelineResource, settings: Settin
     snapshots, snapshot_job, snapshot_schedule = build_snapshots(names, snapshot_start(settings))
     archive_job, archive_schedule = build_archive(names)
     prune_job, prune_schedule = build_retention(names)
+    export_job, export_schedule = build_export(names)
     return dg.Definitions(
         assets=[
             *stream_assets(names, settings.monitor_interval_seconds),
@@ -43,12 +45,19 @@ def build_definitions(names: Names, resource: PipelineResource, settings: Settin
             build_redrive(names),
             prune_job,
             archive_job,
+            export_job,
             checks.job(),
         ],
         sensors=[
             build_ingest_sensor(names, ingest_job, checks, settings.sensor_interval_seconds),
             build_stream_monitor(names, checks, settings.monitor_interval_seconds),
         ],
-        schedules=[build_refresh_schedule(names, ingest_job), snapshot_schedule, prune_schedule, archive_schedule],
+        schedules=[
+            build_refresh_schedule(names, ingest_job),
+            snapshot_schedule,
+            prune_schedule,
+            archive_schedule,
+            export_schedule,
+        ],
         resources={names.resource_key: resource},
     )

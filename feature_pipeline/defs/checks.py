@@ -29,6 +29,7 @@ from feature_pipeline.health import (
     stream_checks,
     thresholds,
 )
+from feature_pipeline.ingest.online import SyncResult
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.tick import blocked_batches
 from feature_pipeline.settings import Settings
@@ -83,6 +84,12 @@ class Checks:
             "each row's updated_at; made at most every FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS (compared_at says "
             "when).",
         )
+        self.online = dg.AssetCheckSpec(
+            "matches_online_store",
+            asset=user_features,
+            description="A random sample of rows (FEATURE_PIPELINE_CONSISTENCY_SAMPLE, at most 1 000), read back from "
+            "the online store (JetStream KV) after the run wrote its changed rows, equals user_features.",
+        )
         self.commit_latency = dg.AssetCheckSpec(
             "commit_latency",
             asset=user_features,
@@ -114,7 +121,7 @@ class Checks:
     @property
     def in_ingest_runs(self) -> list[dg.AssetCheckSpec]:
         """The checks an ingest run evaluates on the store it has just committed."""
-        return [self.dead_letters, self.consistency, self.commit_latency]
+        return [self.dead_letters, self.consistency, self.commit_latency, self.online]
 
     # -- graded by the sensors, or on demand ------------------------------------------------------
 
@@ -225,6 +232,21 @@ class Checks:
             ),
             self._consistency_result(health),
         ]
+
+    def online_result(self, synced: SyncResult) -> dg.AssetCheckResult:
+        """The sample the run read back from the online store after writing it."""
+        bad = list(synced.different)
+        shown = ", ".join(repr(u) for u in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        return dg.AssetCheckResult(
+            asset_key=self.online.asset_key,
+            check_name=self.online.name,
+            passed=not bad,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"rows_compared": synced.compared, "rows_different": len(bad), "bucket": synced.bucket},
+            description=f"{synced.compared} sampled rows of {synced.bucket} equal user_features"
+            if not bad
+            else f"{len(bad)} of {synced.compared} sampled rows of {synced.bucket} differ from user_features: {shown}",
+        )
 
     def _commit_latency_result(self, health: StoreHealth, settings: Settings) -> dg.AssetCheckResult:
         warn, error = settings.commit_latency_warn_seconds, settings.commit_latency_error_seconds

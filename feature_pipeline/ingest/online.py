@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
+import orjson
 
 from feature_pipeline.broker import kv
 from feature_pipeline.broker.client import REQUEST_TIMEOUT_SECONDS, Broker
@@ -38,18 +39,25 @@ class SyncResult:
     seconds: float
     valid_as_of: datetime | None
     everything: bool  # every row was written: a new or emptied bucket, or a store older than the KV
+    compared: int = 0  # rows sampled from user_features and read back from the KV
+    different: tuple[str, ...] = ()  # users among them whose KV row is not their row in the store
 
 
-def sync(settings: Settings, store: FeatureStore, *, wait_seconds: float = 120.0) -> SyncResult:
-    """Write every pending row to the bucket; raises OnlineStoreError (or BrokerUnavailable) when it cannot."""
+COMPARE_AT_MOST = 1000  # rows a sync reads back: one batched get
+
+
+def sync(settings: Settings, store: FeatureStore, *, compare: int = 0, wait_seconds: float = 120.0) -> SyncResult:
+    """Write every pending row to the bucket, then read back `compare` random rows (at most COMPARE_AT_MOST)
+    and compare them with the store; raises OnlineStoreError (or BrokerUnavailable) when it cannot write."""
     started = time.monotonic()
     con = store.connect(wait_seconds=wait_seconds)  # the write lock, until the pending users are cleared
     try:
-        result = asyncio.run(_Sync(settings, store, con).run())
-        online.clear(con)
+        job = _Sync(settings, store, con)
+        written, deleted, as_of, everything, different = asyncio.run(job.run(min(compare, COMPARE_AT_MOST)))
     finally:
         con.close()
-    return SyncResult(result[0], result[1], result[2], round(time.monotonic() - started, 3), *result[3:])
+    seconds = round(time.monotonic() - started, 3)
+    return SyncResult(job.bucket, written, deleted, seconds, as_of, everything, *different)
 
 
 class _Sync:
@@ -57,7 +65,7 @@ class _Sync:
         self.settings, self.store, self.con = settings, store, con
         self.bucket = kv.bucket_for(settings.durable_prefix)
 
-    async def run(self) -> tuple[str, int, int, datetime | None, bool]:
+    async def run(self, compare: int) -> tuple[int, int, datetime | None, bool, tuple[int, tuple[str, ...]]]:
         s = self.settings
         async with await Broker.connect(s.nats_url, "feature-pipeline-online", s.nats_auth) as broker:
             await kv.ensure_bucket(broker, self.bucket, s.nats_replicas)
@@ -71,7 +79,22 @@ class _Sync:
                 written += await kv.put_many(broker, self.bucket, [(kv.key_for(u), v) for u, v in chunk.rows])
                 deleted += await kv.delete_many(broker, self.bucket, [kv.key_for(u) for u in chunk.gone])
             await kv.put_state(broker, self.bucket, self._state(as_of, written))
-        return self.bucket, written, deleted, as_of, everything
+            online.clear(self.con)
+            different = await self._compare(broker, compare, as_of) if compare else (0, ())
+        return written, deleted, as_of, everything, different
+
+    async def _compare(self, broker: Broker, n: int, as_of: datetime | None) -> tuple[int, tuple[str, ...]]:
+        """(rows compared, users whose KV row differs): a random sample of the store read back from the KV.
+        valid_as_of is left out: it is the clock of the sync that wrote the row, not a feature."""
+        sample = online.sample_values(self.con, self.store.registry, as_of or datetime.now(UTC), n)
+        found = await kv.get_many(broker.nc, self.bucket, [kv.key_for(u) for u, _ in sample], REQUEST_TIMEOUT_SECONDS)
+        different = []
+        for user, value in sample:
+            raw = found.get(kv.key_for(user))
+            if raw is None or _features(raw) != _features(value):
+                different.append(user)
+        online.mark_users(self.con, different)  # the next sync writes them again
+        return len(sample), tuple(sorted(different))
 
     def _valid_as_of(self) -> datetime | None:
         row = self.con.execute("SELECT valid_as_of FROM feature_state WHERE id = 1").fetchone()
@@ -85,3 +108,9 @@ class _Sync:
             "written_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "rows_written": written,
         }
+
+
+def _features(raw: bytes) -> dict[str, object]:
+    row = dict(orjson.loads(raw))
+    row.pop("valid_as_of", None)
+    return row

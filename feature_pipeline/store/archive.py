@@ -61,6 +61,13 @@ class ArchiveResult:
     orphans_removed: int  # files of an earlier run that did not finish
     dry_run: bool = False
 
+    def summary(self) -> str:
+        """One line for the CLI and the job's log."""
+        moved = ", ".join(f"{n:,} from {table}" for table, n in self.rows.items())
+        verb = "would archive" if self.dry_run else f"archived into {self.files} files"
+        orphans = f"; removed {self.orphans_removed} files of an unfinished run" if self.orphans_removed else ""
+        return f"{verb} events that occurred before {self.cutoff:%Y-%m-%d %H:%M} UTC: {moved}{orphans}"
+
 
 def history_view(table: str) -> str:
     return f"{table}_history"

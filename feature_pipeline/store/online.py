@@ -35,6 +35,11 @@ def mark(con: duckdb.DuckDBPyConnection, users: str) -> None:
     con.execute(f"INSERT INTO {PENDING} SELECT user_id FROM ({users})")
 
 
+def mark_users(con: duckdb.DuckDBPyConnection, users: list[str]) -> None:
+    if users:
+        con.executemany(f"INSERT INTO {PENDING} VALUES (?)", [[u] for u in users])
+
+
 def mark_everyone(con: duckdb.DuckDBPyConnection) -> None:
     """Every current row is to be written: a new or emptied bucket, or a store that predates the KV."""
     mark(con, "SELECT user_id FROM user_features")
@@ -65,6 +70,17 @@ def pending_values(
             [(u, v.encode()) for u, v in batch if v is not None],
             [u for u, v in batch if v is None],
         )
+
+
+def sample_values(
+    con: duckdb.DuckDBPyConnection, registry: Registry, valid_as_of: datetime, n: int
+) -> list[tuple[str, bytes]]:
+    """`n` random rows as their KV values, to read back and compare."""
+    cur = con.execute(
+        f"SELECT user_id, value FROM ({value_sql(registry)}) USING SAMPLE reservoir({int(n)} ROWS)",
+        {"as_of": valid_as_of, "fp": registry.fingerprint},
+    )
+    return [(u, v.encode()) for u, v in cur.fetchall()]
 
 
 def value_sql(registry: Registry, where: str = "") -> str:

@@ -1,0 +1,43 @@
+"""The Parquet export of user_features for bulk readers: a job, and an hourly schedule (stopped by default).
+
+Point lookups read the online store; a reader of every user (analysis, batch scoring) reads this file
+instead. Writing it costs O(users), so no batch writes it: it is written on demand (this job, or
+`feature-pipeline export`) or by the schedule once switched on.
+"""
+
+import dagster as dg
+
+from feature_pipeline.defs.names import Names
+from feature_pipeline.store.feature_store import FeatureStore
+
+
+def build_export(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]:
+    @dg.op(
+        name=names.of("export"),
+        pool=names.pool,  # a reader of the file waits for (and would delay) a batch's transaction otherwise
+        required_resource_keys={names.resource_key},
+        description="Write user_features to FEATURE_PIPELINE_SERVING_PATH as Parquet (temp file, then rename).",
+    )
+    def export_op(context: dg.OpExecutionContext) -> None:
+        cfg = names.settings(context)
+        rows, as_of = FeatureStore.from_settings(cfg).export(cfg.serving_path)
+        context.log.info(f"exported {rows} rows (valid as of {as_of}) to {cfg.serving_path}")
+
+    @dg.job(
+        name=names.of("export_user_features"),
+        executor_def=dg.in_process_executor,
+        description="Writes the Parquet export of user_features for bulk readers (point lookups read the online "
+        "store).",
+    )
+    def export_job() -> None:
+        export_op.alias("export")()  # the node name, so run config reads the same in every instance
+
+    schedule = dg.ScheduleDefinition(
+        name=names.of("export_user_features_hourly"),
+        job=export_job,
+        cron_schedule="15 * * * *",
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Every hour at :15, once switched on: refresh the Parquet export for bulk readers.",
+    )
+    return export_job, schedule
