@@ -202,7 +202,7 @@ def test_unwritable_store_retries_the_batch_and_spends_no_delivery(settings: Set
 
 
 def test_window_refresh_run_observes_user_features_and_materializes_nothing(settings: Settings, tmp_path: Path) -> None:
-    """The schedule's run moves the clock (rows whose windows moved) and republishes the serving copy, but
+    """The schedule's run moves the clock (rows whose windows moved) and writes them to the online store, but
     records an observation: user_features' freshness keeps saying whether ingest itself is alive."""
     run(publish(settings.nats_url, [synced("evt-r", "u-r")]))
     res = resources(settings)
@@ -238,8 +238,10 @@ def test_window_refresh_run_observes_user_features_and_materializes_nothing(sett
         assert sorted((c.asset_key.to_user_string(), c.check_name, c.passed) for c in checks) == [
             ("dead_letters", "dead_letters_last_hour", True),
             ("user_features", "commit_latency", True),
+            ("user_features", "matches_online_store", True),
             ("user_features", "matches_recomputation", True),
         ]
+        assert obs.event_specific_data.asset_observation.metadata["online_rows_written"].value >= 0  # type: ignore[union-attr]
     assert query(Path(settings.feature_store_path), "SELECT user_id FROM user_features") == [("u-r",)]
 
 

@@ -14,6 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from feature_pipeline import cli, get_features, settings, training_set
+from feature_pipeline.broker.kv import OnlineStoreError
+from feature_pipeline.broker.local import free_port
+from feature_pipeline.read.serving import read_export
 from feature_pipeline.settings import MIB, Settings, SettingsError, load
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.loader import DEFAULT_FILE
@@ -301,9 +304,16 @@ def test_every_variable_reaches_every_entry_point(
     assert FeatureStore.from_settings(expected).archive(expected.archive_path, timedelta(days=45)).files == 0
     assert Path(expected.archive_path).is_dir()
 
-    # The Python read API: the serving path, and the store with the configured feature registry.
+    # The Python read API: the online store's server and bucket, the export's path, and the store with the
+    # configured feature registry.
+    closed = f"nats://127.0.0.1:{free_port()}"  # not the variable's hosts: no lookup leaves this machine
+    monkeypatch.setenv("NATS_URL", closed)
+    bucket = f"{expected.durable_prefix}-features"
+    with pytest.raises(OnlineStoreError, match=re.escape(f"NATS at {closed} for the online store {bucket}")):
+        get_features(["u"])
+    monkeypatch.setenv("NATS_URL", env["NATS_URL"])
     pq.write_table(pa.table({"user_id": ["u"], "entry_point_probe": [3]}), expected.serving_path)
-    assert get_features(["u"]).loc[0, "entry_point_probe"] == 3
+    assert read_export().loc[0, "entry_point_probe"] == 3
     FeatureStore.from_settings(expected).connect().close()
     labels = pa.table({"user_id": ["u"], "ts": [datetime(2026, 6, 1, tzinfo=UTC)]})
     assert "entry_point_probe" in training_set(labels).column_names, "training_set ignored the features file"

@@ -98,9 +98,7 @@ class AsyncOnlineReader:
         self.schema: Schema | None = None
 
     async def connect(self) -> AsyncOnlineReader:
-        self.nc = await connect(
-            self.settings.nats_url, self.settings.nats_auth, self.timeout, "feature-pipeline-reader"
-        )
+        self.nc = await connect(self.settings.nats_url, self.settings.nats_auth, self.timeout, self.bucket)
         return self
 
     async def close(self) -> None:
@@ -177,7 +175,7 @@ class AsyncOnlineReader:
         return OnlineStoreError(f"cannot read the online store {self.bucket} at {where}: {type(exc).__name__}: {exc}")
 
 
-async def connect(url: str, auth: NatsAuth, timeout: float, name: str) -> Client:
+async def connect(url: str, auth: NatsAuth, timeout: float, bucket: str) -> Client:
     """A connection that reconnects by itself; the first attempt is bounded by `timeout` per server."""
     nc = Client()
 
@@ -189,7 +187,7 @@ async def connect(url: str, auth: NatsAuth, timeout: float, name: str) -> Client
         await asyncio.wait_for(
             nc.connect(
                 servers=servers,
-                name=name,
+                name=f"feature-pipeline-reader {bucket}",
                 connect_timeout=timeout,  # type: ignore[arg-type]  # nats-py takes seconds as a float
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -201,7 +199,9 @@ async def connect(url: str, auth: NatsAuth, timeout: float, name: str) -> Client
         )
     except Exception as exc:
         with_words = str(exc) or type(exc).__name__
-        raise OnlineStoreError(f"cannot reach NATS at {redact(url)} for the online store: {with_words}") from None
+        raise OnlineStoreError(
+            f"cannot reach NATS at {redact(url)} for the online store {bucket}: {with_words}"
+        ) from None
     return nc
 
 
