@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from feature_pipeline.defs.names import Names
+from feature_pipeline.ingest.online import sync
 from feature_pipeline.ingest.replay import ReplayError, ReplayRange, ReplayReport, replay
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.streams import BY_NAME
@@ -57,6 +58,8 @@ def build_replay(names: Names) -> dg.JobDefinition:
             run_id=context.run_id[:8],
             log=context.log.info,
         )
+        synced = sync(settings, FeatureStore.from_settings(settings))  # replay ends with a rebuild of every row
+        context.log.info(f"online store {synced.bucket}: wrote {synced.written} rows, deleted {synced.deleted} keys")
         _record(context, names, rng, report)
 
     @dg.job(
