@@ -71,9 +71,20 @@ def before_commit(faults: Iterable[str]) -> Callable[[duckdb.DuckDBPyConnection]
     return hook
 
 
-def after_commit(faults: Iterable[str], store_path: str | os.PathLike[str], inserted: int) -> None:
-    """What an ingest run does between its commit and the online store's write: KILL_AFTER_COMMIT dies there once."""
+def after_commit(
+    faults: Iterable[str], store_path: str | os.PathLike[str], then: Callable[[duckdb.DuckDBPyConnection], None]
+) -> Callable[[duckdb.DuckDBPyConnection], None]:
+    """What an ingest run does right after its COMMIT: `then` (the online store's write), and with
+    KILL_AFTER_COMMIT, first die once (a marker file beside the store) if the batch stored an event."""
+    if KILL_AFTER_COMMIT not in set(faults):
+        return then
     marker = Path(f"{store_path}.{KILL_AFTER_COMMIT}")
-    if KILL_AFTER_COMMIT in set(faults) and inserted and not marker.exists():
-        marker.touch()
-        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hook(con: duckdb.DuckDBPyConnection) -> None:
+        stored = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()
+        if stored and stored[0] and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        then(con)
+
+    return hook

@@ -33,7 +33,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from feature_pipeline.broker.client import REQUEST_TIMEOUT_SECONDS, Broker, BrokerUnavailable
-from feature_pipeline.broker.fastpath import FastClient
+from feature_pipeline.broker.fastpath import FastClient, subscription_id
 
 MAX_PLAIN_ID_BYTES = 150
 STATE_KEY = "meta.state"
@@ -43,6 +43,7 @@ HASHED_KEYS = "h.>"
 MULTI_GET_LIMIT = 1000  # results per batched direct get: servers cap one request at 1024
 ACKED_WINDOW = 2000  # acked puts in flight at once on the slow path
 OPERATION_HEADER = "KV-Operation"
+_SUBJECT_HEADER = b"Nats-Subject: "
 
 
 class OnlineStoreError(BrokerUnavailable):
@@ -187,14 +188,19 @@ async def get_many(nc: Client, bucket: str, keys: Sequence[str], timeout: float)
     return found
 
 
+def _multi_last(bucket: str, keys: Sequence[str]) -> bytes:
+    return json.dumps({"multi_last": [subject_of(bucket, k) for k in keys], "batch": len(keys)}).encode()
+
+
 async def _get_chunk(nc: Client, bucket: str, keys: Sequence[str], timeout: float) -> dict[str, bytes]:
+    if isinstance(nc, FastClient):
+        return await _get_chunk_raw(nc, bucket, keys, timeout)
     prefix = len(subject_of(bucket, ""))
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, pending_msgs_limit=len(keys) + 10)
     found: dict[str, bytes] = {}
     try:
-        request = json.dumps({"multi_last": [subject_of(bucket, k) for k in keys], "batch": len(keys)}).encode()
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream_of(bucket)}", request, reply=inbox)
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream_of(bucket)}", _multi_last(bucket, keys), reply=inbox)
         while True:
             msg = await sub.next_msg(timeout=timeout)
             hdrs: dict[str, Any] = msg.headers or {}
@@ -211,3 +217,34 @@ async def _get_chunk(nc: Client, bucket: str, keys: Sequence[str], timeout: floa
                 found[hdrs["Nats-Subject"][prefix:]] = bytes(msg.data)
     finally:
         await sub.unsubscribe()
+
+
+async def _get_chunk_raw(nc: FastClient, bucket: str, keys: Sequence[str], timeout: float) -> dict[str, bytes]:
+    """`_get_chunk` on the fast path: replies as raw bytes from the protocol parser, their header block read
+    here for the two fields needed (the status line and Nats-Subject). 100 keys take ~1 ms instead of ~4."""
+    prefix = len(subject_of(bucket, "")) + len(_SUBJECT_HEADER)
+    found: dict[str, bytes] = {}
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def sink(_subject: bytes, _reply: bytes, data: bytes, raw: bytes | None) -> None:
+        head = raw or b""
+        line = head[: head.find(b"\r\n")]
+        if line != b"NATS/1.0":  # a status: 204 ends the batch, 404 means none of the keys exist
+            if not ended.done():
+                ended.set_result(line[9:].decode(errors="replace"))
+        elif b"KV-Operation: DEL" not in head and b"KV-Operation: PURGE" not in head:
+            start = head.find(_SUBJECT_HEADER)
+            found[head[start + prefix : head.find(b"\r\n", start)].decode()] = data
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    nc.sinks[subscription_id(sub)] = sink
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream_of(bucket)}", _multi_last(bucket, keys), reply=inbox)
+        status = await asyncio.wait_for(ended, timeout)
+    finally:
+        nc.sinks.pop(subscription_id(sub), None)
+        await sub.unsubscribe()
+    if not status.startswith(("204", "404")):
+        raise OnlineStoreError(f"the online store {bucket} refused a read: {status}")
+    return found

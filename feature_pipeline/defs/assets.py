@@ -20,7 +20,7 @@ from feature_pipeline.defs.checks import Checks
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
 from feature_pipeline.ingest.failures import Cause, cause_of
-from feature_pipeline.ingest.online import SyncResult, sync
+from feature_pipeline.ingest.online import SyncResult, Writer, sync_with
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
@@ -137,16 +137,17 @@ class Ingest:
                 return
             with staging.local_copy(batch_id) as folder:
                 started = time.monotonic()
-                result = FeatureStore.from_settings(settings).apply_batch(
+                store, online = self._store_and_writer(settings)
+                result = store.apply_batch(
                     folder,
                     batch_id,
                     consistency_sample=settings.consistency_sample,
                     consistency_every=settings.consistency_every_seconds,
                     before_commit=faults.before_commit(settings.fault_set),
+                    after_commit=faults.after_commit(settings.fault_set, settings.feature_store_path, online),
                 )
                 applied = time.monotonic() - started
-        faults.after_commit(settings.fault_set, settings.feature_store_path, result.inserted)
-        synced = self._sync_online(context, settings)
+        synced = self._logged(context, online)
         self._log_batch(context, result, settings.allowed_lateness_seconds)
         context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
         timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context), **metadata.online(synced)}
@@ -174,7 +175,9 @@ class Ingest:
     ) -> Iterator[dg.AssetCheckResult]:
         """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
         stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
-        synced = self._sync_online(context, settings)  # the rows of a run that died after its commit
+        store, online = self._store_and_writer(settings)
+        sync_with(online, store)  # the rows of a run that died after its commit
+        synced = self._logged(context, online)
         what = (
             f"was stored at {stored_at.isoformat()} and acked"
             if stored_at
@@ -205,8 +208,9 @@ class Ingest:
     def move_clock(self, context: dg.AssetExecutionContext, settings: Settings) -> Iterator[dg.AssetCheckResult]:
         """The window refresh: rows change as time passes, but no data arrived, so user_features gets an
         observation, not a materialization: its freshness keeps telling whether ingest is alive."""
-        refresh, health = FeatureStore.from_settings(settings).advance(consistency_sample=settings.consistency_sample)
-        synced = self._sync_online(context, settings)
+        store, online = self._store_and_writer(settings)
+        refresh, health = store.advance(consistency_sample=settings.consistency_sample, after_commit=online)
+        synced = self._logged(context, online)
         self._log_refresh(context, refresh)
         context.log.info(
             f"moved the clock to {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows whose windows moved "
@@ -219,8 +223,9 @@ class Ingest:
 
     def rebuild(self, context: dg.AssetExecutionContext, settings: Settings) -> RunOutput:
         """Every user_features row recomputed from the raw tables (a materialization by hand, no batch)."""
-        refresh, health = FeatureStore.from_settings(settings).recompute_all(settings.consistency_sample)
-        synced = self._sync_online(context, settings)
+        store, online = self._store_and_writer(settings)
+        refresh, health = store.recompute_all(settings.consistency_sample, after_commit=online)
+        synced = self._logged(context, online)
         self._log_refresh(context, refresh)
         context.log.info(
             f"rebuilt user_features as of {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows "
@@ -237,14 +242,22 @@ class Ingest:
         yield self.checks.online_result(synced)
 
     @staticmethod
-    def _sync_online(context: dg.AssetExecutionContext, settings: Settings) -> SyncResult:
-        """The rows the run changed, into the online store, before the run reports success (see `ingest.online`)."""
-        synced = sync(settings, FeatureStore.from_settings(settings), compare=settings.consistency_sample)
+    def _store_and_writer(settings: Settings) -> tuple[FeatureStore, Writer]:
+        """The store, and what writes the rows a run changed to the online store right after its commit, on
+        the same connection, before the run reports success (see `ingest.online`)."""
+        store = FeatureStore.from_settings(settings)
+        compare, every = settings.consistency_sample, settings.consistency_every_seconds
+        return store, Writer(settings, store, compare=compare, compare_every=every)
+
+    @staticmethod
+    def _logged(context: dg.AssetExecutionContext, online: Writer) -> SyncResult:
+        synced = online.result
+        assert synced is not None, "the store did not call the online writer after its commit"
         context.log.info(
             f"online store {synced.bucket}: wrote {synced.written} rows"
             + (f", deleted {synced.deleted} keys" if synced.deleted else "")
             + (" (every row: the bucket had no state)" if synced.everything else "")
-            + f" in {synced.seconds:.2f} s; {synced.compared} sampled rows read back"
+            + f" in {synced.seconds:.2f} s"
         )
         return synced
 

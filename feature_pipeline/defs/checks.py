@@ -88,7 +88,9 @@ class Checks:
             "matches_online_store",
             asset=user_features,
             description="A random sample of rows (FEATURE_PIPELINE_CONSISTENCY_SAMPLE, at most 1 000), read back from "
-            "the online store (JetStream KV) after the run wrote its changed rows, equals user_features.",
+            "the online store (JetStream KV) after the run wrote its changed rows, equals user_features; made at most "
+            "every FEATURE_PIPELINE_CONSISTENCY_EVERY_SECONDS (compared_at says when). Rows that differ are written "
+            "again by the next run.",
         )
         self.commit_latency = dg.AssetCheckSpec(
             "commit_latency",
@@ -242,7 +244,12 @@ class Checks:
             check_name=self.online.name,
             passed=not bad,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"rows_compared": synced.compared, "rows_different": len(bad), "bucket": synced.bucket},
+            metadata={
+                "rows_compared": synced.compared,
+                "rows_different": len(bad),
+                "bucket": synced.bucket,
+                **({"compared_at": dg.MetadataValue.timestamp(synced.compared_at)} if synced.compared_at else {}),
+            },
             description=f"{synced.compared} sampled rows of {synced.bucket} equal user_features"
             if not bad
             else f"{len(bad)} of {synced.compared} sampled rows of {synced.bucket} differ from user_features: {shown}",

@@ -39,75 +39,104 @@ class SyncResult:
     seconds: float
     valid_as_of: datetime | None
     everything: bool  # every row was written: a new or emptied bucket, or a store older than the KV
-    compared: int = 0  # rows sampled from user_features and read back from the KV
-    different: tuple[str, ...] = ()  # users among them whose KV row is not their row in the store
+    compared: int = 0  # rows of the last comparison: sampled from user_features and read back from the KV
+    different: tuple[str, ...] = ()  # users among them whose KV row was not their row in the store
+    compared_at: datetime | None = None  # when that comparison was made
 
 
-COMPARE_AT_MOST = 1000  # rows a sync reads back: one batched get
+COMPARE_AT_MOST = 1000  # rows a comparison reads back: one batched get
 
 
-def sync(settings: Settings, store: FeatureStore, *, compare: int = 0, wait_seconds: float = 120.0) -> SyncResult:
-    """Write every pending row to the bucket, then read back `compare` random rows (at most COMPARE_AT_MOST)
-    and compare them with the store; raises OnlineStoreError (or BrokerUnavailable) when it cannot write."""
-    started = time.monotonic()
+def sync(settings: Settings, store: FeatureStore, *, compare: int = 0, compare_every: float = 0.0) -> SyncResult:
+    """Write every pending row to the bucket on a connection of its own (a run that has nothing to store, a
+    replay's end); see `Writer` for the rest."""
+    return sync_with(Writer(settings, store, compare=compare, compare_every=compare_every), store)
+
+
+def sync_with(writer: Writer, store: FeatureStore, wait_seconds: float = 120.0) -> SyncResult:
     con = store.connect(wait_seconds=wait_seconds)  # the write lock, until the pending users are cleared
     try:
-        job = _Sync(settings, store, con)
-        written, deleted, as_of, everything, different = asyncio.run(job.run(min(compare, COMPARE_AT_MOST)))
+        writer(con)
     finally:
         con.close()
-    seconds = round(time.monotonic() - started, 3)
-    return SyncResult(job.bucket, written, deleted, seconds, as_of, everything, *different)
+    assert writer.result is not None
+    return writer.result
+
+
+class Writer:
+    """Called with the store's connection right after a refresh's COMMIT (`after_commit`), on the same
+    connection, so the run opens the file once: writes every pending row to the bucket, then reads back
+    `compare` random rows (at most COMPARE_AT_MOST) and compares them with the store, unless the last
+    comparison is younger than `compare_every` seconds. Raises OnlineStoreError (or BrokerUnavailable) when
+    it cannot write; `result` says what it did."""
+
+    def __init__(self, settings: Settings, store: FeatureStore, *, compare: int = 0, compare_every: float = 0.0):
+        self.settings, self.store = settings, store
+        self.compare, self.compare_every = min(compare, COMPARE_AT_MOST), compare_every
+        self.result: SyncResult | None = None
+
+    def __call__(self, con: duckdb.DuckDBPyConnection) -> None:
+        started = time.monotonic()
+        job = _Sync(self.settings, self.store, con)
+        written, deleted, everything = asyncio.run(job.run(self.compare, self.compare_every))
+        seconds = round(time.monotonic() - started, 3)
+        self.result = SyncResult(job.bucket, written, deleted, seconds, job.as_of, everything, *job.check)
 
 
 class _Sync:
     def __init__(self, settings: Settings, store: FeatureStore, con: duckdb.DuckDBPyConnection) -> None:
         self.settings, self.store, self.con = settings, store, con
         self.bucket = kv.bucket_for(settings.durable_prefix)
+        row = con.execute("SELECT valid_as_of FROM feature_state WHERE id = 1").fetchone()
+        self.as_of: datetime | None = row[0] if row else None
+        self.check: tuple[int, tuple[str, ...], datetime | None] = (0, (), None)
 
-    async def run(self, compare: int) -> tuple[int, int, datetime | None, bool, tuple[int, tuple[str, ...]]]:
+    async def run(self, compare: int, compare_every: float) -> tuple[int, int, bool]:
         s = self.settings
         async with await Broker.connect(s.nats_url, "feature-pipeline-online", s.nats_auth) as broker:
             await kv.ensure_bucket(broker, self.bucket, s.nats_replicas)
             # No state: the bucket is new, was emptied, or this store predates it; every row goes in.
             everything = await kv.get_state(broker.nc, self.bucket, REQUEST_TIMEOUT_SECONDS) is None
-            if everything:
-                online.mark_everyone(self.con)
-            as_of = self._valid_as_of()
+            as_of = self.as_of or datetime.now(UTC)
+            chunks = online.every_value(self.con, self.store.registry, as_of) if everything else None
             written = deleted = 0
-            for chunk in online.pending_values(self.con, self.store.registry, as_of or datetime.now(UTC)):
+            for chunk in chunks or online.pending_values(self.con):
                 written += await kv.put_many(broker, self.bucket, [(kv.key_for(u), v) for u, v in chunk.rows])
                 deleted += await kv.delete_many(broker, self.bucket, [kv.key_for(u) for u in chunk.gone])
-            await kv.put_state(broker, self.bucket, self._state(as_of, written))
+            await kv.put_state(broker, self.bucket, self._state(written))
             online.clear(self.con)
-            different = await self._compare(broker, compare, as_of) if compare else (0, ())
-        return written, deleted, as_of, everything, different
+            if compare:
+                await self._compare(broker, compare, compare_every, as_of)
+        return written, deleted, everything
 
-    async def _compare(self, broker: Broker, n: int, as_of: datetime | None) -> tuple[int, tuple[str, ...]]:
-        """(rows compared, users whose KV row differs): a random sample of the store read back from the KV.
-        valid_as_of is left out: it is the clock of the sync that wrote the row, not a feature."""
-        sample = online.sample_values(self.con, self.store.registry, as_of or datetime.now(UTC), n)
+    async def _compare(self, broker: Broker, n: int, every: float, as_of: datetime) -> None:
+        """A random sample of the store read back from the KV (or the last such comparison while it is younger
+        than `every`); users whose rows differ are written again by the next sync. valid_as_of is left out of
+        the comparison: it is the clock of the sync that wrote the row, not a feature."""
+        last = online.last_check(self.con, every)
+        if last is not None:
+            self.check = (last[1], tuple(last[2]), last[0])
+            return
+        sample = online.sample_values(self.con, self.store.registry, as_of, n)
         found = await kv.get_many(broker.nc, self.bucket, [kv.key_for(u) for u, _ in sample], REQUEST_TIMEOUT_SECONDS)
-        different = []
-        for user, value in sample:
-            raw = found.get(kv.key_for(user))
-            if raw is None or _features(raw) != _features(value):
-                different.append(user)
-        online.mark_users(self.con, different)  # the next sync writes them again
-        return len(sample), tuple(sorted(different))
+        different = sorted(u for u, v in sample if (raw := found.get(kv.key_for(u))) is None or not _same(raw, v))
+        online.mark_users(self.con, self.store.registry, different, as_of)
+        at = datetime.now(UTC)
+        online.record_check(self.con, at, len(sample), different)
+        self.check = (len(sample), tuple(different), at)
 
-    def _valid_as_of(self) -> datetime | None:
-        row = self.con.execute("SELECT valid_as_of FROM feature_state WHERE id = 1").fetchone()
-        return row[0] if row else None
-
-    def _state(self, as_of: datetime | None, written: int) -> dict[str, object]:
+    def _state(self, written: int) -> dict[str, object]:
         return {
-            "valid_as_of": as_of.astimezone(UTC).isoformat().replace("+00:00", "Z") if as_of else None,
+            "valid_as_of": self.as_of.astimezone(UTC).isoformat().replace("+00:00", "Z") if self.as_of else None,
             "fingerprint": self.store.registry.fingerprint,
             "columns": online.columns(self.con, self.store.registry),
             "written_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "rows_written": written,
         }
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    return _features(a) == _features(b)
 
 
 def _features(raw: bytes) -> dict[str, object]:

@@ -36,6 +36,7 @@ from nats.js.api import DeliverPolicy
 from feature_pipeline import settings as config
 from feature_pipeline.broker import kv
 from feature_pipeline.broker.auth import NatsAuth, redact
+from feature_pipeline.broker.fastpath import new_client
 from feature_pipeline.broker.kv import OnlineStoreError
 
 T = TypeVar("T")
@@ -177,7 +178,7 @@ class AsyncOnlineReader:
 
 async def connect(url: str, auth: NatsAuth, timeout: float, bucket: str) -> Client:
     """A connection that reconnects by itself; the first attempt is bounded by `timeout` per server."""
-    nc = Client()
+    nc = new_client(None)  # the fast path for batched reads, when this nats-py passes its self-check
 
     async def quiet(_exc: Exception) -> None:
         return None

@@ -28,6 +28,7 @@ from feature_pipeline.store.loader import load_registry
 from feature_pipeline.store.registry import Registry
 from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, index_existing_events, sync_columns
 
+AfterCommit = Callable[[duckdb.DuckDBPyConnection], None]
 RECENT_MINUTES = 10  # the commit_latency check grades the batches stored this recently
 
 
@@ -179,13 +180,15 @@ class FeatureStore:
         consistency_every: float = 0.0,
         now: datetime | None = None,
         before_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+        after_commit: AfterCommit | None = None,
     ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
 
         Idempotent: see `store.batch`; an id event_index already holds is absorbed before anything
         merges into the all-time partials, so no event is counted twice. `before_commit` runs inside the
-        transaction, after every write (fault drills). The comparison with the whole-history reference
-        is made when the last one is `consistency_every` seconds old.
+        transaction, after every write (fault drills); `after_commit` right after COMMIT, on the same
+        connection (the online store's write). The comparison with the whole-history reference is made when
+        the last one is `consistency_every` seconds old.
         """
         now = now or datetime.now(UTC)
         with self._connection() as con:
@@ -195,6 +198,8 @@ class FeatureStore:
                 late = batch.lateness(con, now, self.allowed_lateness)
                 if before_commit is not None:
                     before_commit(con)
+            if after_commit is not None:
+                after_commit(con)
             p50, p95, worst = batch.latency(con, datetime.now(UTC))
             con.execute(
                 "UPDATE ingested_batches SET latency_p95_seconds = $p WHERE batch_id = $b", {"p": p95, "b": batch_id}
@@ -213,13 +218,17 @@ class FeatureStore:
                 health=self._health(con, consistency_sample, consistency_every),
             )
 
-    def recompute_all(self, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
+    def recompute_all(
+        self, consistency_sample: int = 1000, after_commit: AfterCommit | None = None
+    ) -> tuple[Refresh, StoreHealth]:
         """Rebuild every user_features row from the raw tables, as of now."""
-        return self._refresh_only(None, consistency_sample, rebuild=True)
+        return self._refresh_only(None, consistency_sample, rebuild=True, after_commit=after_commit)
 
-    def advance(self, now: datetime | None = None, consistency_sample: int = 1000) -> tuple[Refresh, StoreHealth]:
+    def advance(
+        self, now: datetime | None = None, consistency_sample: int = 1000, after_commit: AfterCommit | None = None
+    ) -> tuple[Refresh, StoreHealth]:
         """Move the clock to now without new events: the rows whose windows moved are recomputed."""
-        return self._refresh_only(now, consistency_sample, rebuild=False)
+        return self._refresh_only(now, consistency_sample, rebuild=False, after_commit=after_commit)
 
     def snapshot(self, day: date) -> int:
         """Replace the snapshot partition of `day` (idempotent: a re-run gives the same rows)."""
@@ -253,7 +262,7 @@ class FeatureStore:
             return archive.archive(con, Path(root), cutoff, dry_run=dry_run, after_file=after_file)
 
     def _refresh_only(
-        self, now: datetime | None, consistency_sample: int, *, rebuild: bool
+        self, now: datetime | None, consistency_sample: int, *, rebuild: bool, after_commit: AfterCommit | None
     ) -> tuple[Refresh, StoreHealth]:
         with self._connection() as con:
             with transaction(con):
@@ -263,6 +272,8 @@ class FeatureStore:
                         f"CREATE OR REPLACE TEMP TABLE {batch.new_table(spec.key)} AS FROM {spec.table} LIMIT 0"
                     )
                 refresh = self._refresh(con, now or datetime.now(UTC), batch.TOUCHED, rebuild=rebuild)
+            if after_commit is not None:
+                after_commit(con)
             return refresh, self._health(con, consistency_sample)
 
     def _refresh(
@@ -290,14 +301,14 @@ class FeatureStore:
                 incremental.merge_partials(con, self.registry, spec.key, spec.table, new_rows, previous, as_of)
         rebuild = rebuild or previous is None or fingerprint != self.registry.fingerprint or bool(changes)
         if rebuild:
-            online.mark_everyone(con)  # a user who has no row after the rebuild is deleted from the KV
+            online.mark_all_deleted(con)  # a user who has no row after the rebuild is deleted from the KV
             con.execute("DELETE FROM user_features")
             users = incremental.every_user()
         else:
             moved = incremental.users_changed_by_time(con, self.registry, previous, as_of)
             users = f"SELECT user_id FROM {touched} UNION SELECT user_id FROM {moved}"
         rows = incremental.write_rows(con, self.registry, as_of, users)
-        online.mark(con, f"SELECT user_id FROM {incremental.FEATURE_ROWS}")
+        online.mark_rows(con, self.registry, incremental.FEATURE_ROWS, as_of)
         con.execute(
             "INSERT OR REPLACE INTO feature_state VALUES (1, $as_of, $fp)",
             {"as_of": as_of, "fp": self.registry.fingerprint},

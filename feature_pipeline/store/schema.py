@@ -8,7 +8,7 @@ import duckdb
 from feature_pipeline import streams
 from feature_pipeline.store.archive import ARCHIVE_DDL, view_ddl
 from feature_pipeline.store.incremental import DISTINCT_DDL, PARTIALS_STATE_DDL
-from feature_pipeline.store.online import PENDING_DDL
+from feature_pipeline.store.online import ONLINE_DDL
 from feature_pipeline.store.registry import Registry
 
 RAW_COLUMNS = """
@@ -131,7 +131,7 @@ def ddl(registry: Registry) -> list[str]:
     raw = [raw_ddl(s.table) for s in streams.EVENT_STREAMS]
     raw += [*ARCHIVE_DDL, *(view_ddl(s.table, [], replace=False) for s in streams.EVENT_STREAMS)]
     tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, EVENT_INDEX_DDL, CONSISTENCY_DDL, REDRIVES_DDL]
-    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL, BATCH_LATENCY_DDL, PENDING_DDL]
+    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL, BATCH_LATENCY_DDL, *ONLINE_DDL]
     return [*raw, *tables, user_features_ddl(registry), snapshots_ddl(registry)]
 
 
