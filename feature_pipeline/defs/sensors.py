@@ -78,12 +78,15 @@ def build_stream_monitor(names: Names, checks: Checks, interval_seconds: int) ->
     )
     def stream_monitor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         settings = names.settings(context)
-        stats, problem = read_stats(settings, "feature-pipeline-monitor")
-        ingest = checks.ingest_graded(context.instance)
+        stats, problem, missing = read_stats(settings, "feature-pipeline-monitor")
+        # Before the ingest sensor's first tick the streams do not exist yet: a warning that says so, not an error.
+        early = missing and not checks.ingest_has_ticked(context.instance)
+        problem = checks.not_created_yet() if early else problem
+        ingest = checks.ingest_graded(context.instance, settings)
         lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
         return dg.SensorResult(
             asset_events=[
-                *checks.stream_events(stats, problem, settings),
+                *checks.stream_events(stats, problem, settings, warn_only=early),
                 *(dg.AssetCheckEvaluation(**g) for g in ingest),
             ],
             skip_reason=f"{problem or lags}; {ingest[0]['description']}",
