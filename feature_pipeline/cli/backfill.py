@@ -17,7 +17,7 @@ import urllib.request
 from datetime import date
 from typing import Any
 
-from feature_pipeline.cli.common import EXIT_OK, dagster_home, fail
+from feature_pipeline.cli.common import EXIT_OK, dagster_home, fail, instance_missing
 
 SNAPSHOTS = "user_feature_snapshots"
 _MUTATION = """
@@ -57,8 +57,9 @@ def cmd_backfill_snapshots(args: argparse.Namespace) -> int:
         how = f"through the webserver at {args.webserver}"
     except OSError:  # no webserver there: the instance itself
         home = dagster_home()
-        if not (home / "dagster.yaml").is_file():
-            return fail(f"no Dagster instance at {home}: run `feature-pipeline up` first (or set DAGSTER_HOME)")
+        missing = instance_missing(home)
+        if missing:
+            return fail(missing)
         backfill_id = _launch_via_instance(home, keys, title)
         how = f"in the instance at {home}"
     except RuntimeError as exc:
