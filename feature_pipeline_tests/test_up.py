@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -122,3 +124,68 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_up_on_an_empty_dagster_home_always_comes_up_while_other_commands_use_it(
+    tmp_path: Path, nats_server: LocalNats
+) -> None:
+    """The first start, raced: `up` on a DAGSTER_HOME that does not exist yet while `health --json` and
+    `backfill-snapshots` (falling back to the instance) run against it in a loop. The read commands never
+    create the instance, so `up` always gets past creating its storage and starts `dg dev`; nobody prints a
+    traceback. Three rounds; each stops as soon as `up` has started `dg dev`."""
+    for round_ in range(3):
+        _first_start(tmp_path, nats_server.url, round_)
+
+
+def _first_start(tmp_path: Path, nats_url: str, round_: int) -> None:
+    """One round: `up` on a new DAGSTER_HOME, the read commands looping against it, until `up` starts dg dev."""
+    home = tmp_path / f"home{round_}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_", "DAGSTER_"))}
+    env.update(
+        DAGSTER_HOME=str(home),
+        NATS_URL=nats_url,
+        FEATURE_STORE_PATH=str(tmp_path / f"store{round_}.duckdb"),
+        FEATURE_PIPELINE_STAGING_DIR=str(tmp_path / f"staging{round_}"),
+    )
+    stop = threading.Event()
+    seen: list[str] = []
+    readers = [threading.Thread(target=_use_in_a_loop, args=(cmd, env, stop, seen)) for cmd in _READERS]
+    for reader in readers:
+        reader.start()
+    log, port = tmp_path / f"up{round_}.log", str(free_port())
+    with open(log, "ab") as out:
+        up = subprocess.Popen(
+            [str(BIN / "feature-pipeline"), "up", "--port", port],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: "Dagster UI:" in log.read_text() or up.poll() is not None, 60, "`up` to start dg dev")
+        started = (
+            log.read_text()
+        )  # what `up` printed before it was stopped (dg dev stopped mid-import may not be quiet)
+        assert up.poll() is None and "Dagster UI:" in started and "Traceback" not in started, started
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(60)
+        up.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            up.wait(60)
+        kill_group(up)
+        _kill_dg_dev(port)
+    assert seen and not [s for s in seen if "Traceback" in s], [s for s in seen if "Traceback" in s][:1]
+
+
+_YESTERDAY = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+_READERS = (["health", "--json"], ["backfill-snapshots", _YESTERDAY, "--webserver", "http://127.0.0.1:9"])
+
+
+def _use_in_a_loop(cmd: list[str], env: dict[str, str], stop: threading.Event, seen: list[str]) -> None:
+    """Run a read command against the instance until told to stop, keeping what each run printed."""
+    while not stop.is_set():
+        done = subprocess.run([str(BIN / "feature-pipeline"), *cmd], env=env, cwd=REPO, capture_output=True, text=True)
+        seen.append(done.stdout + done.stderr)
