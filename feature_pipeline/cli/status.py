@@ -278,7 +278,8 @@ def _graded(report: dict[str, Any], cfg: settings.Settings) -> int:
     for name, check in report["checks"].items():
         live = _live_read_at(report, name)
         if check["state"] == "failed" and live and check["at"] and _before(check["at"], live):
-            check["state"] = "superseded"  # by the live read above, which is graded instead
+            # Over: the live read above is graded instead, and the stale words are not repeated.
+            check.update(state="superseded", severity=None, description=f"older than this report's live read at {live}")
         if check["state"] == "failed":
             degraded.append(f"check {name} failed ({check['severity']}): {check['description']}")
     for asset, state in report["freshness"].items():
