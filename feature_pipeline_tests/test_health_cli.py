@@ -16,13 +16,14 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from feature_pipeline.broker.local import free_port, port_open, server_binary
 from feature_pipeline.cli.common import prepare_dagster_home
 from feature_pipeline.cli.status import HEALTH_SECONDS
 from feature_pipeline.cli.up import create_storage
 from feature_pipeline.defs.names import Names
 from feature_pipeline.health import AGE_CHECK, INGEST_CHECK, LAG_CHECK
 from feature_pipeline.settings import Settings
-from feature_pipeline.testing import BIN, REPO, run
+from feature_pipeline.testing import BIN, REPO, run, wait_for
 from feature_pipeline_tests.helpers import (
     Lifecycle,
     changed,
@@ -178,3 +179,25 @@ def test_read_commands_never_create_the_instance_and_say_it_is_not_there(setting
     assert code == 1 and report["dagster_instance"] == "not created yet"
     assert any(f"the Dagster instance at {home} is not created yet" in p for p in report["problems"])
     assert sorted(p.name for p in home.iterdir()) == before, "nothing created"
+
+
+def test_a_server_without_jetstream_is_reported_as_unavailable_not_as_missing_streams(
+    settings: Settings, home: Path, tmp_path: Path
+) -> None:
+    """A nats-server that answers but has no JetStream (as a cluster that lost its quorum answers no JetStream
+    request): health exits 2 and says JetStream is unavailable; it never says the streams are missing."""
+    port = free_port()
+    server = subprocess.Popen(
+        [server_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), 15, "nats-server without JetStream")
+        ours = changed(settings, nats_url=f"nats://127.0.0.1:{port}")
+        code, report, _ = _health(_env(ours, home))
+    finally:
+        server.kill()
+        server.wait(10)
+    assert code == 2
+    (problem,) = [p for p in report["problems"] if "JetStream" in p]
+    assert problem.startswith(f"NATS at nats://127.0.0.1:{port} answers but JetStream is unavailable there")
+    assert "missing" not in problem.replace("are not missing", "") and "not created" not in json.dumps(report)
