@@ -211,6 +211,10 @@ class Broker:
         try:
             # nats-py's connect_timeout does not cover a hanging DNS lookup: bound the whole attempt.
             await asyncio.wait_for(connecting, CONNECT_TIMEOUT_SECONDS * len(servers) + 1)
+        except TimeoutError:  # a host that accepts and never greets (a partition, a wrong port), or DNS
+            raise BrokerUnavailable(
+                f"cannot reach NATS at {redact(url)}: no answer within {CONNECT_TIMEOUT_SECONDS * len(servers) + 1} s"
+            ) from None
         except Exception as exc:
             raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {_reason(exc)}") from None
         return cls(nc, url, lost)

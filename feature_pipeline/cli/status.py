@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import threading
@@ -80,7 +81,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         f"the Dagster instance at {home}": lambda part: _dagster(cfg, part, args.prefix),
     }
     code, late = _gather(report, parts)
-    code = max(code, _graded(report, cfg))
+    code = max(code, _graded(report))
     report["status"] = {EXIT_OK: "ok", EXIT_DEGRADED: "degraded", EXIT_DOWN: "down"}[code]
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report), flush=True)
     if late:  # a part still waits on a connection that may never answer: do not wait for it at exit
@@ -181,6 +182,7 @@ def _dagster(cfg: settings.Settings, report: dict[str, Any], prefix: str) -> int
         report["problems"].append(missing)
         return EXIT_DEGRADED
     os.environ.setdefault("PGCONNECT_TIMEOUT", PG_CONNECT_TIMEOUT_SECONDS)
+    logging.disable(logging.WARNING)  # the storage's own retry warnings: the report says what went wrong, once
     try:
         report.update(_dagster_state(cfg, prefix, home))
     except Exception as exc:
@@ -260,7 +262,7 @@ def _checks(instance: Any, checks: Any) -> dict[str, Any]:
     return out
 
 
-def _graded(report: dict[str, Any], cfg: settings.Settings) -> int:
+def _graded(report: dict[str, Any]) -> int:
     """A failed last run, a batch waiting for a retry, a failed check or stale features: degraded.
 
     A check evaluation older than this report's own live read of the same thing (the streams' figures, the
