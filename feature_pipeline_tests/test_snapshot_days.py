@@ -14,12 +14,13 @@ import pytest
 
 from feature_pipeline.broker.local import port_open
 from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.settings import Settings
 from feature_pipeline.snapshot_days import days_between, register, yesterday
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import compute_features, day_end
 from feature_pipeline.store.first_day import first_day_file
 from feature_pipeline.testing import BIN, REPO, Pipeline, run, wait_for
-from feature_pipeline_tests.helpers import publish
+from feature_pipeline_tests.helpers import definitions, publish, resources
 
 TODAY = datetime.now(UTC).date()
 USERS = ("ann", "ben", "cy")
@@ -155,3 +156,35 @@ def _assert_snapshots_equal_reference(p: Pipeline, days: list[str]) -> None:
                 )
     finally:
         con.close()
+
+
+def test_the_schedule_lists_the_days_and_snapshots_yesterday_and_a_key_that_is_no_day_fails_in_words(
+    settings: Settings,
+) -> None:
+    """The 00:15 schedule adds the days the history reaches (here from 5 days ago) and asks for yesterday; a
+    partition added by hand in the UI that is not a snapshot day fails its run saying so."""
+    first = TODAY - timedelta(days=5)
+    first_day_file(settings.feature_store_path).write_text(first.isoformat() + "\n")
+    defs = definitions(settings)
+    schedule = defs.resolve_schedule_def("snapshot_job_schedule")
+    at = datetime.combine(TODAY, datetime.min.time(), UTC) + timedelta(minutes=15)
+    with dg.instance_for_test() as inst:
+        with dg.build_schedule_context(
+            instance=inst,
+            scheduled_execution_time=at,
+            resources=resources(settings),
+            repository_def=defs.get_repository_def(),
+        ) as ctx:
+            (request,) = schedule.evaluate_tick(ctx).run_requests or []
+        assert request.partition_key == (TODAY - timedelta(days=1)).isoformat()
+        assert inst.get_dynamic_partitions("snapshot_days") == days_between(first, TODAY - timedelta(days=1))
+        inst.add_dynamic_partitions("snapshot_days", ["not-a-day", first.isoformat()])
+        job = defs.resolve_job_def("snapshot_job")
+        failed = job.execute_in_process(instance=inst, partition_key="not-a-day", raise_on_error=False)
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert failure.step_failure_data.error is not None
+    assert (
+        "'not-a-day' is not a day: snapshot partitions are UTC days, YYYY-MM-DD"
+        in failure.step_failure_data.error.message
+    )

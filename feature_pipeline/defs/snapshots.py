@@ -16,7 +16,7 @@ import dagster as dg
 
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.settings import Settings
-from feature_pipeline.snapshot_days import available, register, yesterday
+from feature_pipeline.snapshot_days import available, refusal, register, yesterday
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
 from feature_pipeline.streams import EVENT_STREAMS
@@ -92,14 +92,13 @@ def _snapshot_asset(names: Names, partitions: dg.DynamicPartitionsDefinition) ->
         "<= 23:59:59.999999), recomputed from the raw tables. Backfill a range to (re)build those days.",
     )
     def user_feature_snapshots(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        store = FeatureStore.from_settings(names.settings(context))
+        settings = names.settings(context)
+        store = FeatureStore.from_settings(settings)
         rows: dict[str, int] = {}
-        today = datetime.now(UTC).date()
-        for key in context.partition_keys:
-            day = date.fromisoformat(key)
+        for key in context.partition_keys:  # each a day that is over (see _day)
+            day = _day(key, settings)
             rows[key] = store.snapshot(day)
-            note = " (the day is not over: later events of it are not in this snapshot)" if day >= today else ""
-            context.log.info(f"snapshot {key}: {rows[key]} users as of {day_end(day).isoformat()}{note}")
+            context.log.info(f"snapshot {key}: {rows[key]} users as of {day_end(day).isoformat()}")
         return dg.MaterializeResult(
             metadata={
                 "users_per_day": dg.MetadataValue.md(
@@ -111,3 +110,16 @@ def _snapshot_asset(names: Names, partitions: dg.DynamicPartitionsDefinition) ->
         )
 
     return user_feature_snapshots
+
+
+def _day(key: str, settings: Settings) -> date:
+    """The partition's day; a key added by hand in the UI ("Add partition") that is not a snapshot day fails
+    the run in words rather than with a parse error."""
+    try:
+        day = date.fromisoformat(key)
+    except ValueError:
+        raise dg.Failure(f"{key!r} is not a day: snapshot partitions are UTC days, YYYY-MM-DD") from None
+    refused = refusal(day, day, settings)
+    if refused:
+        raise dg.Failure(f"cannot snapshot {key}: {refused}")
+    return day
