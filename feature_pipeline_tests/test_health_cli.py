@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from feature_pipeline import FeaturePipelineComponent
 from feature_pipeline.broker.local import free_port, port_open, server_binary
 from feature_pipeline.cli.common import prepare_dagster_home
 from feature_pipeline.cli.status import HEALTH_SECONDS
@@ -87,36 +88,64 @@ def _monitor(settings: Settings, instance: dg.DagsterInstance, prefix: str = "")
 
 
 def test_a_component_instance_before_and_after_its_streams_exist_never_repeats_stream_not_found(
-    settings: Settings, home: Path
+    settings: Settings, home: Path, tmp_path: Path
 ) -> None:
-    """Right after a Component instance (prefix recs) starts, its monitor runs before the ingest sensor has made
-    the streams: a WARN saying so. Even a stale ERROR of that kind (a monitor that saw the streams missing) is
-    superseded by health's own live read once the streams exist: no `not found`, exit 0."""
-    ours = changed(settings, durable_prefix=f"feature-pipeline-{PREFIX}")
+    """A Component instance (prefix recs, from its YAML) right after it starts: its monitor ticks before its
+    ingest sensor has made the streams, a WARN saying so. Even a stale ERROR of that kind (a monitor that saw
+    the streams missing) is superseded by health's own live read once the sensor's first tick has made them:
+    no `not found`, exit 0. The same without a prefix."""
+    component = FeaturePipelineComponent.resolve_from_yaml(f"prefix: {PREFIX}\nnats_url: {settings.nats_url}\n")
+    defs = component.definitions(tmp_path)
+    resources = {f"{PREFIX}_pipeline": defs.resources[f"{PREFIX}_pipeline"]}
+    data = tmp_path / "data" / PREFIX
+    env = {
+        **_env(settings, home),
+        "NATS_DURABLE_PREFIX": f"feature-pipeline-{PREFIX}",
+        "FEATURE_STORE_PATH": str(data / "feature_store.duckdb"),
+        "FEATURE_PIPELINE_STAGING_DIR": str(data / "staging"),
+    }
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        early = [e for e in _monitor(ours, instance, PREFIX) if isinstance(e, dg.AssetCheckEvaluation)]
-        stream_checks = [e for e in early if e.check_name in (LAG_CHECK, AGE_CHECK)]
-        assert stream_checks and all(e.severity == dg.AssetCheckSeverity.WARN and not e.passed for e in stream_checks)
-        assert all(
-            e.description == "streams and consumers not created yet; recs_ingest_sensor creates them on its first tick"
-            for e in stream_checks
-        )
-        stale = dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey([PREFIX, "nats", "signals"]),
-            check_name=LAG_CHECK,
-            passed=False,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description="NATS says a stream, consumer or bucket is missing (stream not found)",
-        )
-        instance.report_runless_asset_event(stale)
-    code, before, _ = _health(_env(ours, home), "--prefix", PREFIX)
-    assert code == 1 and any("not created yet" in p for p in before["problems"]), before["problems"]
-    Lifecycle(ours).tick()  # the ingest sensor's first tick makes the streams, a moment later
-    code, report, _ = _health(_env(ours, home), "--prefix", PREFIX)
+        monitor = defs.resolve_sensor_def(f"{PREFIX}_stream_monitor")
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            early = list(monitor.evaluate_tick(context).asset_events or [])
+        stream_checks = [e for e in early if isinstance(e, dg.AssetCheckEvaluation) and e.check_name in _STREAM]
+        assert len(stream_checks) == 6
+        assert all(e.severity == dg.AssetCheckSeverity.WARN and not e.passed for e in stream_checks)
+        assert {e.description for e in stream_checks} == {
+            "streams and consumers not created yet; recs_ingest_sensor creates them on its first tick"
+        }
+        instance.report_runless_asset_event(_stale(dg.AssetKey([PREFIX, "nats", "signals"])))
+        code, before, _ = _health(env, "--prefix", PREFIX)
+        assert code == 1 and any("not created yet" in p for p in before["problems"]), before["problems"]
+        ingest = defs.resolve_sensor_def(f"{PREFIX}_ingest_sensor")
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            ingest.evaluate_tick(context)  # its first tick makes the streams and consumers, a moment later
+    code, report, _ = _health(env, "--prefix", PREFIX)
     assert code == 0, report["problems"]
     assert "not found" not in json.dumps(report)
     assert report["checks"]["recs/nats/signals:consumer_lag"]["state"] == "superseded"
     assert [s["consumer_lag"] for s in report["streams"]] == [0, 0, 0]
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:  # no prefix: this repository's code location
+        instance.report_runless_asset_event(_stale(dg.AssetKey(["nats", "signals"])))
+    Lifecycle(settings).tick()
+    code, plain, _ = _health(_env(settings, home))
+    assert code == 0 and "not found" not in json.dumps(plain), plain["problems"]
+    assert plain["checks"]["nats/signals:consumer_lag"]["state"] == "superseded"
+
+
+_STREAM = (LAG_CHECK, AGE_CHECK)
+
+
+def _stale(asset: dg.AssetKey) -> dg.AssetCheckEvaluation:
+    """What a monitor tick recorded when it ran before the streams existed, as it did before this was fixed."""
+    return dg.AssetCheckEvaluation(
+        asset_key=asset,
+        check_name=LAG_CHECK,
+        passed=False,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="NATS at nats://127.0.0.1 says a stream, consumer or bucket is missing (stream not found)",
+    )
 
 
 def test_a_staging_folder_too_small_for_a_batch_fails_health_and_the_check_while_no_delivery_is_spent(
