@@ -148,9 +148,8 @@ def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
     except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError) as exc:
         if not_created(exc):  # degraded: nothing is ingested until the sensor has made them
             report["problems"].append(
-                f"NATS at {redact(cfg.nats_url)} has no stream or consumer of this pipeline yet "
-                f"({getattr(exc, 'description', None) or type(exc).__name__}): not created yet; the ingest sensor "
-                "creates them on its first tick"
+                f"streams and consumers not created yet at NATS {redact(cfg.nats_url)}; the ingest sensor creates "
+                "them on its first tick"
             )
             return EXIT_DEGRADED
         report["problems"].append(nats_problem(exc, cfg.nats_url))
