@@ -248,9 +248,9 @@ class Settings:
     snapshot_start: str = _var(
         "FEATURE_PIPELINE_SNAPSHOT_START",
         "",
-        "First day (UTC, YYYY-MM-DD) of the daily partitions of user_feature_snapshots. Empty: the store's first "
-        "day, which its first writer records in `<FEATURE_STORE_PATH>.first-day` (the earliest stored event's day, "
-        "or the day before a new store was made); yesterday until then.",
+        "First day (UTC, YYYY-MM-DD) user_feature_snapshots offers to snapshot and backfill. Empty: the day of the "
+        "earliest event the store holds (kept in `<FEATURE_STORE_PATH>.first-day`, moved earlier when older events "
+        "arrive); no day until the store holds an event. The days run to yesterday and are added as they come.",
         _day,
     )
     batch_max_messages: int = _var(

@@ -22,10 +22,6 @@ from feature_pipeline.settings import Settings
 from feature_pipeline.testing import Pipeline
 from feature_pipeline_tests.helpers import Lifecycle, settings_for
 
-# The code location the tests import reads the environment; a fixed first snapshot day keeps the
-# backfill tests from depending on a store that `up` may have left in this checkout's data/.
-os.environ.setdefault("FEATURE_PIPELINE_SNAPSHOT_START", "2026-01-01")
-
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[LocalNats]:

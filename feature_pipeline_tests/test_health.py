@@ -54,7 +54,8 @@ def test_a_missing_consumer_is_said_in_words_not_as_a_bare_repr(settings: Settin
             await broker.js.delete_consumer(SIGNALS.name, consumer_name(settings.durable_prefix, SIGNALS))
 
     run(delete_consumer())
-    stats, problem = read_stats(settings, "test")
+    stats, problem, missing = read_stats(settings, "test")
+    assert missing, "a deleted consumer reads as one that does not exist"
     assert stats == [] and problem is not None
     assert "a stream, consumer or bucket is missing (consumer not found)" in problem, problem
     assert "NotFoundError()" not in problem

@@ -19,6 +19,7 @@ from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import blocked_batches
 from feature_pipeline.settings import Settings
+from feature_pipeline.snapshot_days import available, register
 from feature_pipeline.testing import query, run, wait_for
 from feature_pipeline_tests.helpers import (
     DagsterLifecycle,
@@ -245,11 +246,13 @@ def test_window_refresh_run_observes_user_features_and_materializes_nothing(sett
     assert query(Path(settings.feature_store_path), "SELECT user_id FROM user_features") == [("u-r",)]
 
 
-def test_a_backfill_without_a_webserver_is_the_one_the_ui_would_request() -> None:
+def test_a_backfill_without_a_webserver_is_the_one_the_ui_would_request(settings: Settings) -> None:
     """The fallback of `backfill-snapshots` when no webserver answers: the private call, kept in one
     function, writes an asset backfill of exactly the requested days for the daemon to run."""
-    keys = partition_keys(date(2026, 3, 1), date(2026, 3, 3))
+    configured = changed(settings, snapshot_start="2026-03-01")
+    keys = partition_keys(date(2026, 3, 1), date(2026, 3, 3), configured)
     with dg.instance_for_test() as inst:
+        register(inst, "snapshot_days", available(configured))
         backfill = inst.get_backfill(add_backfill_to_instance(inst, keys, "snapshots march"))
     assert backfill is not None and backfill.status.value == "REQUESTED" and backfill.title == "snapshots march"
     assert backfill.asset_selection == [dg.AssetKey("user_feature_snapshots")]
@@ -258,9 +261,10 @@ def test_a_backfill_without_a_webserver_is_the_one_the_ui_would_request() -> Non
     assert sorted(t.partition_key for t in targets) == ["2026-03-01", "2026-03-02", "2026-03-03"]
 
 
-def test_a_backfill_range_outside_the_partitions_is_refused() -> None:
-    with pytest.raises(ValueError, match="is not a range of user_feature_snapshots partitions"):
-        partition_keys(date(2020, 1, 1), date(2020, 1, 2))
+def test_a_backfill_range_outside_the_partitions_is_refused(settings: Settings) -> None:
+    configured = changed(settings, snapshot_start="2026-03-01")
+    with pytest.raises(ValueError, match=r"2020-01-01 is before the first snapshot day, 2026-03-01 \(FEATURE_PIPE"):
+        partition_keys(date(2020, 1, 1), date(2020, 1, 2), configured)
 
 
 def test_old_ingest_runs_are_pruned_failed_ones_later_other_jobs_never() -> None:

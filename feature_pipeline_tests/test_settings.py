@@ -267,8 +267,7 @@ print(json.dumps({
     "settings": {f: getattr(s, f) for f in s.__dataclass_fields__},
     "interval": sensor.minimum_interval_seconds,
     "monitor": monitor.minimum_interval_seconds,
-    "first_partition": definitions.defs.resolve_assets_def("user_feature_snapshots").partitions_def
-    .get_first_partition_key(),
+    "snapshot_days": definitions.defs.resolve_assets_def("user_feature_snapshots").partitions_def.name,
     "freshness": str(features.freshness_policy),
 }))
 """
@@ -289,7 +288,9 @@ def test_every_variable_reaches_every_entry_point(
     out = subprocess.run([sys.executable, "-c", _CODE_LOCATION], capture_output=True, text=True, cwd=REPO, check=True)
     loaded = json.loads(out.stdout)
     assert loaded["settings"] == {f: getattr(expected, f) for f in Settings.__dataclass_fields__}
-    assert loaded["interval"] == 2 and loaded["monitor"] == 17 and loaded["first_partition"] == "2026-02-03"
+    # FEATURE_PIPELINE_SNAPSHOT_START reaches the code location in its settings (above): the days are dynamic
+    # partitions that runs and ticks list from it, not a start fixed when the code location loads.
+    assert loaded["interval"] == 2 and loaded["monitor"] == 17 and loaded["snapshot_days"] == "snapshot_days"
     assert "120" in loaded["freshness"] and "240" in loaded["freshness"]
 
     # The CLI.

@@ -7,7 +7,7 @@ stored more than once (redelivery, a retried run): apply must absorb that exactl
 from __future__ import annotations
 
 import tempfile
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from feature_pipeline import faults
-from feature_pipeline.defs.snapshots import snapshot_start
+from feature_pipeline.snapshot_days import first_day
 from feature_pipeline.store.first_day import first_day_file, read_first_day
 from feature_pipeline_tests.helpers import (
     EVENT,
@@ -375,26 +375,28 @@ def test_a_store_made_before_event_index_gets_its_ids_indexed_when_opened(env: E
     assert assert_rows_match_reference(env)["u-1"]["signal_count_total"] == 1
 
 
-def test_the_first_writer_records_the_stores_first_day_for_the_snapshot_partitions(env: Env) -> None:
-    """A new store's first day is the day before it was made (its first whole day to snapshot); a store
-    made before the file existed gets its earliest event's day, so its snapshot partitions still cover its
-    history. The day never moves after."""
+def test_the_first_day_follows_the_earliest_stored_event_and_never_moves_later(env: Env) -> None:
+    """No event stored, no first day (a fresh install offers no snapshot day); then the earliest stored
+    event's day, moved earlier by a batch with an older event, never later; a store made before the file
+    existed gets it from its events when a writer opens it. FEATURE_PIPELINE_SNAPSHOT_START overrides it."""
     path = env.store.path
-    assert read_first_day(path) is None, "no store yet"
+    env.store.connect().close()
+    assert read_first_day(path) is None, "a store without events"
     env.apply([env.feed.event("e-1", "signals.task.completed", "u-1", NOW - timedelta(days=40))])
-    assert read_first_day(path) == (NOW - timedelta(days=1)).date().isoformat(), "the day before it was made"
+    assert read_first_day(path) == (NOW - timedelta(days=40)).date().isoformat()
+    env.apply([env.feed.event("e-2", "signals.task.completed", "u-1", NOW)])
+    assert read_first_day(path) == (NOW - timedelta(days=40)).date().isoformat(), "never later"
+    env.apply([env.feed.event("e-3", "signals.task.completed", "u-1", NOW - timedelta(days=400))])
+    assert read_first_day(path) == (NOW - timedelta(days=400)).date().isoformat(), "older events move it"
 
     first_day_file(path).unlink()  # as a store made before the file existed
-    env.apply([env.feed.event("e-2", "signals.task.completed", "u-1", NOW)])
-    assert read_first_day(path) == (NOW - timedelta(days=40)).date().isoformat()
-    env.apply([env.feed.event("e-3", "signals.task.completed", "u-1", NOW - timedelta(days=400))])
-    assert read_first_day(path) == (NOW - timedelta(days=40)).date().isoformat(), "recorded once"
+    env.store.connect().close()
+    assert read_first_day(path) == (NOW - timedelta(days=400)).date().isoformat()
 
-    configured = settings_for(path.parent, "nats://127.0.0.1:4222")
-    assert snapshot_start(changed(configured, feature_store_path=path)) == (NOW - timedelta(days=40)).date().isoformat()
-    assert snapshot_start(changed(configured, feature_store_path=path, snapshot_start="2026-02-03")) == "2026-02-03"
-    elsewhere = changed(configured, feature_store_path=path.parent / "none.duckdb")
-    assert snapshot_start(elsewhere) == (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    configured = changed(settings_for(path.parent, "nats://127.0.0.1:4222"), feature_store_path=path)
+    assert first_day(configured)[0] == (NOW - timedelta(days=400)).date()
+    assert first_day(changed(configured, snapshot_start="2026-02-03"))[0] == date(2026, 2, 3)
+    assert first_day(changed(configured, feature_store_path=path.parent / "elsewhere.duckdb"))[0] is None
 
 
 def test_the_whole_history_comparison_runs_when_due_and_sees_a_damaged_row(env: Env) -> None:

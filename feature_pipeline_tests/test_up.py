@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from feature_pipeline.broker.local import LocalNats, free_port
+from feature_pipeline.cli.common import prepare_dagster_home
 from feature_pipeline.cli.up import _instance_config
 from feature_pipeline.samples import publish_events
 from feature_pipeline.testing import BIN, REPO, Pipeline, kill_group, run, wait_for
@@ -122,3 +125,115 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_up_on_an_empty_dagster_home_always_comes_up_while_other_commands_use_it(
+    tmp_path: Path, nats_server: LocalNats
+) -> None:
+    """The first start, raced: `up` on a DAGSTER_HOME that does not exist yet while `health --json` and
+    `backfill-snapshots` (falling back to the instance) run against it in a loop. The read commands never
+    create the instance, so `up` always gets past creating its storage and starts `dg dev`; nobody prints a
+    traceback. Three rounds; each stops as soon as `up` has started `dg dev`."""
+    for round_ in range(3):
+        _first_start(tmp_path, nats_server.url, round_)
+
+
+def _first_start(tmp_path: Path, nats_url: str, round_: int) -> None:
+    """One round: `up` on a new DAGSTER_HOME, the read commands looping against it, until `up` starts dg dev.
+    From the second round the home already holds dagster.yaml (as `up` leaves it just before it creates the
+    storage, or as a user copies it): a read command that created the instance would race `up` at once."""
+    home = tmp_path / f"home{round_}"
+    if round_:
+        prepare_dagster_home(home, REPO)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_", "DAGSTER_"))}
+    env.update(
+        DAGSTER_HOME=str(home),
+        NATS_URL=nats_url,
+        FEATURE_STORE_PATH=str(tmp_path / f"store{round_}.duckdb"),
+        FEATURE_PIPELINE_STAGING_DIR=str(tmp_path / f"staging{round_}"),
+    )
+    stop = threading.Event()
+    seen: list[str] = []
+    readers = [threading.Thread(target=_use_in_a_loop, args=(cmd, env, stop, seen)) for cmd in _READERS]
+    for reader in readers:
+        reader.start()
+    log, port = tmp_path / f"up{round_}.log", str(free_port())
+    with open(log, "ab") as out:
+        up = subprocess.Popen(
+            [str(BIN / "feature-pipeline"), "up", "--port", port],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: "Dagster UI:" in log.read_text() or up.poll() is not None, 60, "`up` to start dg dev")
+        started = (
+            log.read_text()
+        )  # what `up` printed before it was stopped (dg dev stopped mid-import may not be quiet)
+        assert up.poll() is None and "Dagster UI:" in started and "Traceback" not in started, started
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(60)
+        up.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            up.wait(60)
+        kill_group(up)
+        _kill_dg_dev(port)
+    assert seen and not [s for s in seen if "Traceback" in s], [s for s in seen if "Traceback" in s][:1]
+
+
+_YESTERDAY = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+_READERS = (
+    ["health", "--json"],
+    ["health"],
+    ["backfill-snapshots", _YESTERDAY, "--webserver", "http://127.0.0.1:9"],
+)
+
+
+def _use_in_a_loop(cmd: list[str], env: dict[str, str], stop: threading.Event, seen: list[str]) -> None:
+    """Run a read command against the instance until told to stop, keeping what each run printed."""
+    while not stop.is_set():
+        done = subprocess.run([str(BIN / "feature-pipeline"), *cmd], env=env, cwd=REPO, capture_output=True, text=True)
+        seen.append(done.stdout + done.stderr)
+
+
+_CREATE = """
+import sys, time, pathlib
+import dagster  # the slow import before the start line, so that the creations start together
+from feature_pipeline.cli.up import create_storage
+home, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+pathlib.Path(sys.argv[3]).touch()
+while not go.exists():
+    time.sleep(0.002)
+print(create_storage(home) or "ok")
+"""
+
+
+def test_three_first_starts_at_the_same_instant_all_create_the_instance(tmp_path: Path) -> None:
+    """Three processes create the storage of one new DAGSTER_HOME at the same instant (a start line they wait
+    at after importing Dagster). Without the lock, plain `DagsterInstance.from_config` failed here in two of
+    three rounds (`UNIQUE constraint failed: alembic_version.version_num`, `table run_tags already exists`);
+    `create_storage` succeeds in every process, every round."""
+    for round_ in range(3):
+        home = tmp_path / f"home{round_}"
+        prepare_dagster_home(home, REPO)
+        go = tmp_path / f"go{round_}"
+        ready = [tmp_path / f"ready{round_}-{i}" for i in range(3)]
+        env = {**os.environ, "DAGSTER_HOME": str(home)}
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "python"), "-c", _CREATE, str(home), str(go), str(r)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in ready
+        ]
+        wait_for(lambda: all(r.exists() for r in ready), 60, "the three processes at the start line", interval=0.05)  # noqa: B023
+        go.touch()
+        outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+        assert outputs == ["ok", "ok", "ok"], outputs

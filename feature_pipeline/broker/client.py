@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
+from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from feature_pipeline import streams
 from feature_pipeline.broker.auth import NatsAuth, redact
@@ -60,6 +61,11 @@ def nats_problem(exc: BaseException, url: str) -> str:
     where = redact(url)
     if isinstance(exc, BrokerUnavailable):
         return str(exc)
+    if jetstream_unavailable(exc):  # the server answers, but no JetStream leader can (lost quorum, or disabled)
+        return (
+            f"NATS at {where} answers but JetStream is unavailable there ({type(exc).__name__}): no quorum in "
+            "the cluster, or JetStream is not enabled; the streams are not missing, they cannot be read now"
+        )
     if isinstance(exc, NotFoundError):  # a stream, consumer or bucket was deleted (or never made)
         what = getattr(exc, "description", None) or type(exc).__name__
         return (
@@ -69,6 +75,16 @@ def nats_problem(exc: BaseException, url: str) -> str:
     if isinstance(exc, TimeoutError):
         return f"NATS at {where} did not answer in time ({type(exc).__name__})"
     return f"lost NATS at {where}: {type(exc).__name__}: {_reason(exc)}"
+
+
+def jetstream_unavailable(exc: BaseException) -> bool:
+    """503 from the JetStream API, or nobody answering it: the server is up, JetStream is not (no quorum)."""
+    return isinstance(exc, ServiceUnavailableError | NoRespondersError)
+
+
+def not_created(exc: BaseException) -> bool:
+    """A stream, consumer or bucket the server says does not exist."""
+    return isinstance(exc, NotFoundError) and not jetstream_unavailable(exc)
 
 
 async def _quiet(_exc: Exception) -> None:
@@ -195,6 +211,10 @@ class Broker:
         try:
             # nats-py's connect_timeout does not cover a hanging DNS lookup: bound the whole attempt.
             await asyncio.wait_for(connecting, CONNECT_TIMEOUT_SECONDS * len(servers) + 1)
+        except TimeoutError:  # a host that accepts and never greets (a partition, a wrong port), or DNS
+            raise BrokerUnavailable(
+                f"cannot reach NATS at {redact(url)}: no answer within {CONNECT_TIMEOUT_SECONDS * len(servers) + 1} s"
+            ) from None
         except Exception as exc:
             raise BrokerUnavailable(f"cannot reach NATS at {redact(url)}: {_reason(exc)}") from None
         return cls(nc, url, lost)

@@ -15,9 +15,12 @@ import time
 import urllib.error
 import urllib.request
 from datetime import date
+from pathlib import Path
 from typing import Any
 
-from feature_pipeline.cli.common import EXIT_OK, dagster_home, fail
+from feature_pipeline import settings, snapshot_days
+from feature_pipeline.cli.common import EXIT_OK, dagster_home, fail, instance_missing, load_settings
+from feature_pipeline.snapshot_days import available, days_between, refusal
 
 SNAPSHOTS = "user_feature_snapshots"
 _MUTATION = """
@@ -47,18 +50,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_backfill_snapshots(args: argparse.Namespace) -> int:
+    cfg = load_settings()
     try:
-        keys = partition_keys(args.start, args.end or args.start)
+        keys = partition_keys(args.start, args.end or args.start, cfg)
     except ValueError as exc:
         return fail(str(exc))
     title = f"{SNAPSHOTS} {keys[0]}..{keys[-1]}"
+    home = dagster_home()
+    missing = instance_missing(home)
+    if missing is None:  # list the days first, so the webserver or the instance accepts them at once
+        _register_days(home, cfg)
     try:
         backfill_id = launch_via_webserver(args.webserver, keys, title)
         how = f"through the webserver at {args.webserver}"
     except OSError:  # no webserver there: the instance itself
-        home = dagster_home()
-        if not (home / "dagster.yaml").is_file():
-            return fail(f"no Dagster instance at {home}: run `feature-pipeline up` first (or set DAGSTER_HOME)")
+        if missing:
+            return fail(missing)
         backfill_id = _launch_via_instance(home, keys, title)
         how = f"in the instance at {home}"
     except RuntimeError as exc:
@@ -70,17 +77,22 @@ def cmd_backfill_snapshots(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def partition_keys(start: date, end: date) -> list[str]:
-    """The snapshot partitions from start to end, checked against the asset's partitions definition."""
+def partition_keys(start: date, end: date, cfg: settings.Settings) -> list[str]:
+    """The snapshot days from start to end, or ValueError saying in words why they cannot be snapshotted."""
+    refused = refusal(start, end, cfg)
+    if refused:
+        raise ValueError(f"cannot backfill {SNAPSHOTS} {start}..{end}: {refused}")
+    return days_between(start, end)
+
+
+def _register_days(home: Path, cfg: settings.Settings) -> None:
+    """Add to the instance the snapshot days the store's history reaches (the code location does so on every
+    ingest run and stream_monitor tick; a backfill asked for in between need not wait for it)."""
     import dagster as dg
 
-    partitions = _snapshots().partitions_def
-    assert partitions is not None
-    try:
-        keys = partitions.get_partition_keys_in_range(dg.PartitionKeyRange(start.isoformat(), end.isoformat()))
-    except Exception as exc:
-        raise ValueError(f"{start}..{end} is not a range of {SNAPSHOTS} partitions: {exc}") from None
-    return list(keys)
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        snapshot_days.register(instance, _snapshots().partitions_def.name, available(cfg))
 
 
 def launch_via_webserver(url: str, keys: list[str], title: str, timeout: float = 30.0) -> str:
@@ -102,6 +114,11 @@ def launch_via_webserver(url: str, keys: list[str], title: str, timeout: float =
     except urllib.error.HTTPError as exc:  # a webserver did answer, with an error
         raise RuntimeError(f"the webserver at {url} answered HTTP {exc.code}: {exc.read()[:500]!r}") from None
     result = (answer.get("data") or {}).get("launchPartitionBackfill") or {}
+    if result.get("__typename") == "PartitionKeysNotFoundError":
+        raise RuntimeError(
+            f"the webserver at {url} does not list {keys[0]}..{keys[-1]} as snapshot days yet: the next ingest run "
+            "or stream_monitor tick adds the days the stored history reaches; ask again after it"
+        )
     if result.get("__typename") != "LaunchBackfillSuccess":
         raise RuntimeError(f"the webserver at {url} refused the backfill: {result or answer.get('errors')}")
     return str(result["backfillId"])

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from feature_pipeline import local_worker
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.local import LocalNats, port_open
-from feature_pipeline.cli.common import dagster_home, fail, load_settings, prepare_dagster_home
+from feature_pipeline.cli.common import dagster_home, fail, instance_lock, load_settings, prepare_dagster_home
 from feature_pipeline.settings import Settings
 
 
@@ -33,6 +33,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """`up`, and when it cannot start, why in one line (never a traceback)."""
+    try:
+        return _up(args)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return fail(f"up: cannot start: {type(exc).__name__}: {exc}")
+
+
+def _up(args: argparse.Namespace) -> int:
     project = Path.cwd()
     if not (project / "workspace.yaml").is_file() or not (project / "dagster.yaml").is_file():
         return fail("run `feature-pipeline up` from the project folder (the one with workspace.yaml and dagster.yaml)")
@@ -42,7 +50,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     problem = _instance_config(home, project, args.warm)
     if problem:
         return fail(problem)
-    _create_storage(home)
+    problem = create_storage(home)
+    if problem:
+        return fail(problem)
     env = dict(os.environ)
     try:
         local = _nats(cfg, project, env)
@@ -82,13 +92,25 @@ def _instance_config(home: Path, project: Path, warm: bool) -> str | None:
     return None
 
 
-def _create_storage(home: Path) -> None:
-    """Create (or migrate) the instance's storage before the webserver and daemon start. Both would do it at
-    once, and two SQLite schema migrations racing can leave `alembic_version` with two heads."""
+CREATE_ATTEMPTS = 3
+
+
+def create_storage(home: Path) -> str | None:
+    """Create (or migrate) the instance's storage before the webserver and daemon start, or say in one line
+    why it cannot be. Both would do it at once, and two SQLite schema creations racing fail on
+    `alembic_version`; so creation takes a lock against this tool's other processes and, against anything
+    else that creates it at the same moment (a `dagster` command), is retried: once the other has finished,
+    opening the storage finds it made."""
     import dagster as dg  # slow import: only here
 
-    with dg.DagsterInstance.from_config(str(home)):
-        pass
+    problem = ""
+    for _ in range(CREATE_ATTEMPTS):
+        try:
+            with instance_lock(home), dg.DagsterInstance.from_config(str(home)):
+                return None
+        except Exception as exc:  # a concurrent creation, or a storage that cannot be made: retried, then named
+            problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return f"cannot create the Dagster instance's storage at {home}: {problem}"
 
 
 def _start_worker(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

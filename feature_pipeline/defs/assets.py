@@ -19,6 +19,7 @@ from feature_pipeline.defs import metadata
 from feature_pipeline.defs.checks import Checks
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
+from feature_pipeline.defs.snapshots import keep_days_current
 from feature_pipeline.ingest.failures import Cause, cause_of
 from feature_pipeline.ingest.online import SyncResult, Writer, sync_with
 from feature_pipeline.ingest.shared_staging import open_staging
@@ -149,6 +150,7 @@ class Ingest:
                 applied = time.monotonic() - started
         synced = self._logged(context, online)
         self._log_batch(context, result, settings.allowed_lateness_seconds)
+        self._snapshot_days(context, settings)
         context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
         timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context), **metadata.online(synced)}
         for key, extra in metadata.batch_per_table(result).items():
@@ -161,6 +163,17 @@ class Ingest:
                 yield dg.MaterializeResult(asset_key=asset_key, metadata=extra)
         yield from self.checks.store_results(result.health, settings)
         yield self.checks.online_result(synced)
+
+    def _snapshot_days(self, context: dg.AssetExecutionContext, settings: Settings) -> None:
+        """List the snapshot days the stored history now reaches (older events may just have arrived). The
+        batch is stored whatever happens here: a failure is logged and the next run or monitor tick retries."""
+        try:
+            added = keep_days_current(context.instance, self.names, settings)
+        except Exception as exc:
+            context.log.warning(f"could not list the new snapshot days in Dagster: {type(exc).__name__}: {exc}")
+            return
+        if added:
+            context.log.info(added)
 
     @staticmethod
     def _queue_wait(context: dg.AssetExecutionContext) -> dict[str, float]:

@@ -13,19 +13,19 @@ from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.defs.retention import build_retention
 from feature_pipeline.defs.schedules import build_refresh_schedule
 from feature_pipeline.defs.sensors import build_ingest_sensor, build_stream_monitor
-from feature_pipeline.defs.snapshots import build_snapshots, snapshot_start
+from feature_pipeline.defs.snapshots import build_snapshots
 from feature_pipeline.defs.streams import stream_assets
 from feature_pipeline.settings import Settings
 
 
 def build_definitions(names: Names, resource: PipelineResource, settings: Settings) -> dg.Definitions:
     """`settings` are the values as this process reads them: what shapes the definitions themselves
-    (freshness windows, sensor interval, first snapshot day); runs read theirs from `resource`."""
+    (freshness windows, sensor interval); runs read theirs from `resource`."""
     checks = Checks(names)
     ingest = Ingest(names, checks)
     ingest_asset = ingest.asset()
     ingest_job = ingest.job(ingest_asset)
-    snapshots, snapshot_job, snapshot_schedule = build_snapshots(names, snapshot_start(settings))
+    snapshots, snapshot_job, snapshot_schedule = build_snapshots(names)
     archive_job, archive_schedule = build_archive(names)
     prune_job, prune_schedule = build_retention(names)
     export_job, export_schedule = build_export(names)

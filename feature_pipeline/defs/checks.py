@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 from nats.errors import Error as NatsError
 
-from feature_pipeline.broker.client import BrokerUnavailable, nats_problem
+from feature_pipeline.broker.client import BrokerUnavailable, nats_problem, not_created
 from feature_pipeline.broker.stats import read_stream_stats
 from feature_pipeline.defs.instigators import ingest_sensor_state
 from feature_pipeline.defs.names import AssetJob, Names
@@ -29,6 +29,7 @@ from feature_pipeline.health import (
     stream_checks,
     thresholds,
 )
+from feature_pipeline.ingest.fetch import staging_hold
 from feature_pipeline.ingest.online import SyncResult
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.tick import blocked_batches
@@ -127,13 +128,18 @@ class Checks:
 
     # -- graded by the sensors, or on demand ------------------------------------------------------
 
-    def ingest_graded(self, instance: dg.DagsterInstance) -> list[dict[str, Any]]:
-        """The ingest_running check of every stream, from what the instance says of the ingest sensor."""
+    def ingest_graded(self, instance: dg.DagsterInstance, settings: Settings | None = None) -> list[dict[str, Any]]:
+        """The ingest_running check of every stream, from what the instance says of the ingest sensor and,
+        given the settings, from the staging the sensor would fetch into: a sensor that ticks but holds off
+        fetching (a nearly full or unwritable staging folder) is not ingesting, and the check says why."""
         sensor = self.names.ingest_sensor
         try:
             grade, description, age = ingest_grade(ingest_sensor_state(instance, sensor), datetime.now(UTC), sensor)
         except Exception as exc:  # the instance's storage, or an API that moved in a Dagster upgrade
             grade, description, age = "warn", f"cannot read {sensor}'s state: {type(exc).__name__}: {exc}", None
+        hold = _staging_hold(settings) if settings is not None and grade == "pass" else None
+        if hold:
+            grade, description = "error", f"{sensor} ticks but is not fetching: {hold}"
         return [
             {
                 "asset_key": spec.asset_key,
@@ -162,13 +168,26 @@ class Checks:
         }
 
     def stream_events(
-        self, stats: list[StreamStats], problem: str | None, settings: Settings
+        self, stats: list[StreamStats], problem: str | None, settings: Settings, *, warn_only: bool = False
     ) -> list[dg.AssetObservation | dg.AssetCheckEvaluation]:
         """What stream_monitor records on the stream assets: figures and graded checks, or every check failed
-        with the reason when NATS could not be asked."""
+        with the reason when NATS could not be asked (a warning when `warn_only`: streams not made yet)."""
         if stats:
             return self._observations(stats, settings)
-        return [*self.unreachable_evaluations(problem)] if problem else []
+        severity = dg.AssetCheckSeverity.WARN if warn_only else dg.AssetCheckSeverity.ERROR
+        return [*self.unreachable_evaluations(problem, severity)] if problem else []
+
+    def ingest_has_ticked(self, instance: dg.DagsterInstance) -> bool:
+        """Whether the ingest sensor has completed a tick, which creates the streams and consumers."""
+        try:
+            state = ingest_sensor_state(instance, self.names.ingest_sensor)
+        except Exception:  # the instance cannot say: assume it has, so a missing stream stays an error
+            return True
+        return state is not None and state.last_tick_at is not None
+
+    def not_created_yet(self) -> str:
+        """What the stream checks say before the ingest sensor's first tick has made the streams."""
+        return f"streams and consumers not created yet; {self.names.ingest_sensor} creates them on its first tick"
 
     def _observations(
         self, stats: list[StreamStats], settings: Settings
@@ -200,14 +219,16 @@ class Checks:
             "description": o.description,
         }
 
-    def unreachable_evaluations(self, problem: str) -> list[dg.AssetCheckEvaluation]:
+    def unreachable_evaluations(
+        self, problem: str, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
+    ) -> list[dg.AssetCheckEvaluation]:
         """NATS cannot be asked: every stream check fails with the reason, rather than staying green."""
         return [
             dg.AssetCheckEvaluation(
                 asset_key=spec.asset_key,
                 check_name=spec.name,
                 passed=False,
-                severity=dg.AssetCheckSeverity.ERROR,
+                severity=severity,
                 description=problem,
             )
             for spec in self.stream_specs
@@ -306,10 +327,17 @@ class Checks:
         return [self._ingest_on_demand(), self._runs_on_demand(), self._streams_on_demand()]
 
     def _ingest_on_demand(self) -> dg.AssetChecksDefinition:
-        @dg.multi_asset_check(specs=self.ingest_specs, name=self.names.of("ingest_checks"), can_subset=True)
+        names = self.names
+
+        @dg.multi_asset_check(
+            specs=self.ingest_specs,
+            name=names.of("ingest_checks"),
+            can_subset=True,
+            required_resource_keys={names.resource_key},
+        )
         def ingest_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
             """Run from the UI: the same grading stream_monitor makes every tick."""
-            for graded in self.ingest_graded(context.instance):
+            for graded in self.ingest_graded(context.instance, names.settings(context)):
                 if dg.AssetCheckKey(graded["asset_key"], INGEST_CHECK) in context.selected_asset_check_keys:
                     yield dg.AssetCheckResult(**graded)
 
@@ -340,7 +368,7 @@ class Checks:
         def stream_checks_now(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
             """Run from the UI (each check on its own, from its page): the same evaluation stream_monitor makes."""
             settings = names.settings(context)
-            stats, problem = read_stats(settings, "feature-pipeline-checks")
+            stats, problem, _missing = read_stats(settings, "feature-pipeline-checks")
             if problem:
                 raise dg.Failure(problem)
             for o in stream_checks(stats, thresholds(settings)):
@@ -362,8 +390,9 @@ class Checks:
         )
 
 
-def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str | None]:
-    """The streams' figures, or why they could not be read (a line for the tick log and the checks)."""
+def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str | None, bool]:
+    """The streams' figures, or why they could not be read (a line for the tick log and the checks), and
+    whether the reason is a stream or consumer that does not exist (as before the ingest sensor's first tick)."""
     try:
         with open_staging(settings) as staging:
             in_flight = [m.counts for m in staging.batches()]
@@ -371,5 +400,14 @@ def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str 
             read_stream_stats(settings.nats_url, settings.nats_auth, settings.durable_prefix, in_flight, client)
         )
     except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError) as exc:
-        return [], nats_problem(exc, settings.nats_url)
-    return stats, None
+        return [], nats_problem(exc, settings.nats_url), not_created(exc)
+    return stats, None, False
+
+
+def _staging_hold(settings: Settings) -> str | None:
+    """Why the ingest sensor would hold off fetching into the configured staging now (None: it would fetch)."""
+    try:
+        with open_staging(settings) as staging:
+            return staging_hold(staging)
+    except OSError as exc:
+        return f"cannot open the staging at {settings.staging_dir}: {exc}"

@@ -9,6 +9,7 @@ import dagster as dg
 from feature_pipeline.defs.checks import Checks, read_stats
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import DagsterRuns, batch_tags, run_key
+from feature_pipeline.defs.snapshots import keep_days_current
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.tick import run_tick
 from feature_pipeline.settings import Settings
@@ -66,6 +67,15 @@ def to_result(report: TickReport, settings: Settings, checks: Checks) -> dg.Sens
     )
 
 
+def _snapshot_days(context: dg.SensorEvaluationContext, names: Names, settings: Settings) -> str:
+    """The days that became snapshot days (a day just ended, or the history grew), for the tick's line."""
+    try:
+        added = keep_days_current(context.instance, names, settings)
+    except Exception as exc:  # the instance's storage: the next tick tries again
+        return f"; could not list the new snapshot days: {type(exc).__name__}: {exc}"
+    return f"; {added}" if added else ""
+
+
 def build_stream_monitor(names: Names, checks: Checks, interval_seconds: int) -> dg.SensorDefinition:
     @dg.sensor(
         name=names.of("stream_monitor"),
@@ -78,15 +88,19 @@ def build_stream_monitor(names: Names, checks: Checks, interval_seconds: int) ->
     )
     def stream_monitor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         settings = names.settings(context)
-        stats, problem = read_stats(settings, "feature-pipeline-monitor")
-        ingest = checks.ingest_graded(context.instance)
+        stats, problem, missing = read_stats(settings, "feature-pipeline-monitor")
+        # Before the ingest sensor's first tick the streams do not exist yet: a warning that says so, not an error.
+        early = missing and not checks.ingest_has_ticked(context.instance)
+        problem = checks.not_created_yet() if early else problem
+        ingest = checks.ingest_graded(context.instance, settings)
+        days = _snapshot_days(context, names, settings)
         lags = ", ".join(f"{s.stream} lag {s.consumer_lag}" for s in stats)
         return dg.SensorResult(
             asset_events=[
-                *checks.stream_events(stats, problem, settings),
+                *checks.stream_events(stats, problem, settings, warn_only=early),
                 *(dg.AssetCheckEvaluation(**g) for g in ingest),
             ],
-            skip_reason=f"{problem or lags}; {ingest[0]['description']}",
+            skip_reason=f"{problem or lags}; {ingest[0]['description']}{days}",
         )
 
     return stream_monitor

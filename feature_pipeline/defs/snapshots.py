@@ -1,5 +1,8 @@
 """Daily feature snapshots: every user's features as of each UTC day's end, one partition per day.
 
+The days offered are the ones the store's history reaches, kept current as it grows (see
+`feature_pipeline.snapshot_days`).
+
 A partition is recomputed from the raw tables by the same feature query as the live table, so
 a backfill over any range (Dagster UI: Materialize > select partitions) rebuilds those days
 exactly and idempotently. Runs sit in the `duckdb` pool with the ingest runs: they queue behind
@@ -13,24 +16,34 @@ import dagster as dg
 
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.settings import Settings
+from feature_pipeline.snapshot_days import available, refusal, register, yesterday
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
-from feature_pipeline.store.first_day import default_first_day, read_first_day
 from feature_pipeline.streams import EVENT_STREAMS
 
 SNAPSHOTS = "user_feature_snapshots"
 PARTITIONS_PER_RUN = 7  # a week per backfill run: few run start-ups, ingest runs get the pool in between
 
 
-def snapshot_start(settings: Settings) -> str:
-    """FEATURE_PIPELINE_SNAPSHOT_START, else the store's recorded first day, else yesterday (no store yet)."""
-    recorded = read_first_day(settings.feature_store_path)
-    return settings.snapshot_start or recorded or default_first_day().isoformat()
+def partitions_name(names: Names) -> str:
+    """The dynamic partitions of the snapshot days (see `feature_pipeline.snapshot_days` for why dynamic)."""
+    return names.of("snapshot_days")
 
 
-def build_snapshots(names: Names, start_date: str) -> tuple[dg.AssetsDefinition, AssetJob, AssetJob]:
-    """The partitioned asset (its first day from FEATURE_PIPELINE_SNAPSHOT_START), its job and daily schedule."""
-    partitions = dg.DailyPartitionsDefinition(start_date=start_date, timezone="UTC")
+def keep_days_current(instance: dg.DagsterInstance, names: Names, settings: Settings) -> str | None:
+    """Add the snapshot days the stored history reaches that Dagster does not list yet; a line saying which,
+    or None. Called by every ingest run (older events just stored) and stream_monitor tick (a day is over)."""
+    added = register(instance, partitions_name(names), available(settings))
+    if not added:
+        return None
+    span = added[0] if len(added) == 1 else f"{added[0]}..{added[-1]}"
+    return f"{len(added)} snapshot day(s) can now be snapshotted and backfilled: {span}"
+
+
+def build_snapshots(names: Names) -> tuple[dg.AssetsDefinition, AssetJob, dg.ScheduleDefinition]:
+    """The partitioned asset (one dynamic partition per day the store's history reaches), its job and daily
+    schedule."""
+    partitions = dg.DynamicPartitionsDefinition(name=partitions_name(names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # backfill_policy is beta; multi_run is what we need
         asset = _snapshot_asset(names, partitions)
@@ -40,17 +53,32 @@ def build_snapshots(names: Names, start_date: str) -> tuple[dg.AssetsDefinition,
         executor_def=dg.in_process_executor,
         description="Materializes user_feature_snapshots partitions (the daily schedule runs yesterday).",
     )
-    schedule = dg.build_schedule_from_partitioned_job(
-        job,
+    return asset, job, _schedule(names, job)
+
+
+def _schedule(names: Names, job: AssetJob) -> dg.ScheduleDefinition:
+    @dg.schedule(
         name=names.of("snapshot_job_schedule"),
-        hour_of_day=0,
-        minute_of_hour=15,  # yesterday, once the events of its last minutes have had time to arrive
+        job=job,
+        cron_schedule="15 0 * * *",  # yesterday, once the events of its last minutes have had time to arrive
+        execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
+        required_resource_keys={names.resource_key},
+        description="Snapshots yesterday at 00:15 UTC, once the store holds events of that day or before.",
     )
-    return asset, job, schedule
+    def snapshot_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        settings = names.settings(context)
+        now = context.scheduled_execution_time or datetime.now(UTC)
+        register(context.instance, partitions_name(names), available(settings, now))
+        day = yesterday(now).isoformat()
+        if day not in available(settings, now):
+            return dg.SkipReason(f"no snapshot day yet: no event stored in {settings.feature_store_path}")
+        return dg.RunRequest(run_key=day, partition_key=day)
+
+    return snapshot_schedule
 
 
-def _snapshot_asset(names: Names, partitions: dg.DailyPartitionsDefinition) -> dg.AssetsDefinition:
+def _snapshot_asset(names: Names, partitions: dg.DynamicPartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         key=names.table(SNAPSHOTS),
         partitions_def=partitions,
@@ -64,14 +92,13 @@ def _snapshot_asset(names: Names, partitions: dg.DailyPartitionsDefinition) -> d
         "<= 23:59:59.999999), recomputed from the raw tables. Backfill a range to (re)build those days.",
     )
     def user_feature_snapshots(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        store = FeatureStore.from_settings(names.settings(context))
+        settings = names.settings(context)
+        store = FeatureStore.from_settings(settings)
         rows: dict[str, int] = {}
-        today = datetime.now(UTC).date()
-        for key in context.partition_keys:
-            day = date.fromisoformat(key)
+        for key in context.partition_keys:  # each a day that is over (see _day)
+            day = _day(key, settings)
             rows[key] = store.snapshot(day)
-            note = " (the day is not over: later events of it are not in this snapshot)" if day >= today else ""
-            context.log.info(f"snapshot {key}: {rows[key]} users as of {day_end(day).isoformat()}{note}")
+            context.log.info(f"snapshot {key}: {rows[key]} users as of {day_end(day).isoformat()}")
         return dg.MaterializeResult(
             metadata={
                 "users_per_day": dg.MetadataValue.md(
@@ -83,3 +110,16 @@ def _snapshot_asset(names: Names, partitions: dg.DailyPartitionsDefinition) -> d
         )
 
     return user_feature_snapshots
+
+
+def _day(key: str, settings: Settings) -> date:
+    """The partition's day; a key added by hand in the UI ("Add partition") that is not a snapshot day fails
+    the run in words rather than with a parse error."""
+    try:
+        day = date.fromisoformat(key)
+    except ValueError:
+        raise dg.Failure(f"{key!r} is not a day: snapshot partitions are UTC days, YYYY-MM-DD") from None
+    refused = refusal(day, day, settings)
+    if refused:
+        raise dg.Failure(f"cannot snapshot {key}: {refused}")
+    return day

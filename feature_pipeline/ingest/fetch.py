@@ -48,17 +48,14 @@ class Fetcher:
     def _room(self) -> int | None:
         """The payload bytes the next batch may hold: never fetch what cannot be staged (it would only
         spend the messages' deliveries). None, with the reason in the report, when there is no room."""
-        try:
-            self.staging.check_writable()
-            room, free = self.staging.payload_room()
-        except OSError as exc:
-            self.report.problem = f"not fetching: {self.staging.where} is not writable ({exc})"
+        hold = staging_hold(self.staging)
+        if hold:
+            self.report.problem = f"not fetching: {hold}"
             return None
-        if room < MIN_BATCH_BYTES:
-            self.report.problem = (
-                f"not fetching: {self.staging.where} has {free / MIB:.1f} MiB free; a batch needs at least "
-                f"{(2 * MIN_BATCH_BYTES + STAGING_MARGIN_BYTES) / MIB:.0f} MiB there"
-            )
+        try:
+            room, _free = self.staging.payload_room()
+        except OSError as exc:  # the folder went away between the two looks
+            self.report.problem = f"not fetching: {self.staging.where} is not writable ({exc})"
             return None
         return min(room, self.settings.batch_max_bytes)
 
@@ -165,3 +162,19 @@ def for_pipeline(
         return out
 
     return assemble_ours
+
+
+def staging_hold(staging: Staging) -> str | None:
+    """Why the sensor holds off fetching into this staging now, or None when it would fetch. One rule for the
+    sensor, `health` and the ingest_running check, so a stall the sensor sees is never reported as well."""
+    try:
+        staging.check_writable()
+        room, free = staging.payload_room()
+    except OSError as exc:
+        return f"{staging.where} is not writable ({exc})"
+    if room < MIN_BATCH_BYTES:
+        return (
+            f"{staging.where} has {free / MIB:.1f} MiB free; a batch needs at least "
+            f"{(2 * MIN_BATCH_BYTES + STAGING_MARGIN_BYTES) / MIB:.0f} MiB there"
+        )
+    return None

@@ -23,7 +23,7 @@ from feature_pipeline.store import archive, batch, incremental, online
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
-from feature_pipeline.store.first_day import record_first_day
+from feature_pipeline.store.first_day import note_batch_first_day, record_first_day
 from feature_pipeline.store.loader import load_registry
 from feature_pipeline.store.registry import Registry
 from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, index_existing_events, sync_columns
@@ -194,6 +194,7 @@ class FeatureStore:
         with self._connection() as con:
             with transaction(con):
                 written = batch.write(con, batch.StagedFiles(batch_dir), batch_id, now)
+                note_batch_first_day(con, self.path, batch.EVENTS)
                 refresh = self._refresh(con, now, batch.TOUCHED)
                 late = batch.lateness(con, now, self.allowed_lateness)
                 if before_commit is not None:

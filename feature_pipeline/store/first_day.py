@@ -1,13 +1,15 @@
-"""The store's first day: where the daily snapshot partitions begin unless FEATURE_PIPELINE_SNAPSHOT_START says.
+"""The store's first day: the day of the earliest event it has ever stored, where snapshot days begin.
 
-Kept beside the store file (`<store>.first-day`, one ISO date), not inside it: the code location reads
-it when it loads, while a run may hold DuckDB's write lock. The first writer records it once: the day
-of the earliest stored event, or for a new store the day before it was made, so there is a whole day
-to snapshot from the start (Dagster's daily partitions end with yesterday).
+Kept beside the store file (`<store>.first-day`, one ISO date), not inside it: the code location and the
+CLI read it while a run may hold DuckDB's write lock. Writers keep it current: a store that has stored no
+event has no file (so a fresh install offers no snapshot day), and a batch with an event older than the
+recorded day moves it earlier, in the batch's transaction (before the commit: a batch rolled back can only
+leave the day too early, one empty snapshot day, never too late). It never moves later (archiving moves
+events out of the live tables, not out of the history).
 """
 
 import os
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date
 from pathlib import Path
 
 import duckdb
@@ -17,13 +19,8 @@ def first_day_file(store_path: str | Path) -> Path:
     return Path(f"{store_path}.first-day")
 
 
-def default_first_day() -> date:
-    """Yesterday: the first whole day a new store can snapshot."""
-    return datetime.now(UTC).date() - timedelta(days=1)
-
-
 def read_first_day(store_path: str | Path) -> str | None:
-    """The recorded day, or None before the store has been written (or when the file is unreadable)."""
+    """The recorded day, or None before the store holds an event (or when the file is unreadable)."""
     try:
         return date.fromisoformat(first_day_file(store_path).read_text().strip()).isoformat()
     except (OSError, ValueError):
@@ -31,14 +28,29 @@ def read_first_day(store_path: str | Path) -> str | None:
 
 
 def record_first_day(con: duckdb.DuckDBPyConnection, store_path: str | Path) -> None:
-    """Once per store, by a writer: the earliest stored event's day (a store made before this file), or
-    `default_first_day()`."""
-    target = first_day_file(store_path)
-    if target.exists():
+    """When a writer opens a store with events but no file (made before the file existed, or the file was
+    deleted): the earliest stored event's day."""
+    if first_day_file(store_path).exists():
         return
     earliest = con.execute("SELECT min(occurred_at) FROM event_index").fetchone()
-    fallback = default_first_day()
-    day = min(earliest[0].astimezone(UTC).date(), fallback) if earliest and earliest[0] else fallback
-    temporary = target.with_name(target.name + ".tmp")
+    if earliest and earliest[0]:
+        _write(store_path, earliest[0].astimezone(UTC).date())
+
+
+def note_batch_first_day(con: duckdb.DuckDBPyConnection, store_path: str | Path, events_table: str) -> None:
+    """Inside a batch's transaction: move the first day earlier when the batch holds an older event."""
+    earliest = con.execute(f"SELECT min(occurred_at) FROM {events_table}").fetchone()
+    if not earliest or not earliest[0]:
+        return
+    day = earliest[0].astimezone(UTC).date()
+    recorded = read_first_day(store_path)
+    if recorded is None or day < date.fromisoformat(recorded):
+        _write(store_path, day)
+
+
+def _write(store_path: str | Path, day: date) -> None:
+    """Whole or not at all: readers in other processes never see half a date."""
+    target = first_day_file(store_path)
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     temporary.write_text(day.isoformat() + "\n")
     os.replace(temporary, target)
