@@ -1,13 +1,14 @@
 """feature-pipeline: NATS JetStream event streams into a DuckDB feature store, orchestrated by Dagster.
 
-`get_features` (serving) and `training_set` (point-in-time training data) are the read API;
-`FeaturePipelineComponent` adds the pipeline to another Dagster project. Each is imported on
-first use, so the code location does not pay for pandas and readers do not pay for Dagster.
+`get_features` (serving, from the online store) and `training_set` (point-in-time training data) are the
+read API; `health_report` is `feature-pipeline health --json` as a dict, for a web app's own health endpoint;
+`FeaturePipelineComponent` adds the pipeline to another Dagster project. Each is imported on first use, so
+the code location does not pay for pandas and readers do not pay for Dagster.
 """
 
 from typing import Any
 
-__all__ = ["FeaturePipelineComponent", "get_features", "training_set"]
+__all__ = ["FeaturePipelineComponent", "get_features", "health_report", "training_set"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from feature_pipeline.read.serving import get_features
 
         return get_features
+    if name == "health_report":
+        from feature_pipeline.report import health_report
+
+        return health_report
     if name == "training_set":
         from feature_pipeline.read.training import training_set
 

@@ -19,10 +19,10 @@ import pytest
 from feature_pipeline import FeaturePipelineComponent
 from feature_pipeline.broker.local import free_port, port_open, server_binary
 from feature_pipeline.cli.common import prepare_dagster_home
-from feature_pipeline.cli.status import HEALTH_SECONDS
 from feature_pipeline.cli.up import create_storage
 from feature_pipeline.defs.names import Names
 from feature_pipeline.health import AGE_CHECK, INGEST_CHECK, LAG_CHECK
+from feature_pipeline.report import HEALTH_SECONDS
 from feature_pipeline.settings import Settings
 from feature_pipeline.testing import BIN, REPO, run, wait_for
 from feature_pipeline_tests.helpers import (

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nats.js.kv import VALID_KEY_RE
 
-from feature_pipeline import streams
+from feature_pipeline import cli, health_report, streams
 from feature_pipeline.broker import kv
 from feature_pipeline.broker.client import BrokerUnavailable
 from feature_pipeline.broker.kv import OnlineStoreError
@@ -373,3 +373,48 @@ def test_a_run_killed_between_its_commit_and_its_kv_write_is_written_by_its_retr
     assert online == stored and sum(online.values()) == len(sent)
     out = p.cli("features", "u-3")
     assert out.returncode == 0 and json.loads(out.stdout)["signal_count_total"] == stored["u-3"]
+
+
+# -- health -----------------------------------------------------------------------------------------------
+
+
+def test_health_reports_the_bucket_and_how_far_it_is_behind_the_store(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`health_report()` is what `health --json` prints; its online part counts the keys, gives the clock of
+    the last write and, with the store on this host, how far that is behind the store's own clock."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "no-instance"))
+    for var in cfg_vars(settings):
+        monkeypatch.setenv(*var)
+    base = make_env(tmp_path)
+    env = Env(FeatureStore(settings.feature_store_path), base.staging, base.feed)  # the store health reads
+    t0 = datetime.now(UTC) - timedelta(minutes=10)
+    env.apply([env.feed.event(f"e{i}", "signals.task.completed", f"u-{i}", t0) for i in range(3)], now=t0)
+    bucket = kv.bucket_for(settings.durable_prefix)
+    assert f"online store {bucket} not created yet" in " ".join(health_report()["problems"])
+
+    sync(settings, env.store)
+    report = health_report()
+    assert cli.main(["health", "--json"]) in (0, 1)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["online"] == report["online"] and set(printed) == set(report)
+    online = report["online"]
+    assert online["keys"] == 3 and online["behind_store_seconds"] == 0 and online["pending_rows"] == 0
+    assert datetime.fromisoformat(online["valid_as_of"]) == t0
+    assert not [p for p in report["problems"] if "online store" in p]
+
+    # A run that committed 5 minutes later and could not write the KV: its rows wait, health says so.
+    env.apply([env.feed.event("late", "signals.task.completed", "u-9", t0)], now=t0 + timedelta(minutes=5))
+    report = health_report()
+    assert report["online"]["behind_store_seconds"] == 300 and report["online"]["pending_rows"] == 1
+    assert f"online store {bucket} is 300 s behind the store (1 rows wait to be written)" in " ".join(
+        report["problems"]
+    )
+    assert report["status"] != "ok"
+
+
+def cfg_vars(cfg: Settings) -> list[tuple[str, str]]:
+    """The variables that make `settings.load()` give `cfg` (as a process with that environment would)."""
+    from feature_pipeline.settings import VARIABLES
+
+    return [(v.name, str(getattr(cfg, v.field))) for v in VARIABLES if getattr(cfg, v.field) not in ("", None)]

@@ -125,8 +125,8 @@ def test_re_executing_a_settled_batch_run_does_nothing_and_succeeds(settings: Se
 def test_health_judges_the_sensors_batch_runs_not_re_executions_or_refreshes() -> None:
     """`health`'s last ingest run is the sensor's latest run for a staged batch: a failed re-execution from the
     UI or a failed window refresh after it does not make ingest look broken."""
-    from feature_pipeline.cli.status import _last_run
     from feature_pipeline.definitions import defs
+    from feature_pipeline.report import _last_run
 
     job = defs.resolve_job_def("ingest")
     with dg.instance_for_test() as inst:

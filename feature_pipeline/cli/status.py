@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
-import threading
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from nats.errors import Error as NatsError
-
 from feature_pipeline import settings
-from feature_pipeline.broker.auth import redact
-from feature_pipeline.broker.client import BrokerUnavailable, nats_problem, not_created
-from feature_pipeline.cli.common import (
-    EXIT_DEGRADED,
-    EXIT_DOWN,
-    EXIT_OK,
-    dagster_home,
-    fail,
-    instance_missing,
-    load_settings,
-)
-from feature_pipeline.health import stream_checks, thresholds
-from feature_pipeline.ingest.shared_staging import open_staging
+from feature_pipeline.cli.common import EXIT_OK, fail, load_settings
+from feature_pipeline.report import build
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,16 +34,6 @@ def cmd_settings(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The whole health report comes back within this, whatever does not answer (NATS, the instance's database,
-# the staging folder); each part also has a timeout of its own where its client takes one.
-HEALTH_SECONDS = 12.0
-# libpq's connect timeout, for an instance on PostgreSQL whose URL sets none (PGCONNECT_TIMEOUT).
-PG_CONNECT_TIMEOUT_SECONDS = "4"
-HEALTH_CLIENT = "feature-pipeline-health"
-_STREAM_CHECKS = ("consumer_lag", "oldest_unacked_age")
-_RUNS_CHECK = "runs_not_failing_outside_messages"
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     if args.prefix:  # checked before anything is read; Dagster is imported only when one is given
         from feature_pipeline.defs.names import Names
@@ -72,236 +42,13 @@ def cmd_health(args: argparse.Namespace) -> int:
             Names(args.prefix)
         except ValueError as exc:
             return fail(f"--prefix: {exc}")
-    cfg = load_settings()
-    report: dict[str, Any] = {"nats_url": redact(cfg.nats_url), "status": "ok", "problems": []}
-    home = dagster_home()
-    parts: dict[str, Callable[[dict[str, Any]], int]] = {
-        f"NATS at {redact(cfg.nats_url)}": lambda part: _streams(cfg, part),
-        f"the staging at {cfg.staging_dir}": lambda part: _staging(cfg, part),
-        f"the Dagster instance at {home}": lambda part: _dagster(cfg, part, args.prefix),
-    }
-    code, late = _gather(report, parts)
-    code = max(code, _graded(report))
-    report["status"] = {EXIT_OK: "ok", EXIT_DEGRADED: "degraded", EXIT_DOWN: "down"}[code]
+    result = build(load_settings(), args.prefix)
+    report, code = result.body, result.code
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report), flush=True)
-    if late:  # a part still waits on a connection that may never answer: do not wait for it at exit
+    if result.late:  # a part still waits on a connection that may never answer: do not wait for it at exit
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _gather(report: dict[str, Any], parts: dict[str, Callable[[dict[str, Any]], int]]) -> tuple[int, list[str]]:
-    """Run the parts side by side and wait at most HEALTH_SECONDS in all: a partition must not make health
-    hang. A part that has not answered by then is named as unreachable (exit 2); the others are reported."""
-    done: dict[str, tuple[int, dict[str, Any]]] = {}
-
-    def one(name: str, part_fn: Callable[[dict[str, Any]], int]) -> None:
-        part: dict[str, Any] = {"problems": []}
-        try:
-            code = part_fn(part)
-        except Exception as exc:  # a part's own failure, in a line: never a traceback
-            part["problems"].append(f"cannot read {name}: {type(exc).__name__}: {exc}")
-            code = EXIT_DOWN
-        done[name] = (code, part)
-
-    threads = [threading.Thread(target=one, args=item, daemon=True) for item in parts.items()]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + HEALTH_SECONDS
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    code, late = EXIT_OK, []
-    for name in parts:
-        if name not in done:
-            late.append(name)
-            report["problems"].append(f"{name} did not answer within {HEALTH_SECONDS:.0f} s: unreachable")
-            code = EXIT_DOWN
-            continue
-        part_code, part = done[name]
-        report["problems"].extend(part.pop("problems"))
-        report.update(part)
-        code = max(code, part_code)
-    report.setdefault("streams", [])
-    report.update({k: v for k, v in _empty_dagster().items() if k not in report})
-    return code, late
-
-
-def _empty_dagster() -> dict[str, Any]:
-    """What the report says of the Dagster instance when it could not be read."""
-    return {"ingest_sensor": None, "last_ingest_run": None, "checks": {}, "freshness": {}, "retrying": []}
-
-
-def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
-    """The live figures of every stream; when NATS cannot give them, what is wrong, as what it is."""
-    from feature_pipeline.broker.stats import read_stream_stats
-
-    report["streams"] = []
-    try:
-        with open_staging(cfg) as staging:
-            in_flight = [m.counts for m in staging.batches()]
-        stats = asyncio.run(
-            asyncio.wait_for(
-                read_stream_stats(cfg.nats_url, cfg.nats_auth, cfg.durable_prefix, in_flight, HEALTH_CLIENT),
-                HEALTH_SECONDS - 2,
-            )
-        )
-    except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError) as exc:
-        if not_created(exc):  # degraded: nothing is ingested until the sensor has made them
-            report["problems"].append(
-                f"streams and consumers not created yet at NATS {redact(cfg.nats_url)}; the ingest sensor creates "
-                "them on its first tick"
-            )
-            return EXIT_DEGRADED
-        report["problems"].append(nats_problem(exc, cfg.nats_url))
-        return EXIT_DOWN
-    report["streams"] = [s.as_dict() for s in stats]
-    report["streams_read_at"] = datetime.now(UTC).isoformat()
-    report["stream_grades"] = [o.__dict__ for o in stream_checks(stats, thresholds(cfg))]
-    return EXIT_OK
-
-
-def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
-    """Whatever makes the ingest sensor hold off fetching into the staging (the same rule it applies)."""
-    from feature_pipeline.ingest.fetch import staging_hold
-
-    with open_staging(cfg) as staging:
-        hold = staging_hold(staging)
-    if hold:
-        report["problems"].append(f"the ingest sensor is not fetching: {hold}")
-        return EXIT_DEGRADED
-    return EXIT_OK
-
-
-def _dagster(cfg: settings.Settings, report: dict[str, Any], prefix: str) -> int:
-    report.update(_empty_dagster())
-    home = dagster_home()
-    missing = instance_missing(home)
-    if missing:
-        report["dagster_instance"] = "not created yet"
-        report["problems"].append(missing)
-        return EXIT_DEGRADED
-    os.environ.setdefault("PGCONNECT_TIMEOUT", PG_CONNECT_TIMEOUT_SECONDS)
-    logging.disable(logging.WARNING)  # the storage's own retry warnings: the report says what went wrong, once
-    try:
-        report.update(_dagster_state(cfg, prefix, home))
-    except Exception as exc:
-        report["problems"].append(f"cannot read the Dagster instance at {home}: {type(exc).__name__}: {_line(exc)}")
-        return EXIT_DOWN
-    return EXIT_OK
-
-
-def _line(exc: BaseException) -> str:
-    """The first line of an error's text: a database driver's message can run over several."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _dagster_state(cfg: settings.Settings, prefix: str, home: Path) -> dict[str, Any]:
-    """The last ingest run, batches retried after failures outside their messages, the latest result of
-    every asset check, and user_features freshness."""
-    import dagster as dg  # slow import: only when a Dagster instance is there to ask
-
-    os.environ["DAGSTER_HOME"] = str(home)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        from feature_pipeline.defs.checks import Checks
-        from feature_pipeline.defs.names import Names
-        from feature_pipeline.defs.runs import DagsterRuns
-        from feature_pipeline.ingest.tick import blocked_batches
-
-        names = Names(prefix)
-        checks = Checks(names)
-        ingest = checks.ingest_graded(instance)[0]  # the same grade on every stream
-        return {
-            "ingest_sensor": {"ok": ingest["passed"], "description": ingest["description"]},
-            "last_ingest_run": _last_run(instance, names.ingest_job),
-            "retrying": blocked_batches(cfg, DagsterRuns(instance, names.ingest_job)),
-            "retrying_read_at": datetime.now(UTC).isoformat(),
-            "checks": _checks(instance, checks),
-            "freshness": {
-                key.to_user_string(): state.freshness_state.value
-                for key, state in instance.get_freshness_state_records([names.user_features]).items()
-            },
-        }
-
-
-def _last_run(instance: Any, job_name: str) -> dict[str, Any]:
-    """The sensor's last run for a staged batch: not a re-execution from the UI, not a window refresh."""
-    import dagster as dg
-
-    from feature_pipeline.defs.runs import BATCH_TAG
-
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name), limit=50)
-    ours = [r for r in records if BATCH_TAG in r.dagster_run.tags and "dagster/parent_run_id" not in r.dagster_run.tags]
-    if not ours:
-        return {"status": "none yet"}
-    run = ours[0]
-    return {
-        "run_id": run.dagster_run.run_id,
-        "status": run.dagster_run.status.value,
-        "ended_at": datetime.fromtimestamp(run.end_time, UTC).isoformat() if run.end_time else None,
-    }
-
-
-def _checks(instance: Any, checks: Any) -> dict[str, Any]:
-    keys = [s.key for s in (*checks.stream_specs, checks.dead_letters, checks.consistency, checks.runs)]
-    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
-    out = {}
-    for key in keys:
-        rec = latest.get(key)
-        event = rec.event if rec else None
-        evaluation = event.dagster_event.event_specific_data if event and event.dagster_event else None
-        passed = getattr(evaluation, "passed", None)
-        severity = getattr(evaluation, "severity", None)
-        out[f"{key.asset_key.to_user_string()}:{key.name}"] = {
-            "state": "never run" if passed is None else "passed" if passed else "failed",
-            "severity": None if passed in (None, True) or severity is None else severity.value,
-            "description": getattr(evaluation, "description", None),
-            "at": datetime.fromtimestamp(event.timestamp, UTC).isoformat() if event else None,
-        }
-    return out
-
-
-def _graded(report: dict[str, Any]) -> int:
-    """A failed last run, a batch waiting for a retry, a failed check or stale features: degraded.
-
-    A check evaluation older than this report's own live read of the same thing (the streams' figures, the
-    batches waiting for a retry) is over: it is shown as superseded and the live read is graded instead."""
-    last = report.get("last_ingest_run") or {}
-    degraded = [f"not fetching; retrying {b}" for b in report["retrying"]]
-    ingest = report.get("ingest_sensor")
-    if ingest and not ingest["ok"]:
-        degraded.append(ingest["description"])
-    if last.get("status") in ("FAILURE", "CANCELED"):
-        degraded.append(f"the last ingest run {last.get('run_id')} ended {last.get('status')}")
-    for o in report.get("stream_grades", []):
-        if o["grade"] != "pass":
-            degraded.append(f"{o['stream']} {o['check']} ({o['grade'].upper()}, read now): {o['description']}")
-    for name, check in report["checks"].items():
-        live = _live_read_at(report, name)
-        if check["state"] == "failed" and live and check["at"] and _before(check["at"], live):
-            # Over: the live read above is graded instead, and the stale words are not repeated.
-            check.update(state="superseded", severity=None, description=f"older than this report's live read at {live}")
-        if check["state"] == "failed":
-            degraded.append(f"check {name} failed ({check['severity']}): {check['description']}")
-    for asset, state in report["freshness"].items():
-        if state in ("WARN", "FAIL"):
-            degraded.append(f"{asset} freshness is {state}")
-    report["problems"].extend(p for p in degraded if p not in report["problems"])
-    return EXIT_DEGRADED if degraded else EXIT_OK
-
-
-def _before(earlier: str, later: str) -> bool:
-    return datetime.fromisoformat(earlier) < datetime.fromisoformat(later)
-
-
-def _live_read_at(report: dict[str, Any], check: str) -> str | None:
-    """When this report read live what the check grades, if it did: stream checks, the runs check."""
-    name = check.rsplit(":", 1)[-1]
-    if name in _STREAM_CHECKS:
-        return report.get("streams_read_at")
-    if name == _RUNS_CHECK:
-        return report.get("retrying_read_at")
-    return None
 
 
 def _text(report: dict[str, Any]) -> str:
@@ -316,6 +63,13 @@ def _text(report: dict[str, Any]) -> str:
         lines.append(f"  {report['ingest_sensor']['description']}")
     if report.get("last_ingest_run"):
         lines.append(f"  last ingest run: {report['last_ingest_run']}")
+    online = report.get("online") or {}
+    if "keys" in online:
+        behind = online.get("behind_store_seconds")
+        lines.append(
+            f"  online store {online['bucket']}: {online['keys']} keys, valid as of {online['valid_as_of'] or 'never'}"
+            + ("" if behind is None else f", {behind:.0f} s behind the store")
+        )
     for name, check in report["checks"].items():
         severity = f" ({check['severity']})" if check["severity"] else ""
         lines.append(f"  check {name}: {check['state']}{severity}")
