@@ -65,13 +65,14 @@ class Schema:
     def frame(self, ids: Sequence[str], rows: Sequence[dict[str, Any] | None]) -> pd.DataFrame:
         """One row per id: user_id, every feature, updated_at, valid_as_of (Arrow-backed dtypes, so integer
         features stay integers beside the empty rows of unknown users)."""
-        arrays = [pa.array(ids, pa.string())]
+        columns = {"user_id": pd.arrays.ArrowExtensionArray(pa.array(ids, pa.string()))}
         for col, typ in self.types.items():
             values = [None if r is None else r.get(col) for r in rows]
             if typ.upper().startswith("TIMESTAMP"):
                 values = [None if v is None else datetime.fromisoformat(v) for v in values]
-            arrays.append(pa.array(values, self.arrow.field(col).type))
-        return pa.Table.from_arrays(arrays, schema=self.arrow).to_pandas(types_mapper=pd.ArrowDtype)
+            columns[col] = pd.arrays.ArrowExtensionArray(pa.array(values, self.arrow.field(col).type))
+        # A dict of Arrow-backed arrays: about half the cost of Table.to_pandas for the few rows of a request.
+        return pd.DataFrame(columns, copy=False)
 
 
 def _decode(user_id: str, raw: bytes | None) -> dict[str, Any] | None:
