@@ -287,6 +287,23 @@ def test_the_replica_follows_each_run(settings: Settings, tmp_path: Path) -> Non
     assert seen
 
 
+def test_a_replica_starts_only_once_it_holds_every_value(settings: Settings, tmp_path: Path) -> None:
+    """`start()` returns after the last value has been applied, not when the server has merely sent them all
+    (they may still wait in the client's buffer: a race the property test once lost under load)."""
+    env = make_env(tmp_path)
+    _stored(env, settings, [f"u-{i}" for i in range(500)], datetime.now(UTC))
+
+    async def starts() -> list[int]:
+        held = []
+        for _ in range(20):
+            replica = await OnlineReplica(settings).start()
+            held.append(len(replica.values))
+            await replica.close()
+        return held
+
+    assert asyncio.run(starts()) == [500] * 20
+
+
 def _blackhole() -> tuple[socket.socket, str]:
     """A TCP listener that accepts and never answers: a server behind a partition, as a client sees it."""
     sock = socket.socket()

@@ -268,7 +268,10 @@ class OnlineReplica:
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         )
         info = await self._sub.consumer_info()
-        if info.num_pending == 0 and self._sub.delivered == 0:
+        # Caught up at once only when the server has nothing to send at all: messages it has sent may still
+        # wait in this client's buffer (then the one with num_pending 0 sets it, in `_on_msg`).
+        sent = info.delivered.consumer_seq if info.delivered else 0
+        if info.num_pending == 0 and not sent:
             self._caught_up.set()
         try:
             await asyncio.wait_for(self._caught_up.wait(), timeout)
