@@ -408,7 +408,8 @@ def test_health_reports_the_bucket_and_how_far_it_is_behind_the_store(
     t0 = datetime.now(UTC) - timedelta(minutes=10)
     env.apply([env.feed.event(f"e{i}", "signals.task.completed", f"u-{i}", t0) for i in range(3)], now=t0)
     bucket = kv.bucket_for(settings.durable_prefix)
-    assert f"online store {bucket} not created yet" in " ".join(health_report()["problems"])
+    report = health_report()
+    assert f"online store {bucket} is missing while the store holds features" in " ".join(report["problems"])
 
     sync(settings, env.store)
     report = health_report()
