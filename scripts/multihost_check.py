@@ -272,7 +272,8 @@ def _online_checks(
         done = inst.get_run_records(filters=dg.RunsFilter(job_name="ingest", statuses=[dg.DagsterRunStatus.SUCCESS]))
     ends = sorted(r.end_time for r in done if r.end_time)
     # Each sync's state names when it was written; the run that wrote it ended at the first end after that.
-    late = [seen_at - min((e for e in ends if e >= written), default=seen_at) for written, seen_at in seen["states"]]
+    # The first state is the one the bucket held when the reader started: not a write it waited for.
+    late = [seen_at - min((e for e in ends if e >= w), default=seen_at) for w, seen_at in seen["states"][1:]]
     log(
         f"reader on C: {len(rows)} rows, {seen['reads']} direct reads (some {len(during)} sampled while B was "
         f"down), {len(seen['errors'])} errors; a run's rows seen at most {max(late, default=0):.3f} s after it ended"

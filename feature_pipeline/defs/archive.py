@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from feature_pipeline.defs.names import Names
+from feature_pipeline.defs.names import Names, one_op_job
 from feature_pipeline.store.feature_store import FeatureStore
 
 
@@ -26,14 +26,14 @@ def build_archive(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition
         result = FeatureStore.from_settings(cfg).archive(cfg.archive_path, timedelta(days=cfg.archive_after_days))
         context.log.info(result.summary())
 
-    @dg.job(
-        name=names.of("archive_raw_events"),
-        executor_def=dg.in_process_executor,
-        description="Moves raw events older than FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS to day-partitioned Parquet "
-        "under FEATURE_PIPELINE_ARCHIVE_PATH; snapshots, backfills, training sets and checks keep reading them.",
+    archive_job = one_op_job(
+        names,
+        archive_op,
+        "archive",
+        "archive_raw_events",
+        "Moves raw events older than FEATURE_PIPELINE_ARCHIVE_AFTER_DAYS to day-partitioned Parquet under "
+        "FEATURE_PIPELINE_ARCHIVE_PATH; snapshots, backfills, training sets and checks keep reading them.",
     )
-    def archive_job() -> None:
-        archive_op.alias("archive")()  # the node name, so run config reads the same in every instance
 
     schedule = dg.ScheduleDefinition(
         name=names.of("archive_raw_events_daily"),

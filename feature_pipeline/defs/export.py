@@ -7,7 +7,7 @@ instead. Writing it costs O(users), so no batch writes it: it is written on dema
 
 import dagster as dg
 
-from feature_pipeline.defs.names import Names
+from feature_pipeline.defs.names import Names, one_op_job
 from feature_pipeline.store.feature_store import FeatureStore
 
 
@@ -23,14 +23,13 @@ def build_export(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]
         rows, as_of = FeatureStore.from_settings(cfg).export(cfg.serving_path)
         context.log.info(f"exported {rows} rows (valid as of {as_of}) to {cfg.serving_path}")
 
-    @dg.job(
-        name=names.of("export_user_features"),
-        executor_def=dg.in_process_executor,
-        description="Writes the Parquet export of user_features for bulk readers (point lookups read the online "
-        "store).",
+    export_job = one_op_job(
+        names,
+        export_op,
+        "export",
+        "export_user_features",
+        "Writes the Parquet export of user_features for bulk readers (point lookups read the online store).",
     )
-    def export_job() -> None:
-        export_op.alias("export")()  # the node name, so run config reads the same in every instance
 
     schedule = dg.ScheduleDefinition(
         name=names.of("export_user_features_hourly"),

@@ -74,3 +74,14 @@ class Names:
 
 # What `dg.define_asset_job` (and a schedule built from its partitions) returns; not public classes.
 AssetJob = Any
+
+
+def one_op_job(names: Names, op: dg.OpDefinition, node: str, job: str, description: str) -> dg.JobDefinition:
+    """A job of one op, under the instance's name; the node keeps an unprefixed name, so run config
+    (`ops: {<node>: ...}`) reads the same in every instance. In process: one op needs no subprocess."""
+
+    @dg.job(name=names.of(job), executor_def=dg.in_process_executor, description=description)
+    def one() -> None:
+        op.alias(node)()
+
+    return one

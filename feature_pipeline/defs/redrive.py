@@ -10,7 +10,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from feature_pipeline.defs.names import Names
+from feature_pipeline.defs.names import Names, one_op_job
 from feature_pipeline.ingest.redrive import RedriveFilter, parse_time, redrive
 
 LISTED = 50  # dead letters named one by one in the run log
@@ -52,12 +52,12 @@ def build_redrive(names: Names) -> dg.JobDefinition:
             context.log.info(f"{r['original_stream']} #{r['original_seq']} {r['original_subject']}: {r['reason']}")
         context.log.info(report.summary(config.dry_run))
 
-    @dg.job(
-        name=names.of("redrive_dead_letters"),
-        executor_def=dg.in_process_executor,
-        description="Publish dead letters' originals again (filters and dry_run in the config; dry_run by default).",
+    redrive_job = one_op_job(
+        names,
+        redrive_op,
+        "redrive",
+        "redrive_dead_letters",
+        "Publish dead letters' originals again (filters and dry_run in the config; dry_run by default).",
     )
-    def redrive_job() -> None:
-        redrive_op.alias("redrive")()
 
     return redrive_job

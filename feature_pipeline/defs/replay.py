@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from feature_pipeline.defs.names import Names
+from feature_pipeline.defs.names import Names, one_op_job
 from feature_pipeline.ingest.online import sync
 from feature_pipeline.ingest.replay import ReplayError, ReplayRange, ReplayReport, replay
 from feature_pipeline.store.feature_store import FeatureStore
@@ -62,13 +62,9 @@ def build_replay(names: Names) -> dg.JobDefinition:
         context.log.info(f"online store {synced.bucket}: wrote {synced.written} rows, deleted {synced.deleted} keys")
         _record(context, names, rng, report)
 
-    @dg.job(
-        name=names.of("replay_stream"),
-        executor_def=dg.in_process_executor,
-        description="Re-read a stream range into the store, idempotently.",
+    replay_stream = one_op_job(
+        names, replay_range, "replay_range", "replay_stream", "Re-read a stream range into the store, idempotently."
     )
-    def replay_stream() -> None:
-        replay_range.alias("replay_range")()
 
     return replay_stream
 

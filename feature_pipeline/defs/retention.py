@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from feature_pipeline.defs.names import Names
+from feature_pipeline.defs.names import Names, one_op_job
 
 FAILED_KEPT_TIMES = 4  # failed and canceled runs are kept this many times as long: they explain dead letters
 PAGE = 500
@@ -50,13 +50,9 @@ def build_retention(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefiniti
             f"failed or canceled ones older than {days * FAILED_KEPT_TIMES} days"
         )
 
-    @dg.job(
-        name=names.of("prune_ingest_runs_job"),
-        executor_def=dg.in_process_executor,
-        description="Deletes old ingest runs (see prune_ingest_runs).",
+    prune_job = one_op_job(
+        names, prune_runs, "prune_runs", "prune_ingest_runs_job", "Deletes old ingest runs (see prune_ingest_runs)."
     )
-    def prune_job() -> None:
-        prune_runs.alias("prune_runs")()
 
     schedule = dg.ScheduleDefinition(
         name=names.of("prune_ingest_runs"),
