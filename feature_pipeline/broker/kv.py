@@ -25,7 +25,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -103,26 +103,30 @@ async def last_sequence(broker: Broker, bucket: str) -> int:
     return int((await broker.stream_state(stream_of(bucket)))["last_seq"])
 
 
-async def put_many(broker: Broker, bucket: str, rows: Sequence[tuple[str, bytes]], *, fast: bool = True) -> int:
-    """Write `rows` (key, value); returns how many. Raises OnlineStoreError when NATS does not confirm them.
+async def put_many(broker: Broker, bucket: str, rows: Callable[[], Iterable[Sequence[tuple[str, bytes]]]]) -> int:
+    """Write every (key, value) of the chunks `rows()` yields; returns how many. Raises OnlineStoreError when
+    NATS does not confirm them.
 
-    Plain publishes closed by an acked SYNC_KEY and checked by the stream's sequence, or acked puts
-    when that check fails (see the module docstring)."""
-    if not rows:
-        return 0
+    Plain publishes of every chunk, one after the other while the server stores the previous ones, closed by
+    one acked SYNC_KEY and checked by the stream's sequence; when that check fails, `rows()` is called again
+    and each row is put with an ack (see the module docstring)."""
+    n = 0
     try:
-        if fast and isinstance(broker.nc, FastClient):
+        if isinstance(broker.nc, FastClient):
             before = await last_sequence(broker, bucket)
-            await broker.nc.publish_pairs((subject_of(bucket, k), v) for k, v in rows)
-            after = await _put_acked(broker, bucket, SYNC_KEY, str(len(rows)).encode())
-            if after - before == len(rows) + 1:
-                return len(rows)
-        await _put_all_acked(broker, bucket, rows)
-        return len(rows)
+            for chunk in rows():
+                n += await broker.nc.publish_pairs((subject_of(bucket, k), v) for k, v in chunk)
+            if n == 0:
+                return 0
+            if await _put_acked(broker, bucket, SYNC_KEY, str(n).encode()) - before == n + 1:
+                return n
+        n = 0
+        for chunk in rows():
+            await _put_all_acked(broker, bucket, chunk)
+            n += len(chunk)
+        return n
     except Exception as exc:
-        raise OnlineStoreError(
-            f"could not write {len(rows)} rows to the online store {bucket}: {_words(exc)}"
-        ) from None
+        raise OnlineStoreError(f"could not write rows to the online store {bucket}: {_words(exc)}") from None
 
 
 async def put_state(broker: Broker, bucket: str, state: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -98,11 +99,18 @@ class _Sync:
             # No state: the bucket is new, was emptied, or this store predates it; every row goes in.
             everything = await kv.get_state(broker.nc, self.bucket, REQUEST_TIMEOUT_SECONDS) is None
             as_of = self.as_of or datetime.now(UTC)
-            chunks = online.every_value(self.con, self.store.registry, as_of) if everything else None
-            written = deleted = 0
-            for chunk in chunks or online.pending_values(self.con):
-                written += await kv.put_many(broker, self.bucket, [(kv.key_for(u), v) for u, v in chunk.rows])
-                deleted += await kv.delete_many(broker, self.bucket, [kv.key_for(u) for u in chunk.gone])
+            gone: list[str] = []
+
+            def rows() -> Iterator[list[tuple[str, bytes]]]:
+                """The values to write, a chunk at a time (read again if the fast write must be redone)."""
+                gone.clear()
+                chunks = online.every_value(self.con, self.store.registry, as_of) if everything else None
+                for chunk in chunks or online.pending_values(self.con):
+                    gone.extend(chunk.gone)
+                    yield [(kv.key_for(u), v) for u, v in chunk.rows]
+
+            written = await kv.put_many(broker, self.bucket, rows)
+            deleted = await kv.delete_many(broker, self.bucket, [kv.key_for(u) for u in gone])
             await kv.put_state(broker, self.bucket, self._state(written))
             online.clear(self.con)
             if compare:
