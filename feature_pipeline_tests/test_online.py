@@ -217,6 +217,58 @@ def test_a_kv_row_that_differs_from_the_store_is_found_and_written_again(setting
     assert_kv_equals_store(settings, env)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["plain publishes checked by sequence", "public API"])
+def test_bulk_writes_are_all_stored_even_with_another_writer_on_the_bucket(nats_server: LocalNats, fast: bool) -> None:
+    """A writer on the same bucket moves the stream's sequence under the plain publishes, so their check cannot
+    vouch for them: every row is written again with an ack. Without the fast path, every row is acked."""
+
+    async def go() -> dict[str, bytes]:
+        from feature_pipeline.broker.client import Broker
+
+        async with (
+            await Broker.connect(nats_server.url, fast=fast) as ours,
+            await Broker.connect(nats_server.url) as other,
+        ):
+            await kv.ensure_bucket(ours, "b", 1)
+            rows = [(kv.key_for(f"u-{i}"), b'{"n": %d}' % i) for i in range(20_000)]
+            done = asyncio.Event()
+
+            async def interfere() -> int:
+                n = 0
+                while not done.is_set():
+                    await other.js.publish(kv.subject_of("b", "meta.other"), b"x")
+                    n += 1
+                return n
+
+            meddler = asyncio.ensure_future(interfere())
+            await asyncio.sleep(0.01)
+            written = await kv.put_many(ours, "b", lambda: [rows[:10_000], rows[10_000:]])
+            done.set()
+            assert written == 20_000 and await meddler > 0
+            return await kv.get_many(ours.nc, "b", [k for k, _ in rows], 5)
+
+    found = asyncio.run(go())
+    assert len(found) == 20_000 and found[kv.key_for("u-19999")] == b'{"n": 19999}'
+
+
+def test_a_plain_publish_the_stream_drops_is_caught_by_the_sequence_check(nats_server: LocalNats) -> None:
+    """A value the bucket refuses (over its max_value_size) is dropped without a word on the plain path; the
+    sequence check notices, the rows are put again with an ack, and the refusal surfaces as OnlineStoreError."""
+    from nats.js.api import KeyValueConfig
+
+    async def go() -> None:
+        from feature_pipeline.broker.client import Broker
+
+        async with await Broker.connect(nats_server.url, fast=True) as broker:
+            await broker.js.create_key_value(KeyValueConfig(bucket="small", history=1, direct=True, max_value_size=64))
+            rows = [(kv.key_for(f"u-{i}"), b"{}") for i in range(100)] + [(kv.key_for("big"), b"x" * 200)]
+            await kv.put_many(broker, "small", lambda: [rows])
+
+    with pytest.raises(OnlineStoreError, match="could not write rows to the online store small") as caught:
+        asyncio.run(go())
+    assert "did not confirm" in str(caught.value)  # the refused put has no ack: the bounded wait ends it
+
+
 # -- readers ----------------------------------------------------------------------------------------------
 
 ODD_IDS = ["u.1 x", "*>", "ünï©ødé 用户", "ü" * 256]  # the last: 512 bytes, the longest id an envelope takes
