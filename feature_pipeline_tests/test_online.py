@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -29,7 +31,7 @@ from feature_pipeline import cli, health_report, streams
 from feature_pipeline.broker import kv
 from feature_pipeline.broker.client import BrokerUnavailable
 from feature_pipeline.broker.kv import OnlineStoreError
-from feature_pipeline.broker.local import LocalNats
+from feature_pipeline.broker.local import LocalNats, free_port, port_open
 from feature_pipeline.ingest.online import sync
 from feature_pipeline.read.online import AsyncOnlineReader, OnlineReader, OnlineReplica
 from feature_pipeline.read.serving import ExportMissing, get_features, read_export
@@ -308,6 +310,44 @@ def test_readers_return_rows_for_any_id_in_order_and_empty_rows_for_unknown_user
             return await r.get_features(ask)
 
     assert asyncio.run(from_async()).equals(frame)
+
+
+def _system_nats() -> str:
+    """The machine's own nats-server (Debian's is 2.9, older than batched direct gets), not the wheel's."""
+    found = shutil.which("nats-server", path="/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/bin")
+    if not found:
+        pytest.skip("no system nats-server (Debian's package) on this machine: the 2.9 compatibility check is skipped")
+    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout.strip()
+    if not version.startswith(("nats-server: v2.9.", "nats-server: v2.10.")):
+        pytest.skip(f"the system nats-server is {version}, not older than 2.11: nothing to check here")
+    return found
+
+
+def test_writes_and_reads_work_on_a_server_older_than_batched_gets(tmp_path: Path) -> None:
+    """On a server without `multi_last` (before 2.11, such as Debian's 2.9) many users are read by one direct
+    get each, side by side; runs write the same way as on a new server."""
+    port = free_port()
+    server = subprocess.Popen(
+        [_system_nats(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), 15, "the system nats-server")
+        cfg = settings_for(tmp_path, f"nats://127.0.0.1:{port}")
+        env = make_env(tmp_path)
+        ids = [f"u-{i}" for i in range(30)]
+        _stored(env, cfg, ids, datetime.now(UTC))
+        reader = OnlineReader(cfg)
+        try:
+            rows = reader.get_rows(["nobody", *ids])
+        finally:
+            reader.close()
+        assert rows[0] is None and [r["user_id"] for r in rows[1:]] == ids
+        assert_kv_equals_store(cfg, env)
+    finally:
+        server.kill()
+        server.wait(10)
 
 
 def test_the_replica_follows_each_run(settings: Settings, tmp_path: Path) -> None:

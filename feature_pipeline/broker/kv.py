@@ -184,12 +184,23 @@ async def get_state(nc: Client, bucket: str, timeout: float) -> dict[str, Any] |
 
 
 async def get_many(nc: Client, bucket: str, keys: Sequence[str], timeout: float) -> dict[str, bytes]:
-    """Many keys by batched direct gets (`multi_last`, servers 2.11 and later): key -> value of those found."""
+    """Many keys by batched direct gets (`multi_last`, servers 2.11 and later; one direct get per key,
+    side by side, on older servers, which answer `multi_last` with "408 Empty Request"): key -> value of
+    those found."""
+    if not _batched_gets(nc):
+        values = await asyncio.gather(*(get_one(nc, bucket, k, timeout) for k in keys))
+        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
     chunks = [keys[i : i + MULTI_GET_LIMIT] for i in range(0, len(keys), MULTI_GET_LIMIT)]
     found: dict[str, bytes] = {}
     for part in await asyncio.gather(*(_get_chunk(nc, bucket, c, timeout) for c in chunks)):
         found.update(part)
     return found
+
+
+def _batched_gets(nc: Client) -> bool:
+    """Whether the server this connection reached answers `multi_last` (ADR-31: nats-server 2.11)."""
+    version = nc.connected_server_version
+    return bool(version.major > 2 or (version.major == 2 and version.minor >= 11))
 
 
 def _multi_last(bucket: str, keys: Sequence[str]) -> bytes:
