@@ -231,9 +231,6 @@ class OnlineReader:
     def get_features(self, user_ids: Iterable[str]) -> pd.DataFrame:
         return self._call(self._connect().get_features(list(user_ids)))
 
-    def state(self) -> dict[str, Any] | None:
-        return self._call(self._connect().state())
-
     def close(self) -> None:
         if self._connected:
             self._call(self._reader.close())
