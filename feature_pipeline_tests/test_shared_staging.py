@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from nats.js.api import StreamInfo
 
+from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalNats
 from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.shared_staging import NatsStaging, StagedBatchMissing, open_staging
@@ -21,6 +23,11 @@ from feature_pipeline_tests.test_staging import signal
 def _host(settings: Settings, tmp_path: Path, name: str, runs: InMemoryRuns) -> Lifecycle:
     """The lifecycle as seen from one host: its own scratch folder, the shared run lookup."""
     return Lifecycle(changed(settings, staging="nats", staging_dir=tmp_path / name), runs=runs)
+
+
+async def stream_info(url: str, name: str) -> StreamInfo:
+    async with await Broker.connect(url) as broker:
+        return await broker.js.stream_info(name)
 
 
 def _files(folder: Path) -> list[str]:
@@ -45,6 +52,9 @@ def test_the_run_and_a_later_sensor_need_no_disk_of_the_first(settings: Settings
     assert sorted(stored_ids(settings)) == ["evt-1", "evt-2"]
     with open_staging(c.settings) as staging:
         assert staging.batches() == [], "a settled batch is forgotten"
+        assert isinstance(staging, NatsStaging)
+        info = run(stream_info(settings.nats_url, f"KV_{staging.kv_bucket}"))
+        assert info.state.messages == 0, "and leaves no marker behind, so listing costs what is in flight"
 
 
 def test_keep_alive_times_are_kept_with_the_batch(settings: Settings, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from nats.js.api import KeyValueConfig, ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -122,16 +122,16 @@ class NatsStaging(Staging):
         return sorted(found, key=lambda m: (m.created_at, m.batch_id))
 
     async def _manifests(self, broker: Broker) -> list[Manifest]:
+        """The listed batches, from the stream's own subject list.
+
+        Not `KeyValue.keys()`: its watcher can report "no keys" when the server has already pushed
+        them but the client has not yet read them (seen under load as a batch missing for a tick)."""
         kv = await self._kv(broker)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        info = await broker.js.stream_info(f"KV_{self.kv_bucket}", subjects_filter=f"$KV.{self.kv_bucket}.batch.>")
         found = []
-        for key in keys:
-            if key.startswith("batch."):
-                with contextlib.suppress(KeyNotFoundError):  # settled meanwhile
-                    found.append(_manifest((await kv.get(key)).value))
+        for subject in info.state.subjects or {}:
+            with contextlib.suppress(KeyNotFoundError):  # settled meanwhile (or a purge marker of an older version)
+                found.append(_manifest((await kv.get(subject.removeprefix(f"$KV.{self.kv_bucket}."))).value))
         return found
 
     def manifest(self, batch_id: str) -> Manifest | None:
@@ -197,9 +197,9 @@ class NatsStaging(Staging):
         """The manifest first (the batch is no longer listed), then its keep-alive mark and files."""
 
         async def forget(broker: Broker) -> None:
-            kv = await self._kv(broker)
-            for key in (f"batch.{batch_id}", f"alive.{batch_id}"):
-                await kv.purge(key)
+            await self._kv(broker)
+            for key in (f"batch.{batch_id}", f"alive.{batch_id}"):  # removed outright: no marker left to list
+                await broker.js.purge_stream(f"KV_{self.kv_bucket}", subject=f"$KV.{self.kv_bucket}.{key}")
             objects = await self._objects(broker)
             for name in FILES:
                 with contextlib.suppress(NotFoundError):
