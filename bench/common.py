@@ -157,9 +157,10 @@ async def connect(url: str, name: str) -> nats.aio.client.Client:
 async def ensure_streams(url: str) -> None:
     from feature_pipeline.broker import topology
     from feature_pipeline.broker.client import Broker
+    from feature_pipeline.streams import PACKAGED
 
     async with await Broker.connect(url, name="bench-setup") as b:
-        await topology.ensure_streams(b)
+        await topology.ensure_streams(b, PACKAGED)
 
 
 class Publisher:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -34,11 +35,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats
 import pandas as pd
 import pyarrow.parquet as pq
 from common import log, percentile
 from growth import make_batch
 
+from feature_pipeline.broker import kv
 from feature_pipeline.broker.local import LocalNats
 from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.online import Writer, sync
@@ -80,6 +83,25 @@ def fill(store: FeatureStore, users: int) -> None:
         con.execute("CHECKPOINT")
     finally:
         con.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def until_idle(nats: LocalNats, limit_s: float = 900.0) -> float:
+    """Wait until nats-server uses under 5 % of a core over a second: after a bulk load it goes on writing
+    (and compacting) its files for a while, seconds at 1 M users and minutes at 10 M, and figures taken
+    meanwhile measure that, not the readers or the runs. Returns how long it took."""
+    assert nats.proc is not None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        before = cpu_seconds(nats.proc.pid)
+        time.sleep(1.0)
+        if cpu_seconds(nats.proc.pid) - before < 0.05:
+            break
+    return round(time.monotonic() - t0, 1)
 
 
 def timed(fn: Callable[[], object], n: int) -> dict[str, float | None]:
@@ -173,9 +195,9 @@ def a_run(cfg: Settings, store: FeatureStore, root: Path, users: int) -> dict[st
     """A sensor interval at 1 000 events/s: 5 000 events applied and their rows written to the KV, as a run
     does (3 times, nothing else in this process); then 3 more with a replica here, for how soon it sees them."""
     staging = FolderStaging(root / "staging")
-    applies, syncs, fresh = [], [], []
+    applies, syncs, floors, fresh = [], [], [], []
 
-    def one(rep: int) -> tuple[float, float]:
+    def one(rep: int) -> tuple[float, float, int]:
         manifest = staging.stage(assemble(make_batch(5000, users, 10_000_000 * (rep + 1), f"s{users}-{rep}")))
         writer = Writer(cfg, store)  # as a run calls it: right after the commit, on the store's connection
         t0 = time.perf_counter()
@@ -184,13 +206,17 @@ def a_run(cfg: Settings, store: FeatureStore, root: Path, users: int) -> dict[st
         )
         took = time.perf_counter() - t0
         assert writer.result is not None and result.users_touched
-        return took - writer.result.seconds, writer.result.seconds
+        return took - writer.result.seconds, writer.result.seconds, writer.result.written
 
     for rep in range(3):
-        applied, wrote = one(rep)
+        applied, wrote, written = one(rep)
+        floor = bare_floor(cfg.nats_url, kv.bucket_for(cfg.durable_prefix), users, written)
         applies.append(applied)
         syncs.append(wrote)
-        log(f"  run {rep + 1}: apply {applied:.3f} s, KV write {wrote:.3f} s")
+        floors.append(floor)
+        log(
+            f"  run {rep + 1}: apply {applied:.3f} s, KV write {wrote:.3f} s ({written} rows; bare floor {floor:.3f} s)"
+        )
 
     async def watched() -> None:
         replica = await OnlineReplica(cfg).start(timeout=1800)
@@ -211,8 +237,31 @@ def a_run(cfg: Settings, store: FeatureStore, root: Path, users: int) -> dict[st
         "apply_s": round(statistics.median(applies), 3),
         "kv_write_s": round(statistics.median(syncs), 3),
         "write_share": round(statistics.median(syncs) / statistics.median(applies), 3),
+        "bare_floor_s": round(statistics.median(floors), 3),
+        "bare_floor_share": round(statistics.median(floors) / statistics.median(applies), 3),
         "replica_fresh_s": round(max(fresh), 4),
     }
+
+
+def bare_floor(url: str, bucket: str, users: int, rows: int) -> float:
+    """The server's share of a run's write, without this project's code: plain nats-py publishes of `rows`
+    values (the size of a real one) to random existing keys of the same bucket, then one acked publish, as
+    `put_many` does. What no client-side change can go under."""
+
+    async def go() -> float:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        value = (await js.get_last_msg(kv.stream_of(bucket), kv.subject_of(bucket, kv.key_for("u-0")))).data or b""
+        subjects = [kv.subject_of(bucket, kv.key_for(u)) for u in ids(users, rows)]
+        t0 = time.perf_counter()
+        for subject in subjects:
+            await nc.publish(subject, value)
+        await js.publish(kv.subject_of(bucket, kv.SYNC_KEY), b"bare")
+        took = time.perf_counter() - t0
+        await nc.close()
+        return took
+
+    return asyncio.run(go())
 
 
 def _last_user(store: FeatureStore) -> str:
@@ -242,6 +291,8 @@ def one_size(users: int, reads: int, work: Path) -> dict[str, Any]:
             "bulk_write_rows_per_s": round(load.written / load.seconds),
         }
         log(f"  bulk KV write: {load.written:,} rows in {load.seconds:.1f} s")
+        out["server_busy_after_load_s"] = until_idle(nats)
+        log(f"  nats-server idle {out['server_busy_after_load_s']} s after the bulk write")
         if users <= PARQUET_MAX_USERS:
             path = root / "export.parquet"
             t0 = time.perf_counter()
@@ -268,7 +319,7 @@ def table(sizes: list[dict[str, Any]]) -> str:
         "| users | Parquet reader load | Parquet 1 user p50/p99 ms | Parquet 100 | KV 1 user (DataFrame) | "
         "KV 100 (DataFrame) | KV 1 (rows) | KV 100 (rows) | replica 1 (rows) | replica 100 (rows) | "
         "replica 1 (DataFrame) | reader RSS MiB (no replica / replica) | bulk KV write rows/s | per run: apply s / "
-        "KV write s (share) | replica fresh after |\n" + "|---" * 15 + "|"
+        "KV write s (share) | bare nats-py floor s (share) | replica fresh after |\n" + "|---" * 16 + "|"
     )
     lines = [head]
     for s in sizes:
@@ -279,6 +330,7 @@ def table(sizes: list[dict[str, Any]]) -> str:
             f"{ms(k, 'replica_rows_one')} | {ms(k, 'replica_rows_hundred')} | {ms(k, 'replica_frame_one')} | "
             f"{k['peak_rss_mib_without_replica']} / {k['peak_rss_mib_with_replica']} | "
             f"{s['bulk_write_rows_per_s']:,} | {r['apply_s']} / {r['kv_write_s']} ({r['write_share']:.0%}) | "
+            f"{r['bare_floor_s']} ({r['bare_floor_share']:.0%}) | "
             f"{r['replica_fresh_s'] * 1000:.0f} ms |"
         )
     return "\n".join(lines)

@@ -31,6 +31,7 @@ from feature_pipeline import settings as config
 from feature_pipeline.defs.build import build_definitions
 from feature_pipeline.defs.names import Names
 from feature_pipeline.defs.resources import pipeline_resource
+from feature_pipeline.store.loader import sources_for
 
 # Defaults that would make two instances share a file or a consumer: per prefix, under data/<prefix>/.
 _PER_INSTANCE = {
@@ -72,7 +73,6 @@ class _Pipeline(dg.Component, dg.Model, dg.Resolvable):
 
     def definitions(self, root: Path | None = None) -> dg.Definitions:
         """Checks every value now, so a bad one fails the code location's load with its name."""
-        names = Names(self.prefix)
         values = self.resource_values(root)
         where = f"feature_pipeline component with prefix {self.prefix!r}" if self.prefix else "feature_pipeline"
         problems = [
@@ -93,6 +93,7 @@ class _Pipeline(dg.Component, dg.Model, dg.Resolvable):
             )
         except config.SettingsError as exc:
             raise config.SettingsError(f"{where}: {exc}") from None
+        names = Names(self.prefix, sources_for(settings.features_file))  # the registry was checked by from_raw
         return build_definitions(names, pipeline_resource(**values), settings)
 
     def resource_values(self, root: Path | None = None) -> dict[str, str | dg.EnvVar]:

@@ -1,14 +1,16 @@
-"""The event contract: JSON envelopes, the typed payloads we know, and what makes a message poison.
+"""The event contract: JSON envelopes, the packaged sources' typed payloads, and what makes a message poison.
 
-Pure: no NATS, no Dagster, no DuckDB. `validate()` either returns an `Event` ready to
-store or raises `PoisonMessage` whose text is the dead-letter reason a person reads.
+Pure: no NATS, no Dagster, no DuckDB. `validate(body, rule)` either returns an `Event` ready to
+store or raises `PoisonMessage` whose text is the dead-letter reason a person reads. A `Rule` is
+what one subject's messages must be: `feature_pipeline.contract` makes them from the registry's
+sources (the packaged ones use the models below; a team's source names its own).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, NotRequired
 
@@ -71,13 +73,16 @@ class RecommendationEvent(_Data):
     item_id: _Name
 
 
-DATA_MODELS: dict[str, type[_Data]] = {
-    "signals.task.synced": TaskSynced,
-    "signals.task.completed": TaskCompleted,
-    "signals.session.started": SessionStarted,
-    "feedback.recommendation.shown": RecommendationEvent,
-    "feedback.recommendation.accepted": RecommendationEvent,
-    "feedback.recommendation.dismissed": RecommendationEvent,
+# The packaged sources' models (`models = "feature_pipeline.envelopes:SIGNAL_MODELS"`): event type -> `data`.
+SIGNAL_MODELS: dict[str, type[BaseModel]] = {
+    "task.synced": TaskSynced,
+    "task.completed": TaskCompleted,
+    "session.started": SessionStarted,
+}
+FEEDBACK_MODELS: dict[str, type[BaseModel]] = {
+    "recommendation.shown": RecommendationEvent,
+    "recommendation.accepted": RecommendationEvent,
+    "recommendation.dismissed": RecommendationEvent,
 }
 
 
@@ -111,12 +116,6 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def expected_type(subject: str) -> str:
-    """`signals.task.synced` carries events of type `task.synced`."""
-    _, _, rest = subject.partition(".")
-    return rest
-
-
 class _FastEnvelope(TypedDict):
     """The envelope's fields as the fast path reads them (same constraints as Envelope)."""
 
@@ -138,7 +137,29 @@ def _fast_data(model: type[_Data]) -> TypeAdapter[Any]:
 
 
 _FAST_ENVELOPE = TypeAdapter(_FastEnvelope)
-_FAST_DATA = {subject: _fast_data(model) for subject, model in DATA_MODELS.items()}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the messages of one subject must be: the envelope, of type `type`, with `data` valid for `model`.
+    Without a model, the event is stored as an unknown type, or is poison when `unknown_is_poison`."""
+
+    subject: str
+    event_type: str  # "" when the subject is not one of its source's (the message is poison)
+    model: type[BaseModel] | None = None
+    unknown_is_poison: bool = False
+    source: str = ""
+    models_path: str = ""
+    fast: TypeAdapter[Any] | None = field(default=None, compare=False)  # the model's TypedDict twin
+
+    @classmethod
+    def make(cls, subject: str, type_: str, model: type[BaseModel] | None, **kw: Any) -> Rule:
+        """The fast twin is made only for the packaged models (strict, extra allowed: the twin agrees with
+        them exactly); a team's model, whatever its configuration, is run as it is."""
+        fast = _fast_data(model) if model is not None and issubclass(model, _Data) else None
+        return cls(subject, type_, model, fast=fast, **kw)
+
+
 # The common shapes only; any other RFC 3339 spelling takes the full path.
 _FAST_TIME = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"
@@ -161,7 +182,7 @@ def _canonical_json(data: dict[str, Any]) -> str:
     return out.decode()
 
 
-def _fast(subject: str, body: bytes) -> Event | None:
+def _fast(body: bytes, rule: Rule) -> Event | None:
     """One validate_json pass and no model instances, for messages that are valid (nearly all).
 
     Returns None (or raises) whenever it is not sure; `validate` then runs the full models,
@@ -169,15 +190,18 @@ def _fast(subject: str, body: bytes) -> Event | None:
     """
     env = _FAST_ENVELOPE.validate_json(body)
     type_ = env["type"]
-    if type_ != expected_type(subject):
+    if type_ != rule.event_type or not type_:
         return None
     at = env["occurred_at"]
     if not _FAST_TIME.match(at):
         return None
     data = env.get("data", {})
-    checker = _FAST_DATA.get(subject)
-    if checker is not None:
-        checker.validate_python(data)
+    if rule.fast is not None:
+        rule.fast.validate_python(data)
+    elif rule.model is not None:
+        rule.model.model_validate(data)
+    elif rule.unknown_is_poison:
+        return None
     return Event(
         event_id=env["id"],
         type=type_,
@@ -185,23 +209,23 @@ def _fast(subject: str, body: bytes) -> Event | None:
         occurred_at=datetime.fromisoformat(at).astimezone(UTC),
         schema_version=env["schema_version"],
         data_json=_canonical_json(data),
-        known_type=checker is not None,
+        known_type=rule.model is not None,
     )
 
 
-def validate(subject: str, body: bytes) -> Event:
+def validate(body: bytes, rule: Rule) -> Event:
     """Check one message against the contract."""
     if body:
         try:
-            event = _fast(subject, body)
+            event = _fast(body, rule)
         except Exception:  # the full path below decides, and says why
             event = None
         if event is not None:
             return event
-    return validate_full(subject, body)
+    return validate_full(body, rule)
 
 
-def validate_full(subject: str, body: bytes) -> Event:
+def validate_full(body: bytes, rule: Rule) -> Event:
     """The contract through the pydantic models: the reference `_fast` must agree with, and the reasons."""
     if not body:
         raise PoisonMessage("empty body: expected a JSON envelope")
@@ -211,15 +235,21 @@ def validate_full(subject: str, body: bytes) -> Event:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             raise PoisonMessage(f"not valid JSON: {exc.errors()[0]['msg']}") from None
         raise PoisonMessage(f"invalid envelope: {_describe(exc)}") from None
-    wanted = expected_type(subject)
+    subject, wanted, model = rule.subject, rule.event_type, rule.model
+    if not wanted:
+        raise PoisonMessage(f"subject {subject!r} is not one of source {rule.source!r}'s subjects")
     if env.type != wanted:
         raise PoisonMessage(f"type {env.type!r} does not match subject {subject!r} (expected {wanted!r})")
-    model = DATA_MODELS.get(subject)
     if model is not None:
         try:
             model.model_validate(env.data)
         except ValidationError as exc:
             raise PoisonMessage(f"invalid {env.type} data: {_describe(exc)}") from None
+    elif rule.unknown_is_poison:
+        raise PoisonMessage(
+            f"unknown event type {env.type!r}: source {rule.source!r} dead-letters types that its models "
+            f"({rule.models_path or 'none'}) do not name"
+        )
     try:
         data_json = json.dumps(env.data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except ValueError:

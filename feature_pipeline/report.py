@@ -115,6 +115,7 @@ def _empty_dagster() -> dict[str, Any]:
 def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
     """The live figures of every stream; when NATS cannot give them, what is wrong, as what it is."""
     from feature_pipeline.broker.stats import read_stream_stats
+    from feature_pipeline.store.loader import sources_for
 
     report["streams"] = []
     try:
@@ -122,7 +123,14 @@ def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
             in_flight = [m.counts for m in staging.batches()]
         stats = asyncio.run(
             asyncio.wait_for(
-                read_stream_stats(cfg.nats_url, cfg.nats_auth, cfg.durable_prefix, in_flight, HEALTH_CLIENT),
+                read_stream_stats(
+                    cfg.nats_url,
+                    cfg.nats_auth,
+                    cfg.durable_prefix,
+                    sources_for(cfg.features_file),
+                    in_flight,
+                    HEALTH_CLIENT,
+                ),
                 HEALTH_SECONDS - 2,
             )
         )
@@ -261,8 +269,9 @@ def _dagster_state(cfg: settings.Settings, prefix: str, home: Path) -> dict[str,
         from feature_pipeline.defs.names import Names
         from feature_pipeline.defs.runs import DagsterRuns
         from feature_pipeline.ingest.tick import blocked_batches
+        from feature_pipeline.store.loader import sources_for
 
-        names = Names(prefix)
+        names = Names(prefix, sources_for(cfg.features_file))
         checks = Checks(names)
         ingest = checks.ingest_graded(instance)[0]  # the same grade on every stream
         return {

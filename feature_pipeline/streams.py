@@ -1,7 +1,8 @@
-"""The one stream table: every JetStream stream the pipeline reads, and what it becomes in the store.
+"""What a JetStream stream the pipeline reads is, and what it becomes in the store.
 
-Every module that needs a stream's name, subjects, durable consumer, raw table or the dead-letter
-headers reads them here, so adding or renaming a stream is one edit.
+The event streams are the registry's sources (`[[source]]` in the feature registry, see
+`store.registry`); `Registry.sources` is the one table every module reads them from. The dead-letter
+stream, its headers and the durable consumer names are the pipeline's own and live here.
 """
 
 from __future__ import annotations
@@ -13,46 +14,65 @@ from dataclasses import dataclass
 class StreamSpec:
     key: str  # "signals": consumer suffix, asset key nats/<key>, feature `source`
     name: str  # the JetStream stream
-    subject: str  # what it captures
+    subjects: tuple[str, ...]  # what it captures: literal tokens then `.>` (`signals.>`, `shop.orders.>`)
     table: str  # the DuckDB table its messages land in
     carries_events: bool  # contract envelopes (validated); False: dead-letter copies
     table_description: str  # what the table asset says in the Dagster UI
+    models: str = ""  # "module:ATTR", a dict of event type -> pydantic model of `data` (see `contract`)
+    dead_letter_unknown: bool = False  # an event type without a model is poison (else stored, known_type false)
 
     @property
-    def prefix(self) -> str:
-        """The subjects' first token: `signals` for `signals.>`."""
-        return self.subject.split(".", 1)[0]
+    def prefixes(self) -> tuple[str, ...]:
+        """Each subject without its `.>`: `signals` for `signals.>`."""
+        return tuple(s.removesuffix(".>") for s in self.subjects)
+
+    def event_type(self, subject: str) -> str:
+        """The tokens a subject has after its pattern's literal part: `signals.task.synced` carries events of
+        type `task.synced`. Empty when the subject is not one of this stream's."""
+        for prefix in self.prefixes:
+            if subject.startswith(prefix + "."):
+                return subject[len(prefix) + 1 :]
+        return ""
 
 
 SIGNALS = StreamSpec(
     "signals",
     "SIGNALS",
-    "signals.>",
+    ("signals.>",),
     "signal_events",
     True,
     "One row per signal event id: subject, stream sequence, occurred_at, received_at, user_id, type, payload.",
+    models="feature_pipeline.envelopes:SIGNAL_MODELS",
 )
 FEEDBACK = StreamSpec(
     "feedback",
     "FEEDBACK",
-    "feedback.>",
+    ("feedback.>",),
     "feedback_events",
     True,
     "One row per recommendation-feedback event id.",
+    models="feature_pipeline.envelopes:FEEDBACK_MODELS",
 )
+# The packaged sources: what a registry without [[source]] entries reads (feature_defs.toml declares them).
+PACKAGED: tuple[StreamSpec, ...] = (SIGNALS, FEEDBACK)
 DEADLETTER = StreamSpec(
     "deadletter",
     "DEADLETTER",
-    "deadletter.>",
+    ("deadletter.>",),
     "dead_letters",
     False,
     "Messages that could not be stored, with the reason: poison input or too many failed runs.",
 )
 
-STREAMS: tuple[StreamSpec, ...] = (SIGNALS, FEEDBACK, DEADLETTER)
-EVENT_STREAMS: tuple[StreamSpec, ...] = tuple(s for s in STREAMS if s.carries_events)
-BY_NAME = {s.name: s for s in STREAMS}
-BY_KEY = {s.key: s for s in STREAMS}
+
+def with_dead_letters(sources: tuple[StreamSpec, ...]) -> tuple[StreamSpec, ...]:
+    """Every stream a pipeline reads: its sources, then the dead-letter stream, which is always its own."""
+    return (*sources, DEADLETTER)
+
+
+def by_name(sources: tuple[StreamSpec, ...]) -> dict[str, StreamSpec]:
+    return {s.name: s for s in with_dead_letters(sources)}
+
 
 # Headers a dead-letter copy carries; the dead_letters table is filled from them.
 H_STREAM = "FP-Original-Stream"
@@ -81,4 +101,4 @@ def advisory_stream(prefix: str) -> str:
 
 
 def dead_letter_subject(original_subject: str) -> str:
-    return f"{DEADLETTER.prefix}.{original_subject}"
+    return f"{DEADLETTER.prefixes[0]}.{original_subject}"

@@ -24,7 +24,7 @@ import duckdb
 
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster, LocalNats, free_port
-from feature_pipeline.streams import STREAMS, consumer_name
+from feature_pipeline.streams import PACKAGED, StreamSpec, consumer_name, with_dead_letters
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,9 +47,10 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def consumer_states(url: str, prefix: str) -> dict[str, Any]:
+async def consumer_states(url: str, prefix: str, sources: tuple[StreamSpec, ...] = PACKAGED) -> dict[str, Any]:
     async with await Broker.connect(url) as b:
-        return {s.name: await b.consumer_info(s.name, consumer_name(prefix, s)) for s in STREAMS}
+        every = with_dead_letters(sources)
+        return {s.name: await b.consumer_info(s.name, consumer_name(prefix, s)) for s in every}
 
 
 async def stream_messages(url: str, stream: str, subject: str = ">") -> list[Any]:

@@ -37,6 +37,7 @@ from feature_pipeline.ingest.tick import TickOptions, run_tick
 from feature_pipeline.settings import MIB, Settings, from_raw
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore
 from feature_pipeline.store.features import compute_features
+from feature_pipeline.streams import PACKAGED
 from feature_pipeline.testing import consumer_states, run
 
 SUBJECTS = (
@@ -101,7 +102,7 @@ def definitions(settings: Settings, prefix: str = "") -> dg.Definitions:
 
 async def publish(url: str, items: Sequence[tuple[str, bytes]]) -> None:
     async with await Broker.connect(url) as broker:
-        await topology.ensure_streams(broker)
+        await topology.ensure_streams(broker, PACKAGED)
         for subject, body in items:
             await broker.js.publish(subject, body)
 
@@ -139,7 +140,7 @@ def caught_up(
 def stored_ids(settings: Settings) -> list[str]:
     from feature_pipeline.testing import query
 
-    sql = " UNION ALL ".join(f"SELECT event_id FROM {s.table}" for s in streams.EVENT_STREAMS)
+    sql = " UNION ALL ".join(f"SELECT event_id FROM {s.table}" for s in streams.PACKAGED)
     return [r[0] for r in query(Path(settings.feature_store_path), sql)]
 
 

@@ -17,6 +17,7 @@ from feature_pipeline import streams
 from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster
+from feature_pipeline.streams import PACKAGED
 
 MESSAGES = 30_000
 PREFIX = "cluster-pull"
@@ -33,8 +34,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 async def _create(url: str) -> None:
     async with await Broker.connect(url) as broker:
-        await topology.ensure_streams(broker, 3)
-        await topology.ensure_consumers(broker, PREFIX, max_deliver=5, ack_wait_seconds=120, max_ack_pending=100_000)
+        await topology.ensure_streams(broker, PACKAGED, 3)
+        await topology.ensure_consumers(
+            broker, PREFIX, PACKAGED, max_deliver=5, ack_wait_seconds=120, max_ack_pending=100_000
+        )
 
 
 async def _publish_backlog(url: str) -> str:

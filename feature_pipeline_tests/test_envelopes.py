@@ -14,7 +14,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from feature_pipeline.envelopes import Event, PoisonMessage, make_envelope, validate, validate_full
+from feature_pipeline.contract import validate, validate_full
+from feature_pipeline.envelopes import Event, PoisonMessage, make_envelope
 
 SUBJECT = "signals.task.synced"
 DOC_BODY = (

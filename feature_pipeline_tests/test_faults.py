@@ -23,11 +23,13 @@ from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.local import LocalNats
-from feature_pipeline.envelopes import PoisonMessage, make_envelope, validate
+from feature_pipeline.contract import Contract, validate
+from feature_pipeline.envelopes import PoisonMessage, make_envelope
 from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.tick import TickOptions
 from feature_pipeline.samples import publish_events
 from feature_pipeline.settings import MIB, Settings
+from feature_pipeline.streams import PACKAGED
 from feature_pipeline.testing import consumer_states, query, run
 from feature_pipeline_tests.helpers import (
     Lifecycle,
@@ -173,10 +175,10 @@ def test_disk_full_while_staging_releases_the_pulled_messages_at_once(
     disk = small_disk(40)
     fillers: list[Path] = []
 
-    def assemble_then_fill(deliveries: Sequence[Delivery]) -> Assembled:
+    def assemble_then_fill(deliveries: Sequence[Delivery], contract: Contract) -> Assembled:
         if not fillers:
             fillers.append(fill(disk))
-        return assemble(deliveries)
+        return assemble(deliveries, contract)
 
     opts = TickOptions(fetch_chunk=20, assemble=assemble_then_fill)
     life = Lifecycle(changed(settings, staging_dir=disk / "staging"), options=opts)
@@ -349,7 +351,7 @@ def test_named_bad_inputs_in_one_batch(lifecycle: Lifecycle, tmp_path: Path) -> 
 
     async def publish() -> int:
         async with await Broker.connect(url) as b:
-            await topology.ensure_streams(b)
+            await topology.ensure_streams(b, PACKAGED)
             max_payload = b.nc.max_payload
             big = envelope("evt-big", "u-big", {"task_id": "t", "blob": ""})
             big = envelope("evt-big", "u-big", {"task_id": "t", "blob": "x" * (max_payload - len(big) - 300)})
@@ -391,7 +393,7 @@ def test_poison_at_the_servers_max_payload_is_dead_lettered_whole_and_its_mates_
 
     async def publish_big() -> bytes:
         async with await Broker.connect(url) as b:
-            await topology.ensure_streams(b)
+            await topology.ensure_streams(b, PACKAGED)
             body = b"\xff not json " + b"z" * (b.nc.max_payload - 300)
             await b.js.publish("signals.task.synced", body)
             return body

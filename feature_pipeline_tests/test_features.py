@@ -19,12 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feature_pipeline import streams, training_set
+from feature_pipeline import training_set
 from feature_pipeline.read.training import LabelsError
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
 from feature_pipeline.store.loader import DEFAULT_FILE, RegistryError, load_registry
-from feature_pipeline.store.registry import Source
 from feature_pipeline_tests.helpers import SUBJECTS, Env, data_for, deliveries_for
 from feature_pipeline_tests.helpers import make_env as make_store_env
 
@@ -103,7 +102,7 @@ def test_late_events_are_stored_and_counted_as_late(env: Env) -> None:
     assert result.late_events == 2
     assert result.late_days == ["2026-06-01", "2026-06-07"]
     assert result.max_lateness_seconds == pytest.approx((now - datetime(2026, 6, 1, 8, tzinfo=UTC)).total_seconds())
-    assert result.signals_inserted == 2 and result.feedback_inserted == 1
+    assert result.new_in("SIGNALS") == 2 and result.new_in("FEEDBACK") == 1
     assert features_only(table(env)["u"], env) == features_only(env.reference(now)["u"], env)
 
 
@@ -403,7 +402,11 @@ def test_adding_a_feature_backfills_its_column_and_keeps_the_others(tmp_path: Pa
         ('name = "x"\naggregation = "ratio"\nnumerator = "nope"\ndenominator = "rec_shown_7d"\n', "not a feature"),
         ('name = "x"\nsource = "signals"\naggregation = "count"\nwhere = "e.nope = 1"\n', "does not compile"),
         ('name = "signal_count_7d"\nsource = "signals"\naggregation = "count"\n', "defined twice"),
-        ('name = "x"\nsource = "logs"\naggregation = "count"\n', r"feature #13 \('x'\) source: Input should be"),
+        (
+            'name = "x"\nsource = "logs"\naggregation = "count"\n',
+            r"feature #13 \('x'\) reads source 'logs', which is not a \[\[source\]\]; the sources are 'signals', "
+            "'feedback'",
+        ),
     ],
 )
 def test_bad_definitions_are_rejected_with_the_feature_named(tmp_path: Path, entry: str, message: str) -> None:
@@ -440,11 +443,6 @@ def test_where_filters_and_other_aggregations(tmp_path: Path) -> None:
     row = table(env)["u"]
     assert row["todoist_syncs"] == 1 and row["tasks_sum"] == 14 and row["tasks_mean_1h"] == 10.0
     assert row["first_seen"] == t0 - timedelta(days=3)
-
-
-def test_feature_sources_are_the_event_streams() -> None:
-    """A feature's `source` names an event stream of the stream table; the registry's Literal must follow it."""
-    assert set(Source.__args__) == {s.key for s in streams.EVENT_STREAMS}
 
 
 def test_fingerprint_ignores_descriptions(tmp_path: Path) -> None:

@@ -155,7 +155,7 @@ def test_the_kv_equals_user_features_after_every_kind_of_run(
 
         gone = events[0][0]  # a repair: one user's events removed by hand, then a rebuild from what is left
         with env.con() as con:
-            for spec in streams.EVENT_STREAMS:
+            for spec in streams.PACKAGED:
                 con.execute(f"DELETE FROM {spec.table} WHERE user_id = $u", {"u": gone})
         env.store.forget_missing_ids()
         env.store.recompute_all(consistency_sample=1)

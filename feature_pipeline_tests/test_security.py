@@ -15,6 +15,7 @@ from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalNats
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.settings import Settings
+from feature_pipeline.streams import PACKAGED
 from feature_pipeline.testing import BIN, REPO, run
 from feature_pipeline_tests.helpers import Lifecycle, changed, synced
 
@@ -27,7 +28,7 @@ def _server(root: Path, *args: str) -> LocalNats:
 
 async def _publish_with(url: str, auth: NatsAuth) -> None:
     async with await Broker.connect(url, auth=auth) as broker:
-        await topology.ensure_streams(broker)
+        await topology.ensure_streams(broker, PACKAGED)
         subject, body = synced("evt-secure")
         await broker.js.publish(subject, body)
 

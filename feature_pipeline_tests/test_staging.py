@@ -19,6 +19,7 @@ import pytest
 from feature_pipeline import streams
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.deliveries import Delivery, parse_reply, ts_from_nats
+from feature_pipeline.contract import contract_for
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.fetch import for_pipeline
@@ -122,7 +123,9 @@ def test_another_pipelines_dead_letter_copy_is_staged_but_not_recorded() -> None
     ours = dead_letter(1, 10, **{streams.H_PIPELINE: "feature-pipeline"})
     theirs = dead_letter(2, 11, **{streams.H_PIPELINE: "feature-pipeline-ads"})
     unnamed = dead_letter(3, 12)
-    out = for_pipeline(assemble, "feature-pipeline")([ours, theirs, unnamed, signal(4, "evt-4")])
+    out = for_pipeline(assemble, "feature-pipeline", contract_for(streams.PACKAGED))(
+        [ours, theirs, unnamed, signal(4, "evt-4")]
+    )
     assert sorted(r["original_seq"] for r in out.dead_letters) == [10, 12]
     assert sorted(d.stream_seq for d in out.staged) == [1, 2, 3, 4]
 

@@ -52,13 +52,13 @@ def test_apply_stores_each_event_once(env: Env) -> None:
     ]
     result = env.apply(batch)
     assert result.events_in_batch == 3
-    assert result.signals_inserted == 2
-    assert result.feedback_inserted == 1
+    assert result.new_in("SIGNALS") == 2
+    assert result.new_in("FEEDBACK") == 1
     assert result.duplicates_absorbed == 0
     assert result.users_touched == 2
     assert result.user_features_rows == 2
-    assert result.signal_events_rows == 2
-    assert result.feedback_events_rows == 1
+    assert result.rows["signal_events"] == 2
+    assert result.rows["feedback_events"] == 1
     assert sorted(result.event_ids) == ["f-1", "s-1", "s-2"]
     assert result.latency_max_seconds is not None and result.latency_max_seconds >= result.latency_p50_seconds >= 0
     assert result.health.consistency_checked == 2 and result.health.inconsistent_users == []
@@ -83,8 +83,8 @@ def test_applying_the_same_batch_twice_does_not_double_count(env: Env) -> None:
     batch_id = env.stage(batch)
     first = env.store.apply_batch(env.staging.path(batch_id), batch_id)
     second = env.store.apply_batch(env.staging.path(batch_id), batch_id)
-    assert (first.signals_inserted, first.feedback_inserted, first.duplicates_absorbed) == (1, 1, 0)
-    assert (second.signals_inserted, second.feedback_inserted, second.duplicates_absorbed) == (0, 0, 2)
+    assert (first.new_in("SIGNALS"), first.new_in("FEEDBACK"), first.duplicates_absorbed) == (1, 1, 0)
+    assert (second.new_in("SIGNALS"), second.new_in("FEEDBACK"), second.duplicates_absorbed) == (0, 0, 2)
     assert env.count("signal_events") == 1
     assert env.count("feedback_events") == 1
     assert env.count("ingested_batches") == 1
@@ -102,7 +102,7 @@ def test_redelivered_event_in_a_later_batch_is_absorbed(env: Env) -> None:
     assert redelivered.data == e2.data
     result = env.apply([redelivered, env.feed.event("s-3", "signals.task.completed", "u-1", NOW)])
     assert result.events_in_batch == 2
-    assert result.signals_inserted == 1
+    assert result.new_in("SIGNALS") == 1
     assert result.duplicates_absorbed == 1
     assert env.count("signal_events") == 3
     assert assert_rows_match_reference(env)["u-1"]["signal_count_total"] == 3
@@ -120,8 +120,8 @@ def test_duplicate_ids_within_one_batch_count_once(env: Env) -> None:
     ]
     result = env.apply(batch)
     assert result.events_in_batch == 5
-    assert result.signals_inserted == 2
-    assert result.feedback_inserted == 1
+    assert result.new_in("SIGNALS") == 2
+    assert result.new_in("FEEDBACK") == 1
     assert result.duplicates_absorbed == 2
     assert result.event_ids.count("s-1") == 1
     with env.con() as con:
@@ -140,7 +140,7 @@ def test_dead_letters_land_once(env: Env) -> None:
     first = env.apply([dl_a, event, dl_a_copy, dl_b])
     assert first.dead_letters_inserted == 2
     assert first.events_in_batch == 1
-    assert first.signals_inserted == 1
+    assert first.new_in("SIGNALS") == 1
 
     again = env.apply([env.feed.dead_letter("SIGNALS", 4), dl_b])
     assert again.dead_letters_inserted == 0
@@ -178,7 +178,7 @@ def test_fail_before_commit_leaves_everything_unchanged(env: Env) -> None:
     assert env.snapshot() == before
 
     result = env.store.apply_batch(env.staging.path(batch_id), batch_id)
-    assert (result.signals_inserted, result.feedback_inserted, result.dead_letters_inserted) == (1, 1, 1)
+    assert (result.new_in("SIGNALS"), result.new_in("FEEDBACK"), result.dead_letters_inserted) == (1, 1, 1)
     assert env.count("ingested_batches") == 2
 
 
@@ -199,7 +199,7 @@ def test_one_out_of_range_event_does_not_fail_the_batch(env: Env) -> None:
             env.feed.event("s-2", "signals.task.synced", "u-2", NOW - timedelta(hours=1), huge),
         ]
     )
-    assert result.signals_inserted >= 1
+    assert result.new_in("SIGNALS") >= 1
 
 
 # -- feature semantics ----------------------------------------------------------------------
@@ -343,7 +343,7 @@ def test_any_batching_with_duplicates_gives_the_reference_features(
         results = [env.apply(deliveries[a:b]) for a, b in zip([0, *cuts], [*cuts, len(deliveries)], strict=True)]
 
         distinct = {f"evt-{i}" for i in range(len(events))}
-        assert sum(r.signals_inserted + r.feedback_inserted for r in results) == len(distinct)
+        assert sum(r.new_in("SIGNALS") + r.new_in("FEEDBACK") for r in results) == len(distinct)
         assert sum(r.duplicates_absorbed for r in results) == len(deliveries) - len(distinct)
         with env.con() as con:
             stored = [

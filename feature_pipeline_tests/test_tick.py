@@ -21,10 +21,12 @@ from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.local import LocalNats
+from feature_pipeline.contract import Contract
 from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.tick import TickOptions
 from feature_pipeline.settings import Settings
+from feature_pipeline.streams import PACKAGED
 from feature_pipeline.testing import consumer_states, query, run, stream_messages
 from feature_pipeline_tests.helpers import (
     Lifecycle,
@@ -150,7 +152,7 @@ def test_dead_letter_copies_of_another_pipeline_on_the_streams_are_acked_not_rec
 
     async def copies() -> None:
         async with await Broker.connect(settings.nats_url) as broker:
-            await topology.ensure_streams(broker)
+            await topology.ensure_streams(broker, PACKAGED)
             for seq, pipeline in ((11, settings.durable_prefix), (12, "feature-pipeline-other"), (13, None)):
                 headers = {streams.H_STREAM: "SIGNALS", streams.H_SEQUENCE: str(seq), streams.H_REASON: "r"}
                 if pipeline is not None:
@@ -279,9 +281,9 @@ def test_batch_staged_from_several_pulls_is_settled_as_one(either_path: Lifecycl
 def test_fetch_time_ends_the_batch_and_the_tick(settings: Settings) -> None:
     """Past the tick's fetch time no further pull starts: the batch so far is staged and the rest waits."""
 
-    def slow_assemble(deliveries: Sequence[Delivery]) -> Assembled:
+    def slow_assemble(deliveries: Sequence[Delivery], contract: Contract) -> Assembled:
         time.sleep(0.6)  # two pulls take longer than the second of fetch time
-        return assemble(deliveries)
+        return assemble(deliveries, contract)
 
     life = Lifecycle(changed(settings, fetch_seconds=1), options=TickOptions(fetch_chunk=2, assemble=slow_assemble))
     run(publish(settings.nats_url, [synced(f"evt-{i}") for i in range(6)]))

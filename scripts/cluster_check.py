@@ -27,6 +27,7 @@ from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster, LocalNats
 from feature_pipeline.samples import sample_event
+from feature_pipeline.streams import PACKAGED
 from feature_pipeline.testing import Pipeline, wait_for
 
 SUBJECTS = ["signals.task.synced", "signals.task.completed", "feedback.recommendation.shown"]
@@ -85,7 +86,7 @@ async def _stream_leader(url: str, stream: str) -> str:
 
 async def create_streams(url: str, replicas: int) -> None:
     async with await Broker.connect(url) as broker:
-        await topology.ensure_streams(broker, replicas)
+        await topology.ensure_streams(broker, PACKAGED, replicas)
 
 
 def kill_and_restart(node: LocalNats, down_seconds: float) -> None:

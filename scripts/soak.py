@@ -44,16 +44,16 @@ from dagster import DagsterRunStatus
 
 from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
-from feature_pipeline.envelopes import DATA_MODELS, make_envelope
-from feature_pipeline.samples import sample_data
+from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.samples import SAMPLE_SUBJECTS, sample_data
 from feature_pipeline.store.features import inconsistent_users
 from feature_pipeline.store.loader import load_registry
-from feature_pipeline.streams import STREAMS, consumer_name
+from feature_pipeline.streams import PACKAGED, consumer_name, with_dead_letters
 from feature_pipeline.testing import Pipeline
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "soak-results"
-SUBJECTS = sorted(DATA_MODELS)
+SUBJECTS = sorted(SAMPLE_SUBJECTS)
 STREAM_OF = {"signals": "SIGNALS", "feedback": "FEEDBACK"}
 # NATS_MAX_DELIVER=3: a store outage of STORE_OUTAGE_SECONDS outlasts three failed runs of a batch, which
 # would have dead-lettered it had runs failing outside their messages spent deliveries.
@@ -267,7 +267,7 @@ class Publisher:
     async def _connect(self) -> Broker | None:
         try:
             broker = await Broker.connect(self.url, name="soak-publisher")
-            await topology.ensure_streams(broker)
+            await topology.ensure_streams(broker, PACKAGED)
         except Exception as exc:
             self.ledger.errors[f"connect: {type(exc).__name__}"] += 1
             if self.outage_since is None:
@@ -604,7 +604,7 @@ def stored_count(db: Path, wait_seconds: float = 5) -> int | None:
 async def _consumer_lag(url: str, prefix: str) -> dict[str, int]:
     async with await Broker.connect(url, name="soak-observer") as b:
         out = {}
-        for s in STREAMS:
+        for s in with_dead_letters(PACKAGED):
             info = await b.consumer_info(s.name, consumer_name(prefix, s))
             out[s.name] = info.num_pending + info.num_ack_pending
         return out
@@ -628,7 +628,7 @@ async def _stream_check(url: str, items: list[tuple[str, int]], prefix: str) -> 
     """For lost messages: is each still in its stream, and is it below its consumer's ack floor?"""
     out: dict[str, Any] = {"messages": {}, "ack_floor": {}}
     async with await Broker.connect(url, name="soak-investigate") as b:
-        for s in STREAMS:
+        for s in with_dead_letters(PACKAGED):
             with contextlib.suppress(Exception):
                 info = await b.consumer_info(s.name, consumer_name(prefix, s))
                 out["ack_floor"][s.name] = info.ack_floor.stream_seq

@@ -20,26 +20,30 @@ from feature_pipeline.broker.deliveries import ts_from_nats
 from feature_pipeline.health import StreamStats
 
 InFlight = Sequence[Mapping[str, int]]  # messages per stream name, one mapping per staged batch
+Sources = Sequence[streams.StreamSpec]  # the registry's sources (the dead-letter stream is added here)
 
 
 async def read_stream_stats(
-    url: str, auth: NatsAuth, prefix: str, in_flight: InFlight, client: str
+    url: str, auth: NatsAuth, prefix: str, sources: Sources, in_flight: InFlight, client: str
 ) -> list[StreamStats]:
     """Connect, collect, close: for callers that have no connection of their own."""
     async with await Broker.connect(url, client, auth) as broker:
-        return await collect(broker, prefix, in_flight)
+        return await collect(broker, prefix, sources, in_flight)
 
 
-async def collect(broker: Broker, prefix: str, in_flight: InFlight) -> list[StreamStats]:
-    dead = await _dead_letters_by_stream(broker)
-    return [await _one(broker, prefix, spec, in_flight, dead.get(spec.name, 0)) for spec in streams.STREAMS]
+async def collect(broker: Broker, prefix: str, sources: Sources, in_flight: InFlight) -> list[StreamStats]:
+    dead = await _dead_letters_by_stream(broker, sources)
+    every = streams.with_dead_letters(tuple(sources))
+    return [await _one(broker, prefix, spec, in_flight, dead.get(spec.name, 0)) for spec in every]
 
 
-async def _dead_letters_by_stream(broker: Broker) -> dict[str, int]:
+async def _dead_letters_by_stream(broker: Broker, sources: Sources) -> dict[str, int]:
     out = {}
-    for spec in streams.EVENT_STREAMS:
-        counts = await broker.subject_counts(streams.DEADLETTER.name, streams.dead_letter_subject(f"{spec.prefix}.>"))
-        out[spec.name] = sum(counts.values())
+    for spec in sources:
+        out[spec.name] = 0
+        for prefix in spec.prefixes:
+            counts = await broker.subject_counts(streams.DEADLETTER.name, streams.dead_letter_subject(f"{prefix}.>"))
+            out[spec.name] += sum(counts.values())
     return out
 
 
@@ -69,7 +73,8 @@ async def _oldest_unacked_age(broker: Broker, spec: streams.StreamSpec, info: An
     """Age of the first message after the consumer's ack floor (the oldest one not yet acked)."""
     floor = info.ack_floor.stream_seq if info.ack_floor else 0
     try:
-        msg = await broker.js.get_msg(spec.name, seq=floor + 1, subject=spec.subject, next=True)
+        only = spec.subjects[0] if len(spec.subjects) == 1 else ">"  # the stream holds only its subjects
+        msg = await broker.js.get_msg(spec.name, seq=floor + 1, subject=only, next=True)
     except NotFoundError:
         return 0.0
     stored = msg.time if isinstance(msg.time, datetime) else ts_from_nats(str(msg.time))

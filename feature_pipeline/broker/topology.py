@@ -8,6 +8,7 @@ silently ignore changed settings), so a deleted consumer comes back and a change
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,19 +24,20 @@ MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 ADVISORY_RETENTION_SECONDS = 7 * 24 * 3600
 
 
-async def ensure_streams(broker: Broker, replicas: int = 1) -> None:
+async def ensure_streams(broker: Broker, sources: Sequence[streams.StreamSpec], replicas: int = 1) -> None:
     """Create the streams that are missing; existing ones are left as their owner made them."""
-    for spec in streams.STREAMS:
+    for spec in streams.with_dead_letters(tuple(sources)):
         try:
             await broker.js.stream_info(spec.name)
         except NotFoundError:
             config = StreamConfig(
-                name=spec.name, subjects=[spec.subject], storage=StorageType.FILE, num_replicas=replicas
+                name=spec.name, subjects=list(spec.subjects), storage=StorageType.FILE, num_replicas=replicas
             )
             try:
                 await broker.js.add_stream(config)
             except BadRequestError as exc:
-                raise TopologyError(f"cannot create stream {spec.name} for {spec.subject}: {exc}") from None
+                subjects = ", ".join(spec.subjects)
+                raise TopologyError(f"cannot create stream {spec.name} for {subjects}: {exc.description}") from None
     await _ensure_dead_letter_bodies(broker, replicas)
 
 
@@ -54,14 +56,23 @@ async def _ensure_dead_letter_bodies(broker: Broker, replicas: int) -> None:
 
 
 async def ensure_consumers(
-    broker: Broker, prefix: str, *, max_deliver: int, ack_wait_seconds: int, max_ack_pending: int
+    broker: Broker,
+    prefix: str,
+    sources: Sequence[streams.StreamSpec],
+    *,
+    max_deliver: int,
+    ack_wait_seconds: int,
+    max_ack_pending: int,
 ) -> None:
-    """Create or update the durable pull consumers in place."""
-    for spec in streams.STREAMS:
+    """Create or update the durable pull consumers in place. A consumer of a source that was removed from the
+    registry is left on the server, unread (its messages wait there until the source comes back)."""
+    for spec in streams.with_dead_letters(tuple(sources)):
         config = ConsumerConfig(
             durable_name=streams.consumer_name(prefix, spec),
             ack_policy=AckPolicy.EXPLICIT,
-            filter_subject=spec.subject,
+            # The stream holds only these subjects; a filter is kept where there is one (what existing consumers
+            # were made with: changing it is refused by older servers).
+            filter_subject=spec.subjects[0] if len(spec.subjects) == 1 else None,
             # A dead letter is never dropped: it is retried until the dead_letters table has it.
             max_deliver=max_deliver if spec.carries_events else -1,
             ack_wait=float(ack_wait_seconds),
@@ -77,7 +88,9 @@ async def ensure_consumers(
             ) from None
 
 
-async def ensure_advisory_capture(broker: Broker, prefix: str, replicas: int = 1) -> str:
+async def ensure_advisory_capture(
+    broker: Broker, prefix: str, sources: Sequence[streams.StreamSpec], replicas: int = 1
+) -> str:
     """A stream and consumer that keep the server's MAX_DELIVERIES advisories for our consumers.
 
     The server drops a message from a consumer once it has been delivered max_deliver times
@@ -86,9 +99,12 @@ async def ensure_advisory_capture(broker: Broker, prefix: str, replicas: int = 1
     Captured, the sensor copies those messages to DEADLETTER instead of losing track of them.
     """
     name = streams.advisory_stream(prefix)
-    subjects = [f"{MAX_DELIVERIES_ADVISORY}.{s.name}.{streams.consumer_name(prefix, s)}" for s in streams.EVENT_STREAMS]
+    subjects = [f"{MAX_DELIVERIES_ADVISORY}.{s.name}.{streams.consumer_name(prefix, s)}" for s in sources]
     try:
-        await broker.js.stream_info(name)
+        info = await broker.js.stream_info(name)
+        missing = [s for s in subjects if s not in (info.config.subjects or [])]
+        if missing:  # a source was added: its consumer's advisories are kept too
+            await broker.js.update_stream(info.config.evolve(subjects=[*(info.config.subjects or []), *missing]))
     except NotFoundError:
         await broker.js.add_stream(
             StreamConfig(
@@ -113,9 +129,11 @@ class Exhausted:
     reply: str  # the advisory's own ack subject, to ack once handled
 
 
-async def exhausted(broker: Broker, prefix: str, replicas: int = 1, limit: int = 1000) -> list[Exhausted]:
+async def exhausted(
+    broker: Broker, prefix: str, sources: Sequence[streams.StreamSpec], replicas: int = 1, limit: int = 1000
+) -> list[Exhausted]:
     """Messages the server gave up on since the last call, with their originals where still stored."""
-    name = await ensure_advisory_capture(broker, prefix, replicas)
+    name = await ensure_advisory_capture(broker, prefix, sources, replicas)
     out = []
     for adv in await broker.pull(name, name, batch=limit, max_bytes=8 * 1024 * 1024):
         info = json.loads(adv.data)

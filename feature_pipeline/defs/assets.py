@@ -25,7 +25,7 @@ from feature_pipeline.ingest.online import SyncResult, Writer, sync_with
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
-from feature_pipeline.streams import DEADLETTER, EVENT_STREAMS, STREAMS
+from feature_pipeline.streams import DEADLETTER
 
 REFRESH_TAG = "feature_pipeline/refresh"  # "windows": only move the clock (the schedule's runs)
 LOGGED_IDS = 20
@@ -47,11 +47,11 @@ def table_specs(names: Names) -> dict[str, dg.AssetSpec]:
             kinds={"duckdb"},
             skippable=True,  # a window-refresh run observes user_features and materializes nothing
         )
-        for s in STREAMS
+        for s in names.streams
     }
     specs["user_features"] = dg.AssetSpec(
         names.user_features,
-        deps=[names.table(s.table) for s in EVENT_STREAMS],
+        deps=[names.table(s.table) for s in names.sources],
         description="One row per user, every feature of the registry (feature_defs.toml), correct as of the last "
         "run's clock (valid_as_of in the metadata); updated_at is when the row was last recomputed.",
         group_name=names.of("feature_store"),
@@ -153,7 +153,7 @@ class Ingest:
         self._snapshot_days(context, settings)
         context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
         timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context), **metadata.online(synced)}
-        for key, extra in metadata.batch_per_table(result).items():
+        for key, extra in metadata.batch_per_table(result, store.registry.event_streams).items():
             asset_key = self.specs[key].key
             if key == "user_features":  # the batch's summary, once: on the asset it describes
                 yield dg.MaterializeResult(
@@ -211,8 +211,8 @@ class Ingest:
         shown = ", ".join(result.event_ids[:LOGGED_IDS])
         more = len(result.event_ids) - LOGGED_IDS
         context.log.info(
-            f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.signals_inserted} new signals, "
-            f"{result.feedback_inserted} new feedback, {result.duplicates_absorbed} duplicates absorbed), "
+            f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.new_summary()}, "
+            f"{result.duplicates_absorbed} duplicates absorbed), "
             f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
             f"{result.users_touched} users refreshed; "
             f"events: {shown}{f' and {more} more' if more > 0 else ''}"

@@ -35,7 +35,8 @@ from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.tick import blocked_batches
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import RECENT_MINUTES, StoreHealth
-from feature_pipeline.streams import BY_NAME, DEADLETTER, STREAMS
+from feature_pipeline.store.loader import sources_for
+from feature_pipeline.streams import DEADLETTER
 
 _SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.ERROR}
 # The graded figure of each stream check, named with its unit (the thresholds are in the description).
@@ -63,7 +64,7 @@ class Checks:
         user_features = names.user_features
         self.stream_specs = [
             spec
-            for s in STREAMS
+            for s in names.streams
             for spec in (
                 dg.AssetCheckSpec(
                     LAG_CHECK, asset=names.stream(s), description="Messages pending or unacked on the consumer."
@@ -118,7 +119,7 @@ class Checks:
                 description=f"{sensor}, which drains this stream, is switched on and completed a tick in the last "
                 f"{TICK_STALE_SECONDS} s; graded by {monitor}, which keeps running when {sensor} is stopped.",
             )
-            for s in STREAMS
+            for s in names.streams
         ]
 
     @property
@@ -204,14 +205,14 @@ class Checks:
             meta["consumer"] = s.consumer
             if s.last_message_at:
                 meta["last_message_at"] = dg.MetadataValue.timestamp(s.last_message_at)
-            events.append(dg.AssetObservation(asset_key=self.names.stream(BY_NAME[s.stream]), metadata=meta))
+            events.append(dg.AssetObservation(asset_key=self.names.stream(self.names.by_name(s.stream)), metadata=meta))
         events.extend(dg.AssetCheckEvaluation(**self._graded(o)) for o in stream_checks(stats, thresholds(settings)))
         return events
 
     def _graded(self, o: CheckOutcome) -> dict[str, Any]:
         """What an AssetCheckEvaluation (sensors) and an AssetCheckResult (on demand) share."""
         return {
-            "asset_key": self.names.stream(BY_NAME[o.stream]),
+            "asset_key": self.names.stream(self.names.by_name(o.stream)),
             "check_name": o.check,
             "passed": o.grade == "pass",
             "severity": _SEVERITY.get(o.grade, dg.AssetCheckSeverity.WARN),
@@ -397,7 +398,14 @@ def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str 
         with open_staging(settings) as staging:
             in_flight = [m.counts for m in staging.batches()]
         stats = asyncio.run(
-            read_stream_stats(settings.nats_url, settings.nats_auth, settings.durable_prefix, in_flight, client)
+            read_stream_stats(
+                settings.nats_url,
+                settings.nats_auth,
+                settings.durable_prefix,
+                sources_for(settings.features_file),
+                in_flight,
+                client,
+            )
         )
     except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError) as exc:
         return [], nats_problem(exc, settings.nats_url), not_created(exc)

@@ -79,16 +79,16 @@ def batch_common(result: BatchResult, manifest: Manifest) -> dict[str, Any]:
     return meta
 
 
-def batch_per_table(result: BatchResult) -> dict[str, dict[str, Any]]:
+def batch_per_table(result: BatchResult, sources: tuple[streams.StreamSpec, ...]) -> dict[str, dict[str, Any]]:
     """What each table of an ingest run shows; `changed` says whether the batch added rows to it."""
     per: dict[str, dict[str, Any]] = {
         spec.table: {
-            "changed": result.written.inserted[spec.name] > 0,
+            "changed": result.new_in(spec.name) > 0,
             "batch_id": result.batch_id,
-            "events_stored": result.written.inserted[spec.name],
+            "events_stored": result.new_in(spec.name),
             "rows_total": result.rows[spec.table],
         }
-        for spec in streams.EVENT_STREAMS
+        for spec in sources
     }
     recorded = result.dead_letters_inserted + result.conflicting_duplicates
     per[streams.DEADLETTER.table] = {

@@ -15,7 +15,7 @@ import dagster as dg
 
 from feature_pipeline.defs.resources import PipelineResource
 from feature_pipeline.settings import Settings
-from feature_pipeline.streams import StreamSpec
+from feature_pipeline.streams import PACKAGED, StreamSpec, by_name, with_dead_letters
 
 _PREFIX = re.compile(r"[a-z][a-z0-9_]{0,30}")
 
@@ -23,6 +23,7 @@ _PREFIX = re.compile(r"[a-z][a-z0-9_]{0,30}")
 @dataclass(frozen=True)
 class Names:
     prefix: str = ""
+    sources: tuple[StreamSpec, ...] = PACKAGED  # the registry's: one asset nats/<source> and table each
 
     def __post_init__(self) -> None:
         if self.prefix and not _PREFIX.fullmatch(self.prefix):
@@ -33,6 +34,18 @@ class Names:
 
     def asset(self, *path: str) -> dg.AssetKey:
         return dg.AssetKey([self.prefix, *path] if self.prefix else list(path))
+
+    @property
+    def streams(self) -> tuple[StreamSpec, ...]:
+        """The sources and the dead-letter stream."""
+        return with_dead_letters(self.sources)
+
+    def by_name(self, stream: str) -> StreamSpec:
+        """A stream by its JetStream name; ValueError when it is not one of this instance's."""
+        found = by_name(self.sources).get(stream)
+        if found is None:
+            raise ValueError(f"{stream!r} is not one of the streams {', '.join(by_name(self.sources))}")
+        return found
 
     def stream(self, spec: StreamSpec) -> dg.AssetKey:
         return self.asset("nats", spec.key)

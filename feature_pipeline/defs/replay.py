@@ -14,12 +14,12 @@ from feature_pipeline.defs.names import Names, one_op_job
 from feature_pipeline.ingest.online import sync
 from feature_pipeline.ingest.replay import ReplayError, ReplayRange, ReplayReport, replay
 from feature_pipeline.store.feature_store import FeatureStore
-from feature_pipeline.streams import BY_NAME
 
 
 class ReplayConfig(dg.Config):
-    """stream: SIGNALS, FEEDBACK or DEADLETTER; start at start_seq or start_time (RFC 3339), default the
-    first message; stop at end_seq or end_time, default the last message when the run starts."""
+    """stream: a source's stream (SIGNALS, FEEDBACK, …) or DEADLETTER; start at start_seq or start_time
+    (RFC 3339), default the first message; stop at end_seq or end_time, default the last message when the
+    run starts."""
 
     stream: str
     start_seq: int | None = None
@@ -46,7 +46,7 @@ def build_replay(names: Names) -> dg.JobDefinition:
         description="Read the range with an ephemeral ordered consumer and store it.",
     )
     def replay_range(context: dg.OpExecutionContext, config: ReplayConfig) -> None:
-        rng = _range(config)
+        rng = _range(config, names)
         settings = names.settings(context)
         report = replay(
             settings.nats_url,
@@ -69,16 +69,18 @@ def build_replay(names: Names) -> dg.JobDefinition:
     return replay_stream
 
 
-def _range(config: ReplayConfig) -> ReplayRange:
+def _range(config: ReplayConfig, names: Names) -> ReplayRange:
+    """The range asked for; the stream's name in any case (`signals` is SIGNALS)."""
+    known = {s.name.lower(): s.name for s in names.streams}
     try:
         rng = ReplayRange(
-            config.stream.upper(),
+            known.get(config.stream.lower(), config.stream),
             config.start_seq,
             _time("start_time", config.start_time),
             config.end_seq,
             _time("end_time", config.end_time),
         )
-        rng.check()
+        rng.check(names.sources)
     except ReplayError as exc:
         raise dg.Failure(f"replay config: {exc}") from None
     return rng
@@ -101,5 +103,5 @@ def _record(context: dg.OpExecutionContext, names: Names, rng: ReplayRange, repo
         "already_stored": report.already_stored,
         "poison": report.poison,
     }
-    for key in (names.table(BY_NAME[rng.stream].table), names.user_features):
+    for key in (names.table(names.by_name(rng.stream).table), names.user_features):
         context.log_event(dg.AssetMaterialization(asset_key=key, metadata=meta))

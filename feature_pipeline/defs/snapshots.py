@@ -19,7 +19,6 @@ from feature_pipeline.settings import Settings
 from feature_pipeline.snapshot_days import available, refusal, register, yesterday
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
-from feature_pipeline.streams import EVENT_STREAMS
 
 SNAPSHOTS = "user_feature_snapshots"
 PARTITIONS_PER_RUN = 7  # a week per backfill run: few run start-ups, ingest runs get the pool in between
@@ -82,7 +81,7 @@ def _snapshot_asset(names: Names, partitions: dg.DynamicPartitionsDefinition) ->
     @dg.asset(
         key=names.table(SNAPSHOTS),
         partitions_def=partitions,
-        deps=[names.table(s.table) for s in EVENT_STREAMS],
+        deps=[names.table(s.table) for s in names.sources],
         pool=names.pool,
         required_resource_keys={names.resource_key},
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_RUN),

@@ -3,7 +3,6 @@
 import dagster as dg
 
 from feature_pipeline.defs.names import Names
-from feature_pipeline.streams import STREAMS
 
 
 def stream_assets(names: Names, monitor_seconds: int) -> list[dg.AssetSpec]:
@@ -11,11 +10,11 @@ def stream_assets(names: Names, monitor_seconds: int) -> list[dg.AssetSpec]:
     return [
         dg.AssetSpec(
             names.stream(spec),
-            description=f"JetStream stream {spec.name} ({spec.subject}). Observed every {monitor} tick "
+            description=f"JetStream stream {spec.name} ({', '.join(spec.subjects)}). Observed every {monitor} tick "
             f"({monitor_seconds} s): consumer lag, last message time, messages in flight; ingest_running says "
             f"whether {names.ingest_sensor} drains it.",
             group_name=names.of("streams"),
             kinds={"nats"},
         )
-        for spec in STREAMS
+        for spec in names.streams
     ]

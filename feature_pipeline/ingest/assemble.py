@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from feature_pipeline import streams
 from feature_pipeline.broker.deliveries import Delivery
-from feature_pipeline.envelopes import PoisonMessage, validate
+from feature_pipeline.contract import Contract, contract_for
+from feature_pipeline.envelopes import PoisonMessage
 
 _EVENTS_SCHEMA_FIELDS: list[tuple[str, pa.DataType]] = [
     ("stream", pa.string()),
@@ -95,7 +96,7 @@ def dead_letter_row(d: Delivery) -> dict[str, Any]:
     return {
         # A message someone else put on deadletter.> is recorded under its own DEADLETTER sequence.
         "original_stream": h.get(streams.H_STREAM) if known else streams.DEADLETTER.name,
-        "original_subject": h.get(streams.H_SUBJECT, d.subject.removeprefix(f"{streams.DEADLETTER.prefix}.")),
+        "original_subject": h.get(streams.H_SUBJECT, d.subject.removeprefix(f"{streams.DEADLETTER.prefixes[0]}.")),
         "original_seq": original_seq if known else d.stream_seq,
         "delivery_count": as_int(streams.H_DELIVERIES) or 0,
         "reason": h.get(streams.H_REASON, "no reason given (message published to deadletter.> by another client)"),
@@ -105,12 +106,14 @@ def dead_letter_row(d: Delivery) -> dict[str, Any]:
     }
 
 
-def assemble(deliveries: Iterable[Delivery]) -> Assembled:
-    """Validate fetched messages; poison ones are set aside with their reason.
+def assemble(deliveries: Iterable[Delivery], contract: Contract | None = None) -> Assembled:
+    """Validate fetched messages against the sources' `contract` (the packaged sources' when None: tests);
+    poison ones are set aside with their reason.
 
     The sensor's hot path (every message passes here once): the columns are bound to locals and
     appended to directly, with no row dict and no lookup per field.
     """
+    validate = (contract or contract_for(streams.PACKAGED)).validate
     out = Assembled()
     c = out.event_columns
     c_stream, c_subject, c_seq, c_delivered, c_received = (
@@ -126,7 +129,7 @@ def assemble(deliveries: Iterable[Delivery]) -> Assembled:
             staged.append(d)
             continue
         try:
-            ev = validate(d.subject, d.data)
+            ev = validate(d.stream, d.subject, d.data)
         except PoisonMessage as exc:
             out.poison.append((d, str(exc)))
             continue

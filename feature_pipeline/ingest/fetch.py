@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from feature_pipeline import streams
 from feature_pipeline.broker.client import Broker, MessageTooLarge
 from feature_pipeline.broker.deliveries import Delivery
+from feature_pipeline.contract import Contract
 from feature_pipeline.ingest.assemble import Assembled
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.staging import STAGING_MARGIN_BYTES, BatchWriter, Manifest, Staging
 from feature_pipeline.settings import MIB, Settings
 
+Assemble = Callable[[Sequence[Delivery], Contract], Assembled]
 MIN_BATCH_BYTES = 2 * MIB  # a batch must hold at least one message of the server's largest default size
 
 
@@ -31,6 +33,7 @@ class Fetcher:
     deadline: float  # time.monotonic() past which no pull may end
     chunk: int  # messages per pull round: what the sensor holds in memory at once
     assemble: Callable[[Sequence[Delivery]], Assembled]
+    read: tuple[streams.StreamSpec, ...]  # every stream the pipeline reads: its sources and DEADLETTER
 
     async def stage_batches(self, in_flight: int) -> None:
         """Stage new batches while there is room in flight and time left in the tick."""
@@ -123,9 +126,9 @@ class Fetcher:
         """Up to `want` messages across the consumers: a fair share each first, then what is left."""
         out: list[Delivery] = []
         used = 0
-        share = max(1, want // len(streams.STREAMS))
+        share = max(1, want // len(self.read))
         for fair in (True, False):
-            for spec in streams.STREAMS:
+            for spec in self.read:
                 ask = min(share, want - len(out)) if fair else want - len(out)
                 if ask <= 0:
                     return out
@@ -144,20 +147,18 @@ class Fetcher:
         return await self.broker.pull(spec.name, consumer, batch=batch, max_bytes=max_bytes)
 
 
-def for_pipeline(
-    assemble: Callable[[Sequence[Delivery]], Assembled], pipeline: str
-) -> Callable[[Sequence[Delivery]], Assembled]:
-    """`assemble` for one pipeline: dead-letter copies another pipeline on the same streams made (its
-    `FP-Pipeline` header) are staged, so acked with the batch, but not recorded: that pipeline records them.
-    Used for fetched pulls and for the halves of a split batch alike."""
+def for_pipeline(assemble: Assemble, pipeline: str, contract: Contract) -> Callable[[Sequence[Delivery]], Assembled]:
+    """`assemble` for one pipeline and its sources' contract: dead-letter copies another pipeline on the same
+    streams made (its `FP-Pipeline` header) are staged, so acked with the batch, but not recorded: that
+    pipeline records them. Used for fetched pulls and for the halves of a split batch alike."""
 
     def theirs(d: Delivery) -> bool:
         return d.stream == streams.DEADLETTER.name and (d.headers or {}).get(streams.H_PIPELINE, pipeline) != pipeline
 
     def assemble_ours(deliveries: Sequence[Delivery]) -> Assembled:
         if not any(theirs(d) for d in deliveries):
-            return assemble(deliveries)
-        out = assemble([d for d in deliveries if not theirs(d)])
+            return assemble(deliveries, contract)
+        out = assemble([d for d in deliveries if not theirs(d)], contract)
         out.staged.extend(d for d in deliveries if theirs(d))
         return out
 

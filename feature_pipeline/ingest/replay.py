@@ -26,6 +26,7 @@ from feature_pipeline import streams
 from feature_pipeline.broker.auth import NatsAuth
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery, parse_reply
+from feature_pipeline.contract import contract_for
 from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.store.feature_store import FeatureStore
@@ -45,9 +46,10 @@ class ReplayRange:
     end_seq: int | None = None
     end_time: datetime | None = None
 
-    def check(self) -> None:
-        if self.stream not in streams.BY_NAME:  # DEADLETTER restores the dead_letters table
-            raise ReplayError(f"stream must be one of {', '.join(streams.BY_NAME)}, got {self.stream!r}")
+    def check(self, sources: tuple[streams.StreamSpec, ...]) -> None:
+        known = streams.by_name(sources)  # DEADLETTER restores the dead_letters table
+        if self.stream not in known:
+            raise ReplayError(f"stream must be one of {', '.join(known)}, got {self.stream!r}")
         if self.start_seq is not None and self.start_time is not None:
             raise ReplayError("give start_seq or start_time, not both")
         if self.start_seq is not None and self.start_seq < 1:
@@ -85,7 +87,7 @@ async def read_range(
         report.stopped = f"nothing to read: {rng.stream} holds sequences up to {last}"
         return
     sub = await broker.js.subscribe(
-        streams.BY_NAME[rng.stream].subject,
+        ">",  # every subject the stream holds
         stream=rng.stream,
         ordered_consumer=True,
         config=_start(rng),
@@ -149,7 +151,7 @@ class _Replay:
         report.read += len(deliveries)
         report.first_seq = report.first_seq or deliveries[0].stream_seq
         report.last_seq = deliveries[-1].stream_seq
-        assembled = assemble(deliveries)
+        assembled = assemble(deliveries, contract_for(self.store.registry.event_streams))
         report.poison += len(assembled.poison)
         for d, reason in assembled.poison[: max(0, 5 - len(report.poison_examples))]:
             report.poison_examples.append(f"{d.stream} #{d.stream_seq}: {reason}")
@@ -161,7 +163,7 @@ class _Replay:
         result = await asyncio.to_thread(self.store.apply_batch, self.staging.path(batch_id), batch_id)
         self.staging.remove(batch_id)
         report.batches += 1
-        new = result.signals_inserted + result.feedback_inserted
+        new = result.inserted
         report.stored += new
         report.already_stored += result.events_in_batch - new
         self.log(
@@ -186,7 +188,7 @@ def replay(
     Replay repairs a damaged store, so it first forgets the ids whose rows are gone (event_index must not
     absorb them) and ends with a full recomputation (the all-time partials must not count twice what a
     restored row had counted before it was lost); both read the whole history, which a repair may."""
-    rng.check()
+    rng.check(store.registry.event_streams)
     forgotten = store.forget_missing_ids()
     if forgotten:
         log(f"{forgotten} stored ids had lost their rows; replay can store them again")

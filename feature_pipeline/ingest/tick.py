@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +22,11 @@ from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyError, nats_problem
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.stats import collect
+from feature_pipeline.contract import Contract, contract_for
 from feature_pipeline.ingest import bisect
-from feature_pipeline.ingest.assemble import Assembled, assemble
+from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.failures import Cause, RunFailure
-from feature_pipeline.ingest.fetch import Fetcher, for_pipeline
+from feature_pipeline.ingest.fetch import Assemble, Fetcher, for_pipeline
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun, RunLookup
 from feature_pipeline.ingest.settle import (
@@ -41,6 +41,7 @@ from feature_pipeline.ingest.settle import (
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.ingest.staging import Manifest, Staging, delivery_from_row
 from feature_pipeline.settings import Settings
+from feature_pipeline.store.loader import sources_for
 
 FETCH_CHUNK = 20_000  # messages per pull round: what the sensor holds in memory at once
 SETTLE_CHUNK = 50_000  # rows per chunk when acking, keeping alive or NAKing a staged batch
@@ -53,7 +54,7 @@ class TickOptions:
     fetch_chunk: int = FETCH_CHUNK
     settle_chunk: int = SETTLE_CHUNK
     fast_path: bool | None = None  # nats-py fast path: None = whenever its self-check passes
-    assemble: Callable[[Sequence[Delivery]], Assembled] = assemble
+    assemble: Assemble = assemble
     client_name: str = "feature-pipeline-sensor"
 
 
@@ -73,7 +74,9 @@ def run_tick(settings: Settings, runs: RunLookup, options: TickOptions | None = 
             # Staged batches without a run get it requested (again: the batch id is the run key, so the
             # orchestrator never starts two); so do the batches this tick stages.
             report.to_request = [m.batch_id for m in batches if found[m.batch_id] is None]
-            asyncio.run(_Tick(settings, staging, runs, options, report, deadline).exchange(batches, found))
+            sources = sources_for(settings.features_file)
+            tick = _Tick(settings, sources, contract_for(sources), staging, runs, options, report, deadline)
+            asyncio.run(tick.exchange(batches, found))
         except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError, TopologyError, OSError) as exc:
             report.problem = _problem(exc, settings)
         report.to_request += [m.batch_id for m in report.staged]
@@ -104,6 +107,8 @@ def _problem(exc: Exception, settings: Settings) -> str:
 @dataclass
 class _Tick:
     settings: Settings
+    sources: tuple[streams.StreamSpec, ...]  # the registry's
+    contract: Contract
     staging: Staging
     runs: RunLookup
     options: TickOptions
@@ -127,15 +132,16 @@ class _Tick:
         # After fetching: the server announces a message it gives up on only when it is next asked for messages.
         await self._rescue_exhausted(broker)
         in_flight = [m.counts for m in (*remaining, *self.report.staged)]
-        self.report.stats = await collect(broker, self.settings.durable_prefix, in_flight)
+        self.report.stats = await collect(broker, self.settings.durable_prefix, self.sources, in_flight)
         self.report.lap("observe", t)
 
     async def _ensure_topology(self, broker: Broker) -> None:
         s = self.settings
-        await topology.ensure_streams(broker, s.nats_replicas)
+        await topology.ensure_streams(broker, self.sources, s.nats_replicas)
         await topology.ensure_consumers(
             broker,
             s.durable_prefix,
+            self.sources,
             max_deliver=s.max_deliver,
             ack_wait_seconds=s.ack_wait_seconds,
             max_ack_pending=s.max_ack_pending,
@@ -151,8 +157,11 @@ class _Tick:
             self.report.holding = waiting[0]
             return
         o = self.options
-        assemble = for_pipeline(o.assemble, self.settings.durable_prefix)
-        fetcher = Fetcher(broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, assemble)
+        assemble = for_pipeline(o.assemble, self.settings.durable_prefix, self.contract)
+        read = streams.with_dead_letters(self.sources)
+        fetcher = Fetcher(
+            broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, assemble, read
+        )
         await fetcher.stage_batches(len(remaining))
         self.report.in_flight = len(remaining) + len(self.report.staged)
 
@@ -182,7 +191,7 @@ class _Tick:
         now = time.time()
         for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
             self.report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)  # the halves' clock
-        assemble = for_pipeline(self.options.assemble, self.settings.durable_prefix)
+        assemble = for_pipeline(self.options.assemble, self.settings.durable_prefix, self.contract)
         halves = bisect.split(self.staging, manifest, assemble, self.options.fetch_chunk)
         for half in halves:
             self.staging.mark_kept_alive(half.batch_id, now)
@@ -256,7 +265,9 @@ class _Tick:
 
     async def _rescue_exhausted(self, broker: Broker) -> None:
         """Copy to DEADLETTER what the server stopped delivering on its own (see topology.ensure_advisory_capture)."""
-        found = await topology.exhausted(broker, self.settings.durable_prefix, self.settings.nats_replicas)
+        found = await topology.exhausted(
+            broker, self.settings.durable_prefix, self.sources, self.settings.nats_replicas
+        )
         reason = (
             "the server gave up after {n} deliveries that were never acked (NATS_MAX_DELIVER="
             f"{self.settings.max_deliver}); the pipeline was not able to settle them"

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 
-from feature_pipeline import streams
 from feature_pipeline.store.db import scalar
+from feature_pipeline.streams import StreamSpec
 
 ARCHIVE_DDL = [
     """
@@ -103,12 +103,12 @@ def cutoff_for(now: datetime, horizon: timedelta, valid_as_of: datetime | None, 
     return datetime(limit.year, limit.month, limit.day, tzinfo=UTC)
 
 
-def remove_orphans(con: duckdb.DuckDBPyConnection, root: Path) -> int:
+def remove_orphans(con: duckdb.DuckDBPyConnection, root: Path, sources: Sequence[StreamSpec]) -> int:
     """Delete archive files no run finished listing (a killed run's); their rows are still live."""
     listed = {r[0] for r in con.execute("SELECT path FROM archive_files").fetchall()}
     removed = 0
     # Only files of the archive's own layout: anything else under the folder is not ours to delete.
-    ours = (p for spec in streams.EVENT_STREAMS for p in (root / spec.table).glob("day=*/part-*.parquet"))
+    ours = (p for spec in sources for p in (root / spec.table).glob("day=*/part-*.parquet"))
     for path in ours:
         if str(path) not in listed:
             path.unlink()
@@ -120,6 +120,7 @@ def archive(
     con: duckdb.DuckDBPyConnection,
     root: Path,
     cutoff: datetime,
+    sources: Sequence[StreamSpec],
     *,
     dry_run: bool = False,
     after_file: Callable[[Path], None] | None = None,
@@ -129,12 +130,12 @@ def archive(
     `after_file` is called after each file is written and synced (fault drills kill the process there)."""
     if not dry_run:
         root.mkdir(parents=True, exist_ok=True)
-    orphans = 0 if dry_run else remove_orphans(con, root)
+    orphans = 0 if dry_run else remove_orphans(con, root, sources)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     rows, written = {}, []
     con.execute("BEGIN")
     try:
-        for spec in streams.EVENT_STREAMS:
+        for spec in sources:
             days = _days_before(con, spec.table, cutoff)
             rows[spec.table] = sum(n for _, n in days)
             if dry_run:
@@ -147,7 +148,7 @@ def archive(
         if dry_run or not written:
             con.execute("ROLLBACK")
             return ArchiveResult(cutoff, rows, 0, orphans, dry_run)
-        _commit_run(con, run_id, cutoff, written)
+        _commit_run(con, run_id, cutoff, written, sources)
     except BaseException:
         con.execute("ROLLBACK")
         raise
@@ -194,7 +195,11 @@ def _fsync(path: Path) -> None:
 
 
 def _commit_run(
-    con: duckdb.DuckDBPyConnection, run_id: str, cutoff: datetime, written: list[tuple[str, date, str, int]]
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    cutoff: datetime,
+    written: list[tuple[str, date, str, int]],
+    sources: Sequence[StreamSpec],
 ) -> None:
     now = datetime.now(UTC)
     for table, day, path, n in written:
@@ -203,7 +208,7 @@ def _commit_run(
             {"t": table, "d": day, "p": path, "n": n, "r": run_id, "now": now},
         )
     total = 0
-    for spec in streams.EVENT_STREAMS:
+    for spec in sources:
         total += int(scalar(con, f"DELETE FROM {spec.table} WHERE occurred_at < $c", {"c": cutoff}))
         files = [
             r[0]

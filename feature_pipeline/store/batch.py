@@ -8,6 +8,7 @@ another stream, is recorded in dead_letters, not merged: the first stored versio
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from feature_pipeline import streams
 from feature_pipeline.store.archive import archived_copies
 from feature_pipeline.store.db import one, scalar
 from feature_pipeline.store.schema import content_digest
+from feature_pipeline.streams import StreamSpec
 
 EVENTS = "batch_events"  # temp table: the batch's events, one row per (stream, event id)
 TOUCHED = "touched_users"  # temp table: the users of the batch's events
@@ -58,10 +60,12 @@ class Written:
     users_touched: int
 
 
-def write(con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now: datetime) -> Written:
+def write(
+    con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now: datetime, sources: Sequence[StreamSpec]
+) -> Written:
     """Every write of the batch except the feature refresh, in order."""
     events_in_batch = load_events(con, files)
-    inserted = insert_events(con, batch_id, now)
+    inserted = insert_events(con, batch_id, now, sources)
     dead = insert_dead_letters(con, files, batch_id, now)
     conflicts = record_conflicting_duplicates(con, files, batch_id, now)
     touched = touch_users(con)
@@ -81,9 +85,12 @@ def load_events(con: duckdb.DuckDBPyConnection, files: StagedFiles) -> int:
     return int(scalar(con, "SELECT count(*) FROM read_parquet($p)", {"p": files.events}))
 
 
-def insert_events(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime) -> dict[str, int]:
+def insert_events(
+    con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime, sources: Sequence[StreamSpec]
+) -> dict[str, int]:
     """New ids into event_index and their stream's table; the rows stored are kept in `new_<stream key>`
     temp tables, which the feature refresh merges (a redelivered event is in none of them)."""
+    _check_sources(con, sources)
     archived_copies(con, EVENTS)
     with warnings.catch_warnings():  # "an extra copy of the rows": one id column, and INSERT must run once
         warnings.simplefilter("ignore", UserWarning)
@@ -97,7 +104,7 @@ def insert_events(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime) 
     finally:
         con.unregister("fresh_ids_returned")
     inserted = {}
-    for spec in streams.EVENT_STREAMS:
+    for spec in sources:
         new = new_table(spec.key)
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {new} AS SELECT event_id, subject, stream_seq, occurred_at, received_at, "
@@ -108,6 +115,26 @@ def insert_events(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime) 
         )
         inserted[spec.name] = int(scalar(con, f"INSERT INTO {spec.table} SELECT * FROM {new}"))
     return inserted
+
+
+class UnknownSource(ValueError):
+    """A staged batch holds events of a stream that is no longer one of the registry's sources."""
+
+
+def _check_sources(con: duckdb.DuckDBPyConnection, sources: Sequence[StreamSpec]) -> None:
+    """Every event of the batch has a table to go to: a source removed while its batch was staged fails the
+    run in words (its messages are redelivered, then dead-lettered), instead of being indexed and dropped."""
+    known = [s.name for s in sources]
+    rows = con.execute(
+        f"SELECT stream, count(*) FROM {EVENTS} WHERE NOT list_contains($known, stream) GROUP BY 1", {"known": known}
+    )
+    stray = rows.fetchall()
+    if stray:
+        listed = ", ".join(f"{n} from stream {name}" for name, n in stray)
+        raise UnknownSource(
+            f"the batch holds events of streams that are not sources in the feature registry ({listed}); "
+            "put the [[source]] back to store them"
+        )
 
 
 def new_table(key: str) -> str:

@@ -80,13 +80,13 @@ class BatchResult:
     def inserted(self) -> int:
         return sum(self.written.inserted.values())
 
-    @property
-    def signals_inserted(self) -> int:
-        return self.written.inserted[streams.SIGNALS.name]
+    def new_in(self, stream: str) -> int:
+        """New raw rows from one stream (by its JetStream name)."""
+        return self.written.inserted.get(stream, 0)
 
-    @property
-    def feedback_inserted(self) -> int:
-        return self.written.inserted[streams.FEEDBACK.name]
+    def new_summary(self) -> str:
+        """`2 new from SIGNALS, 1 new from FEEDBACK`, for the run log."""
+        return ", ".join(f"{n} new from {stream}" for stream, n in self.written.inserted.items()) or "nothing new"
 
     @property
     def duplicates_absorbed(self) -> int:
@@ -108,14 +108,6 @@ class BatchResult:
     @property
     def user_features_rows(self) -> int:
         return self.rows["user_features"]
-
-    @property
-    def signal_events_rows(self) -> int:
-        return self.rows[streams.SIGNALS.table]
-
-    @property
-    def feedback_events_rows(self) -> int:
-        return self.rows[streams.FEEDBACK.table]
 
     @property
     def late_events(self) -> int:
@@ -157,7 +149,7 @@ class FeatureStore:
         if not read_only:
             for statement in ddl(self.registry):
                 con.execute(statement)
-            index_existing_events(con)
+            index_existing_events(con, self.registry)
             record_first_day(con, self.path)
         return con
 
@@ -193,7 +185,7 @@ class FeatureStore:
         now = now or datetime.now(UTC)
         with self._connection() as con:
             with transaction(con):
-                written = batch.write(con, batch.StagedFiles(batch_dir), batch_id, now)
+                written = batch.write(con, batch.StagedFiles(batch_dir), batch_id, now, self.registry.event_streams)
                 note_batch_first_day(con, self.path, batch.EVENTS)
                 refresh = self._refresh(con, now, batch.TOUCHED)
                 late = batch.lateness(con, now, self.allowed_lateness)
@@ -209,7 +201,9 @@ class FeatureStore:
                 batch_id=batch_id,
                 committed_at=now,
                 written=written,
-                rows={t: self._count(con, t) for t in (*(s.table for s in streams.EVENT_STREAMS), "user_features")},
+                rows={
+                    t: self._count(con, t) for t in (*(s.table for s in self.registry.event_streams), "user_features")
+                },
                 event_ids=batch.event_ids(con),
                 latency_p50_seconds=p50,
                 latency_p95_seconds=p95,
@@ -240,7 +234,9 @@ class FeatureStore:
     def forget_missing_ids(self) -> int:
         """Drop event_index entries whose rows are in no raw table nor the archive (deleted by hand, or lost);
         returns how many. A full scan: for repairs, not for batches."""
-        history = " UNION ALL ".join(f"SELECT event_id FROM {history_view(s.table)}" for s in streams.EVENT_STREAMS)
+        history = " UNION ALL ".join(
+            f"SELECT event_id FROM {history_view(s.table)}" for s in self.registry.event_streams
+        )
         with self._connection() as con, transaction(con):
             return int(scalar(con, f"DELETE FROM event_index WHERE event_id NOT IN ({history})"))
 
@@ -256,11 +252,13 @@ class FeatureStore:
         """Move raw events that occurred more than `horizon` ago to Parquet under `root` (see `store.archive`)."""
         with self._connection() as con:
             row = con.execute("SELECT valid_as_of FROM feature_state WHERE id = 1").fetchone()
-            windows = [w for s in streams.EVENT_STREAMS for w in self.registry.windows(s.key)]
+            windows = [w for s in self.registry.event_streams for w in self.registry.windows(s.key)]
             cutoff = archive.cutoff_for(
                 now or datetime.now(UTC), horizon, row[0] if row else None, max(windows, default=timedelta(0))
             )
-            return archive.archive(con, Path(root), cutoff, dry_run=dry_run, after_file=after_file)
+            return archive.archive(
+                con, Path(root), cutoff, self.registry.event_streams, dry_run=dry_run, after_file=after_file
+            )
 
     def _refresh_only(
         self, now: datetime | None, consistency_sample: int, *, rebuild: bool, after_commit: AfterCommit | None
@@ -268,7 +266,7 @@ class FeatureStore:
         with self._connection() as con:
             with transaction(con):
                 con.execute(f"CREATE OR REPLACE TEMP TABLE {batch.TOUCHED} (user_id VARCHAR)")
-                for spec in streams.EVENT_STREAMS:  # no batch: nothing new to merge
+                for spec in self.registry.event_streams:  # no batch: nothing new to merge
                     con.execute(
                         f"CREATE OR REPLACE TEMP TABLE {batch.new_table(spec.key)} AS FROM {spec.table} LIMIT 0"
                     )
@@ -293,7 +291,7 @@ class FeatureStore:
         previous, fingerprint = state if state else (None, None)
         as_of = max(now, previous) if previous else now  # a clock that stepped back must not undo windows
         rebuilt_partials = []
-        for spec in streams.EVENT_STREAMS:
+        for spec in self.registry.event_streams:
             if rebuild or previous is None or not incremental.partials_current(con, self.registry, spec.key):
                 incremental.rebuild_partials(con, self.registry, spec.key, history_view(spec.table), as_of)
                 rebuilt_partials.append(spec.key)
@@ -304,7 +302,7 @@ class FeatureStore:
         if rebuild:
             online.mark_all_deleted(con)  # a user who has no row after the rebuild is deleted from the KV
             con.execute("DELETE FROM user_features")
-            users = incremental.every_user()
+            users = incremental.every_user(self.registry)
         else:
             moved = incremental.users_changed_by_time(con, self.registry, previous, as_of)
             users = f"SELECT user_id FROM {touched} UNION SELECT user_id FROM {moved}"

@@ -16,15 +16,20 @@ from typing import Any
 
 import duckdb
 
-from feature_pipeline import streams
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import scalar
 from feature_pipeline.store.registry import FeatureDef, Registry
 
 POINTS = "feature_points"  # temp table (user_id VARCHAR, as_of TIMESTAMPTZ): which rows to compute
-# The reference reads the whole history: the live tables plus what was archived.
-SOURCE_TABLES = {s.key: history_view(s.table) for s in streams.EVENT_STREAMS}
-_ALL_USERS = " UNION ".join(f"SELECT user_id FROM {t}" for t in SOURCE_TABLES.values())
+
+
+def source_tables(registry: Registry) -> dict[str, str]:
+    """Each source's whole history, which the reference reads: its live table plus what was archived."""
+    return {s.key: history_view(s.table) for s in registry.event_streams}
+
+
+def _all_users(registry: Registry, where: str = "") -> str:
+    return " UNION ".join(f"SELECT user_id FROM {t}{where}" for t in source_tables(registry).values())
 
 
 LAST_KEY = "{'t': e.occurred_at, 'id': e.event_id}"  # newest by occurred_at, then event id
@@ -89,14 +94,15 @@ def column(f: FeatureDef) -> str:
 
 def feature_sql(registry: Registry, *, received_cutoff: bool = False) -> str:
     """SELECT user_id, <features...>, as_of AS updated_at for every row of feature_points."""
-    sources = [s for s in SOURCE_TABLES if any(f.source == s for f in registry.features)]
+    tables = source_tables(registry)
+    sources = [s for s in tables if any(f.source == s for f in registry.features)]
     ctes = []
     for source in sources:
         cols = ",\n        ".join(f"{aggregate(f)} AS {f.name}" for f in registry.features if f.source == source)
         cutoff = " AND e.received_at <= p.as_of" if received_cutoff else ""
         ctes.append(
             f"src_{source} AS (\n    SELECT p.user_id, p.as_of,\n        {cols}\n"
-            f"    FROM {POINTS} p\n    LEFT JOIN {SOURCE_TABLES[source]} e\n"
+            f"    FROM {POINTS} p\n    LEFT JOIN {tables[source]} e\n"
             f"        ON e.user_id = p.user_id AND e.occurred_at <= p.as_of{cutoff}\n"
             "    GROUP BY p.user_id, p.as_of\n)"
         )
@@ -116,7 +122,9 @@ def compute_features(
 ) -> dict[str, dict[str, Any]]:
     """Recompute rows from the raw tables without writing: the reference for checks and tests."""
     if user_ids is None:
-        set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({_ALL_USERS})", {"as_of": as_of})
+        set_points(
+            con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({_all_users(registry)})", {"as_of": as_of}
+        )
     else:
         set_points(
             con,
@@ -156,7 +164,7 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, registry: Registry, day: date
     set_points(
         con,
         "SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ("
-        + " UNION ".join(f"SELECT user_id FROM {t} WHERE occurred_at <= $as_of" for t in SOURCE_TABLES.values())
+        + _all_users(registry, " WHERE occurred_at <= $as_of")
         + ")",
         {"as_of": as_of},
     )

@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 
 import duckdb
 
-from feature_pipeline import streams
 from feature_pipeline.store.db import scalar
 from feature_pipeline.store.features import (
     LAST_KEY,
@@ -219,7 +218,7 @@ def rows_sql(registry: Registry) -> str:
     """user_features rows for every point of feature_points (all at one as_of, passed as $as_of):
     windowed features from the rows inside each source's longest window, the rest from partials."""
     ctes, joins = [], []
-    for spec in streams.EVENT_STREAMS:
+    for spec in registry.event_streams:
         src = spec.key
         joins.append(f"LEFT JOIN {partials_table(src)} s_{src} ON s_{src}.user_id = p.user_id")
         windowed = [f for f in registry.features if f.source == src and f.window_delta is not None]
@@ -252,7 +251,7 @@ def rows_sql(registry: Registry) -> str:
 def window_bounds(registry: Registry, as_of: datetime) -> dict[str, datetime]:
     """$lo_<source>: the start of the longest window of each source that has windowed features."""
     out = {}
-    for spec in streams.EVENT_STREAMS:
+    for spec in registry.event_streams:
         w = longest_window(registry, spec.key)
         if w is not None:
             out[f"lo_{spec.key}"] = as_of - w
@@ -285,11 +284,11 @@ def write_rows(con: duckdb.DuckDBPyConnection, registry: Registry, as_of: dateti
     return int(scalar(con, f"SELECT count(*) FROM {FEATURE_ROWS}"))
 
 
-def every_user() -> str:
+def every_user(registry: Registry) -> str:
     """Every user the reference would give a row: those with partials, and those whose only events
     are still in the future (after `$as_of`, which `write_rows` binds)."""
-    parts_ = [f"SELECT user_id FROM {partials_table(s.key)}" for s in streams.EVENT_STREAMS]
-    parts_ += [f"SELECT user_id FROM {s.table} WHERE occurred_at > $as_of" for s in streams.EVENT_STREAMS]
+    parts_ = [f"SELECT user_id FROM {partials_table(s.key)}" for s in registry.event_streams]
+    parts_ += [f"SELECT user_id FROM {s.table} WHERE occurred_at > $as_of" for s in registry.event_streams]
     return " UNION ".join(parts_)
 
 
@@ -298,7 +297,7 @@ def users_changed_by_time(con: duckdb.DuckDBPyConnection, registry: Registry, si
     occurred_at + window passed), or a future-dated event became current. One range scan per edge, with
     constant bounds, so DuckDB reads only the row groups whose occurred_at range overlaps."""
     scans, params = [], {}
-    for spec in streams.EVENT_STREAMS:
+    for spec in registry.event_streams:
         edges = (
             [timedelta(0), *registry.windows(spec.key)] if any(f.source == spec.key for f in registry.features) else []
         )

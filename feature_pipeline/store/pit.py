@@ -15,7 +15,6 @@ from datetime import datetime
 
 import duckdb
 
-from feature_pipeline import streams
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import scalar
 from feature_pipeline.store.features import POINTS, aggregate, column, feature_sql, set_points
@@ -48,7 +47,7 @@ def _from_partials(con: duckdb.DuckDBPyConnection, registry: Registry, t0: datet
     """The query, after writing each source's partials up to t0 for the labels' users to temp tables."""
     params: dict[str, datetime] = {"t0": t0}
     ctes, joins = [], []
-    for spec in streams.EVENT_STREAMS:
+    for spec in registry.event_streams:
         src, history = spec.key, history_view(spec.table)
         feats = [f for f in registry.features if f.source == src]
         if not feats:

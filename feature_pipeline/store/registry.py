@@ -16,10 +16,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from feature_pipeline.store.sources import SourceDef, conflicts, packaged
+from feature_pipeline.streams import StreamSpec, with_dead_letters
+
 RESERVED = frozenset({"user_id", "updated_at", "valid_as_of", "as_of", "ts", "snapshot_date"})
-# What a feature's `source` may name: the keys of the event streams in `feature_pipeline.streams`
-# (a test keeps the two equal; a Literal gives the clearest validation message).
-Source = Literal["signals", "feedback"]
 VALUE_TYPES = ("BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN", "TIMESTAMPTZ")
 Aggregation = Literal["count", "sum", "min", "max", "mean", "last", "count_distinct", "ratio"]
 
@@ -51,7 +51,7 @@ class FeatureDef(BaseModel):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
     aggregation: Aggregation
     description: str = ""
-    source: Source | None = None
+    source: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")] | None = None  # a [[source]]'s name
     event_types: tuple[str, ...] = ()
     where: str | None = None
     field: str | None = None
@@ -77,8 +77,6 @@ class FeatureDef(BaseModel):
     @classmethod
     def _types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for t in value:
-            if t.startswith(("signals.", "feedback.")):
-                raise ValueError(f"write event types without the stream prefix: {t.partition('.')[2]!r}, not {t!r}")
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", t):
                 raise ValueError(f"{t!r} is not an event type like 'task.synced'")
         return value
@@ -111,7 +109,7 @@ class FeatureDef(BaseModel):
                 raise ValueError("a ratio takes only numerator, denominator and description")
             return self
         if self.source is None:
-            raise ValueError("source must be 'signals' or 'feedback'")
+            raise ValueError("source must name one of the registry's [[source]] entries, e.g. 'signals'")
         if self.numerator or self.denominator:
             raise ValueError("numerator/denominator belong to aggregation = 'ratio'")
         if agg == "count":
@@ -150,11 +148,35 @@ class FeatureDef(BaseModel):
 
 
 class Registry(BaseModel):
-    """The ordered feature list; order = column order in user_features."""
+    """The sources and the ordered feature list; feature order = column order in user_features."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     features: tuple[FeatureDef, ...] = Field(min_length=1)
+    sources: tuple[SourceDef, ...] = Field(default_factory=packaged, min_length=1)
+
+    @model_validator(mode="after")
+    def _sources(self) -> Registry:
+        problems = conflicts(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        by_name = {s.name: s for s in self.sources}
+        for i, f in enumerate(self.features):
+            if f.source is None:
+                continue
+            source = by_name.get(f.source)
+            if source is None:
+                raise ValueError(
+                    f"feature #{i + 1} ({f.name!r}) reads source {f.source!r}, which is not a [[source]]; "
+                    f"the sources are {', '.join(repr(n) for n in by_name)}"
+                )
+            for t in f.event_types:
+                if any(t.startswith(p + ".") for p in source.spec.prefixes):
+                    raise ValueError(
+                        f"feature #{i + 1} ({f.name!r}): write event types without the subject prefix: "
+                        f"{source.spec.event_type(t)!r}, not {t!r}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> Registry:
@@ -179,10 +201,24 @@ class Registry(BaseModel):
         return tuple(f.name for f in self.features)
 
     @cached_property
+    def event_streams(self) -> tuple[StreamSpec, ...]:
+        """The sources as the stream table every module reads (the dead-letter stream is not among them)."""
+        return tuple(s.spec for s in self.sources)
+
+    @cached_property
+    def streams(self) -> tuple[StreamSpec, ...]:
+        """Every stream the pipeline reads: the sources, then the dead-letter stream."""
+        return with_dead_letters(self.event_streams)
+
+    def source(self, name: str) -> StreamSpec:
+        """The source a feature reads (the registry checked that it exists)."""
+        return next(s for s in self.event_streams if s.key == name)
+
+    @cached_property
     def fingerprint(self) -> str:
-        """Changes when what a feature computes changes (not its description): the store then rebuilds
-        every row once."""
-        semantic = self.model_dump_json(exclude={"features": {"__all__": {"description"}}})
+        """Changes when what a feature computes changes (not its description, nor the sources: a source's
+        events are what they are): the store then rebuilds every row once."""
+        semantic = self.model_dump_json(include={"features"}, exclude={"features": {"__all__": {"description"}}})
         return hashlib.sha256(semantic.encode()).hexdigest()[:16]
 
     def windows(self, source: str) -> list[timedelta]:

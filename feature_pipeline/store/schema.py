@@ -114,11 +114,11 @@ def content_digest(alias: str) -> str:
     )
 
 
-def index_existing_events(con: duckdb.DuckDBPyConnection) -> None:
+def index_existing_events(con: duckdb.DuckDBPyConnection, registry: Registry) -> None:
     """Fill event_index from the raw tables once, for a store made before it existed."""
     if con.execute("SELECT 1 FROM event_index LIMIT 1").fetchone() is not None:
         return
-    for spec in streams.EVENT_STREAMS:
+    for spec in registry.event_streams:
         con.execute(
             f"INSERT INTO event_index SELECT e.event_id, $stream, e.stream_seq, e.subject, e.occurred_at, "
             f"{content_digest('e')} FROM {spec.table} e ON CONFLICT DO NOTHING",
@@ -128,8 +128,8 @@ def index_existing_events(con: duckdb.DuckDBPyConnection) -> None:
 
 def ddl(registry: Registry) -> list[str]:
     """Every table, created when missing (feature columns are kept in step by `sync_columns`)."""
-    raw = [raw_ddl(s.table) for s in streams.EVENT_STREAMS]
-    raw += [*ARCHIVE_DDL, *(view_ddl(s.table, [], replace=False) for s in streams.EVENT_STREAMS)]
+    raw = [raw_ddl(s.table) for s in registry.event_streams]
+    raw += [*ARCHIVE_DDL, *(view_ddl(s.table, [], replace=False) for s in registry.event_streams)]
     tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, EVENT_INDEX_DDL, CONSISTENCY_DDL, REDRIVES_DDL]
     tables += [DISTINCT_DDL, PARTIALS_STATE_DDL, BATCH_LATENCY_DDL, *ONLINE_DDL]
     return [*raw, *tables, user_features_ddl(registry), snapshots_ddl(registry)]
