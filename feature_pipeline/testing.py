@@ -24,6 +24,7 @@ import duckdb
 
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster, LocalNats, free_port
+from feature_pipeline.store.loader import sources_for
 from feature_pipeline.streams import PACKAGED, StreamSpec, consumer_name, with_dead_letters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +237,8 @@ class Pipeline:
             return found.status if found else None
 
     def lag(self) -> dict[str, int]:
-        infos = run(consumer_states(self.nats.url, self.prefix))
+        sources = sources_for(self.env.get("FEATURE_PIPELINE_FEATURES_FILE", ""))
+        infos = run(consumer_states(self.nats.url, self.prefix, sources))
         return {name: i.num_pending + i.num_ack_pending for name, i in infos.items()}
 
     def staged(self) -> list[str]:

@@ -37,6 +37,7 @@ from feature_pipeline.ingest.tick import TickOptions, run_tick
 from feature_pipeline.settings import MIB, Settings, from_raw
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore
 from feature_pipeline.store.features import compute_features
+from feature_pipeline.store.loader import sources_for
 from feature_pipeline.streams import PACKAGED
 from feature_pipeline.testing import consumer_states, run
 
@@ -113,7 +114,7 @@ def synced(event_id: str, user: str = "u-1", total: int = 5) -> tuple[str, bytes
 
 
 def lag(settings: Settings) -> dict[str, int]:
-    infos = run(consumer_states(settings.nats_url, settings.durable_prefix))
+    infos = run(consumer_states(settings.nats_url, settings.durable_prefix, sources_for(settings.features_file)))
     return {k: v.num_pending + v.num_ack_pending for k, v in infos.items()}
 
 
@@ -140,7 +141,7 @@ def caught_up(
 def stored_ids(settings: Settings) -> list[str]:
     from feature_pipeline.testing import query
 
-    sql = " UNION ALL ".join(f"SELECT event_id FROM {s.table}" for s in streams.PACKAGED)
+    sql = " UNION ALL ".join(f"SELECT event_id FROM {s.table}" for s in sources_for(settings.features_file))
     return [r[0] for r in query(Path(settings.feature_store_path), sql)]
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import dagster as dg
 import pytest
 
 from feature_pipeline import FeaturePipelineComponent, cli
+from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.settings import SettingsError
 from feature_pipeline.testing import BIN, LocalNats, Pipeline, consumer_states, query, run, wait_for
 from feature_pipeline_tests.helpers import publish, synced
+from feature_pipeline_tests.test_sources import FEATURES, MODELS, ORDERS, PACKAGED_SOURCES
 
 _PYPROJECT = """\
 [project]
@@ -262,3 +265,48 @@ def _ingest_running(p: Pipeline, prefix: str) -> dg.AssetCheckEvaluation | None:
         rec = inst.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
     data = rec.event.dagster_event.event_specific_data if rec and rec.event and rec.event.dagster_event else None
     return data if isinstance(data, dg.AssetCheckEvaluation) else None
+
+
+def test_an_instance_with_its_own_features_file_reads_the_teams_source(
+    tmp_path: Path, nats_server: LocalNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A team brings its sources, models and features in a `features_file` beside its project: `dg check defs`
+    loads them (and refuses a models path that does not import, in words), and the instance stores the team's
+    events, with an asset per source."""
+    project = _project(tmp_path / "demo", readme=False, extra="  features_file: orders.toml\n")
+    (project / "src" / "demo" / "orders_events.py").write_text(MODELS)
+    registry = PACKAGED_SOURCES + ORDERS.replace("orders_team_events:", "demo.orders_events:") + FEATURES
+    (project / "orders.toml").write_text(registry.replace("demo.orders_events:PAYLOADS", "demo.no_such:PAYLOADS"))
+    monkeypatch.setenv("DEMO_NATS_URL", nats_server.url)
+    refused = _dg(project, "check", "defs")
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    assert "source #3 ('orders'): models 'demo.no_such:PAYLOADS': cannot import demo.no_such" in said, said[-3000:]
+    (project / "orders.toml").write_text(registry)
+    checked = _dg(project, "check", "defs")
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+
+    monkeypatch.syspath_prepend(str(project / "src"))
+    defs = dg.load_from_defs_folder(project_root=project)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {"alpha/nats/orders", "alpha/order_events", "beta/nats/orders"} <= keys
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        sensor = defs.resolve_sensor_def("alpha_ingest_sensor")
+        with dg.build_sensor_context(
+            instance=instance, resources={"alpha_pipeline": defs.resources["alpha_pipeline"]}
+        ) as ctx:
+            assert not sensor.evaluate_tick(ctx).run_requests  # the first tick makes ORDERS and its consumer
+        at = datetime.now(UTC)
+        run(
+            publish(
+                nats_server.url,
+                [("orders.placed", make_envelope("o-1", "placed", "u-1", at, {"order_id": "A", "amount": 4.5}))],
+            )
+        )
+        assert "acked 1" in _store_one_batch(defs, "alpha", instance)
+    db = project / "data" / "alpha" / "feature_store.duckdb"
+    assert query(db, "SELECT event_id, user_id FROM order_events") == [("o-1", "u-1")]
+    assert query(db, "SELECT spend_total FROM user_features WHERE user_id = 'u-1'") == [(4.5,)]

@@ -276,6 +276,8 @@ class Ingest:
 
     @staticmethod
     def _log_refresh(context: dg.AssetExecutionContext, refresh: Refresh) -> None:
+        for line in refresh.sources_changed:
+            context.log.warning(line)
         if refresh.schema_changes:
             context.log.info(
                 "feature definitions changed (" + "; ".join(refresh.schema_changes) + "): rebuilt every row"

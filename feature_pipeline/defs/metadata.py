@@ -32,6 +32,8 @@ def refresh(r: Refresh) -> dict[str, Any]:
         meta["schema_changes"] = "; ".join(r.schema_changes)
     if r.partials_rebuilt:  # the whole history was read for these sources' all-time features
         meta["partials_rebuilt_from_history"] = ", ".join(r.partials_rebuilt)
+    if r.sources_changed:
+        meta["sources_changed"] = "; ".join(r.sources_changed)
     return meta
 
 

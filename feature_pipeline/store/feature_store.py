@@ -19,7 +19,7 @@ import duckdb
 
 from feature_pipeline import streams
 from feature_pipeline.settings import Settings
-from feature_pipeline.store import archive, batch, incremental, online
+from feature_pipeline.store import archive, batch, incremental, known_sources, online
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
@@ -55,6 +55,7 @@ class Refresh:
     rebuilt: bool  # every row was recomputed (new store, or the feature definitions changed)
     schema_changes: list[str] = field(default_factory=list)
     partials_rebuilt: list[str] = field(default_factory=list)  # sources whose all-time partials were rebuilt
+    sources_changed: list[str] = field(default_factory=list)  # sources added to or removed from the registry
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,8 @@ class FeatureStore:
             "INSERT OR REPLACE INTO feature_state VALUES (1, $as_of, $fp)",
             {"as_of": as_of, "fp": self.registry.fingerprint},
         )
-        return Refresh(as_of, rows, rebuild, changes, rebuilt_partials)
+        sources = known_sources.changes(con, self.registry, now)
+        return Refresh(as_of, rows, rebuild, changes, rebuilt_partials, sources)
 
     def export(self, path: str | os.PathLike[str], *, wait_seconds: float = 120.0) -> tuple[int, datetime | None]:
         """Write user_features to a Parquet file for bulk readers, atomically (a temp file renamed over the

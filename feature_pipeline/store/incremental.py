@@ -267,9 +267,11 @@ def write_rows(con: duckdb.DuckDBPyConnection, registry: Registry, as_of: dateti
     UPDATEs of the existing rows plus an INSERT of the new users: DuckDB's INSERT OR REPLACE deletes and
     re-inserts every key of the primary-key index, which took 2-4 s for a batch's 63 000 users."""
     set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({users})", {"as_of": as_of})
+    sql = rows_sql(registry)
+    params = {"as_of": as_of, **window_bounds(registry, as_of)}
+    # Only the parameters the query names: DuckDB refuses extra ones (a registry without windowed features).
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {FEATURE_ROWS} AS {rows_sql(registry)}",
-        {"as_of": as_of, **window_bounds(registry, as_of)},
+        f"CREATE OR REPLACE TEMP TABLE {FEATURE_ROWS} AS {sql}", {k: v for k, v in params.items() if f"${k}" in sql}
     )
     cols = [*registry.names, "updated_at"]
     for c in cols:  # one column per UPDATE: DuckDB 2.0 takes ~100 x longer for a dozen columns in one

@@ -119,7 +119,7 @@ def _check_sql(registry: Registry, origin: str) -> None:
             if f.aggregation == "ratio":
                 continue
             try:
-                con.execute(f"EXPLAIN {feature_sql(Registry(features=(f,)))}")
+                con.execute(f"EXPLAIN {feature_sql(Registry(features=(f,), sources=registry.sources))}")
             except duckdb.Error as exc:
                 raise RegistryError(f"{origin}: feature {f.name!r} does not compile: {exc}") from None
     finally:

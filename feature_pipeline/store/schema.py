@@ -8,6 +8,7 @@ import duckdb
 from feature_pipeline import streams
 from feature_pipeline.store.archive import ARCHIVE_DDL, view_ddl
 from feature_pipeline.store.incremental import DISTINCT_DDL, PARTIALS_STATE_DDL
+from feature_pipeline.store.known_sources import DDL as KNOWN_SOURCES_DDL
 from feature_pipeline.store.online import ONLINE_DDL
 from feature_pipeline.store.registry import Registry
 
@@ -131,7 +132,7 @@ def ddl(registry: Registry) -> list[str]:
     raw = [raw_ddl(s.table) for s in registry.event_streams]
     raw += [*ARCHIVE_DDL, *(view_ddl(s.table, [], replace=False) for s in registry.event_streams)]
     tables = [STATE_DDL, DEAD_LETTERS_DDL, BATCHES_DDL, EVENT_INDEX_DDL, CONSISTENCY_DDL, REDRIVES_DDL]
-    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL, BATCH_LATENCY_DDL, *ONLINE_DDL]
+    tables += [DISTINCT_DDL, PARTIALS_STATE_DDL, BATCH_LATENCY_DDL, *ONLINE_DDL, KNOWN_SOURCES_DDL]
     return [*raw, *tables, user_features_ddl(registry), snapshots_ddl(registry)]
 
 

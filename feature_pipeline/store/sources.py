@@ -26,7 +26,7 @@ STORE_TABLES = frozenset(
     {
         "user_features", "user_feature_snapshots", "dead_letters", "event_index", "feature_state",
         "ingested_batches", "consistency_state", "redrives", "feature_distinct", "partials_state", "archive_files",
-        "archive_runs", "online_pending", "online_check_state", "batch_latency",
+        "archive_runs", "online_pending", "online_check_state", "known_sources",
         # temp tables of a run, which would hide a table of the same name
         "batch_events", "touched_users", "fresh_ids", "repeated_copies", "stored_versions", "feature_rows",
         "feature_points", "pit_features", "time_users", "partials_delta",
