@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,9 @@ import dagster as dg
 import pytest
 
 from feature_pipeline import FeaturePipelineComponent, cli
-from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.settings import SettingsError
 from feature_pipeline.testing import BIN, LocalNats, Pipeline, consumer_states, query, run, wait_for
 from feature_pipeline_tests.helpers import publish, synced
-from feature_pipeline_tests.test_sources import FEATURES, MODELS, ORDERS, PACKAGED_SOURCES
 
 _PYPROJECT = """\
 [project]
@@ -91,6 +89,15 @@ def _dg(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _load(project: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
+    """The project's definitions, in this process. Every test's project is the package `demo`: one imported by
+    an earlier test in this worker is forgotten first, or its folders would be loaded instead of this one's."""
+    for name in [m for m in sys.modules if m == "demo" or m.startswith("demo.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(project / "src"))
+    return dg.load_from_defs_folder(project_root=project)
+
+
 def _store_one_batch(defs: dg.Definitions, prefix: str, instance: dg.DagsterInstance) -> str:
     """A tick of the instance's sensor, the run it asks for, and the tick that acks; the ack tick's words."""
     sensor = defs.resolve_sensor_def(f"{prefix}_ingest_sensor")
@@ -115,8 +122,7 @@ def test_two_instances_in_a_throwaway_project_load_with_dg_and_each_stores_a_bat
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
     assert "All definitions loaded successfully" in checked.stdout + checked.stderr
 
-    monkeypatch.syspath_prepend(str(project / "src"))
-    defs = dg.load_from_defs_folder(project_root=project)
+    defs = _load(project, monkeypatch)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     for prefix in ("alpha", "beta", "recs"):
         assert {f"{prefix}/user_features", f"{prefix}/nats/signals", f"{prefix}/user_feature_snapshots"} <= keys
@@ -267,46 +273,64 @@ def _ingest_running(p: Pipeline, prefix: str) -> dg.AssetCheckEvaluation | None:
     return data if isinstance(data, dg.AssetCheckEvaluation) else None
 
 
-def test_an_instance_with_its_own_features_file_reads_the_teams_source(
-    tmp_path: Path, nats_server: LocalNats, monkeypatch: pytest.MonkeyPatch
+def _guide_blocks() -> dict[str, str]:
+    """The files of docs/component.md's "Your own sources and features", as written there, and its commands."""
+    guide = (Path(__file__).parent.parent / "docs" / "component.md").read_text()
+    section = guide.split("## Your own sources and features", 1)[1]
+    blocks = {m: section.split(f"<<'{m}'\n", 1)[1].split(f"\n{m}\n", 1)[0] + "\n" for m in ("PY", "TOML", "YAML")}
+    blocks["commands"] = section.split("```bash\nexport ", 1)[1].split("\n```", 1)[0]
+    return blocks
+
+
+def test_the_guide_example_of_a_teams_own_sources_loads_and_stores_them(
+    tmp_path: Path,
+    nats_server: LocalNats,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A team brings its sources, models and features in a `features_file` beside its project: `dg check defs`
-    loads them (and refuses a models path that does not import, in words), and the instance stores the team's
-    events, with an asset per source."""
-    project = _project(tmp_path / "demo", readme=False, extra="  features_file: orders.toml\n")
-    (project / "src" / "demo" / "orders_events.py").write_text(MODELS)
-    registry = PACKAGED_SOURCES + ORDERS.replace("orders_team_events:", "demo.orders_events:") + FEATURES
-    (project / "orders.toml").write_text(registry.replace("demo.orders_events:PAYLOADS", "demo.no_such:PAYLOADS"))
+    """docs/component.md's shop: its models, registry and defs.yaml in a throwaway project. `dg check defs`
+    refuses the registry with a models path that does not import, in words, and loads the right one; the
+    guide's commands then publish the shop's events, the instance stores them and `features` reads them."""
+    files = _guide_blocks()
+    project = _project(tmp_path / "demo", readme=False)
+    (project / "src" / "demo" / "shop_events.py").write_text(files["PY"])
+    (project / "src" / "demo" / "defs" / "shop").mkdir()
+    (project / "src" / "demo" / "defs" / "shop" / "defs.yaml").write_text(files["YAML"])
+    registry = project / "shop_features.toml"
+    registry.write_text(files["TOML"].replace("demo.shop_events:ORDERS", "demo.no_such:ORDERS"))
     monkeypatch.setenv("DEMO_NATS_URL", nats_server.url)
+    monkeypatch.setenv("NATS_URL", nats_server.url)
     refused = _dg(project, "check", "defs")
-    assert refused.returncode != 0
     said = refused.stdout + refused.stderr
-    assert "source #3 ('orders'): models 'demo.no_such:PAYLOADS': cannot import demo.no_such" in said, said[-3000:]
-    (project / "orders.toml").write_text(registry)
+    assert refused.returncode != 0
+    assert "source #1 ('orders'): models 'demo.no_such:ORDERS': cannot import demo.no_such" in said, said[-3000:]
+    registry.write_text(files["TOML"])
     checked = _dg(project, "check", "defs")
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
 
-    monkeypatch.syspath_prepend(str(project / "src"))
-    defs = dg.load_from_defs_folder(project_root=project)
+    defs = _load(project, monkeypatch)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert {"alpha/nats/orders", "alpha/order_events", "beta/nats/orders"} <= keys
+    assert {"shop/nats/orders", "shop/nats/sessions", "shop/order_events", "shop/session_events"} <= keys
+    assert "shop/nats/signals" not in keys
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("")
+    commands = files["commands"].splitlines()
+    monkeypatch.chdir(project)
+    for assignment in shlex.split(commands[0]):  # export FEATURE_PIPELINE_FEATURES_FILE=… NATS_DURABLE_PREFIX=…
+        monkeypatch.setenv(*assignment.split("=", 1))
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        sensor = defs.resolve_sensor_def("alpha_ingest_sensor")
+        sensor = defs.resolve_sensor_def("shop_ingest_sensor")
         with dg.build_sensor_context(
-            instance=instance, resources={"alpha_pipeline": defs.resources["alpha_pipeline"]}
+            instance=instance, resources={"shop_pipeline": defs.resources["shop_pipeline"]}
         ) as ctx:
-            assert not sensor.evaluate_tick(ctx).run_requests  # the first tick makes ORDERS and its consumer
-        at = datetime.now(UTC)
-        run(
-            publish(
-                nats_server.url,
-                [("orders.placed", make_envelope("o-1", "placed", "u-1", at, {"order_id": "A", "amount": 4.5}))],
-            )
-        )
-        assert "acked 1" in _store_one_batch(defs, "alpha", instance)
-    db = project / "data" / "alpha" / "feature_store.duckdb"
-    assert query(db, "SELECT event_id, user_id FROM order_events") == [("o-1", "u-1")]
-    assert query(db, "SELECT spend_total FROM user_features WHERE user_id = 'u-1'") == [(4.5,)]
+            assert not sensor.evaluate_tick(ctx).run_requests  # the first tick makes ORDERS, SESSIONS, consumers
+        for line in commands[1:3]:
+            assert cli.main(shlex.split(line)[1:]) == 0, line
+        assert "acked 2" in _store_one_batch(defs, "shop", instance)
+    db = project / "data" / "shop" / "feature_store.duckdb"
+    assert query(db, "SELECT user_id, orders_7d, spend_30d, sessions_7d FROM user_features") == [("u-42", 1, 12.5, 1)]
+    capsys.readouterr()
+    assert cli.main(shlex.split(commands[3])[1:]) == 0
+    shown = capsys.readouterr().out
+    assert "u-42" in shown and "12.5" in shown, shown

@@ -66,8 +66,8 @@ def subject_regex(pattern: str) -> str:
 
 def select(store: FeatureStore, f: RedriveFilter) -> list[dict[str, Any]]:
     """The matching dead letters of event streams that were not redriven yet, oldest first."""
-    where = ["d.original_stream IN ($signals, $feedback)", "r.original_seq IS NULL"]
-    params: dict[str, Any] = {"signals": streams.SIGNALS.name, "feedback": streams.FEEDBACK.name}
+    where = ["list_contains($sources, d.original_stream)", "r.original_seq IS NULL"]
+    params: dict[str, Any] = {"sources": [s.name for s in store.registry.event_streams]}
     if f.reason:
         where.append("contains(lower(d.reason), lower($reason))")
         params["reason"] = f.reason
