@@ -141,7 +141,7 @@ _FAST_ENVELOPE = TypeAdapter(_FastEnvelope)
 
 @dataclass(frozen=True)
 class Rule:
-    """What the messages of one subject must be: the envelope, of type `type`, with `data` valid for `model`.
+    """What the messages of one subject must be: the envelope, of type `event_type`, with `data` valid for `model`.
     Without a model, the event is stored as an unknown type, or is poison when `unknown_is_poison`."""
 
     subject: str

@@ -14,6 +14,7 @@ from nats.js.errors import NotFoundError
 from feature_pipeline import streams
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.ingest.replay import ReplayRange, replay
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import compute_features
@@ -177,7 +178,7 @@ def test_a_source_added_to_an_existing_store_is_read_and_one_removed_keeps_its_t
     run(publish(settings.nats_url, [order("o-2", "u-1", "placed", datetime.now(UTC), order_id="B", amount=2.0)]))
     Lifecycle(two).drain()
     assert query(db, "SELECT event_id FROM order_events") == [("o-1",)], "o-2 waits in ORDERS"
-    orders = load_registry(three.features_file).source("orders")
+    orders = next(s for s in load_registry(three.features_file).event_streams if s.key == "orders")
 
     async def pending() -> int:
         async with await Broker.connect(settings.nats_url) as broker:
@@ -289,3 +290,56 @@ def test_a_third_source_under_the_real_daemon_is_stored_once_and_dead_letters_it
     assert reason[0].startswith("invalid placed data: amount: Input should be a valid number"), reason
     spend = dict(p.query("SELECT user_id, spend_total FROM user_features"))
     assert spend == {f"u-{u}": float(sum(i for i in range(20) if i % 3 == u)) for u in range(3)}
+
+
+def test_a_store_made_before_sources_were_configuration_opens_unchanged(settings: Settings) -> None:
+    """What this change adds to a store is the known_sources table; a store without it (made by the code
+    before) opens with its rows as they were: no rebuild, no column change, and no source reported as new."""
+    run(publish(settings.nats_url, [synced("evt-1"), synced("evt-2", "u-2")]))
+    Lifecycle(settings).drain()
+    db = Path(settings.feature_store_path)
+    con = FeatureStore.from_settings(settings).connect()
+    try:
+        con.execute("DROP TABLE known_sources")
+        before = con.execute("SELECT * FROM user_features ORDER BY user_id").fetchall()
+    finally:
+        con.close()
+    refresh, _ = FeatureStore.from_settings(settings).advance()
+    assert (refresh.rebuilt, refresh.schema_changes, refresh.partials_rebuilt, refresh.sources_changed) == (
+        False,
+        [],
+        [],
+        [],
+    )
+    after = query(db, "SELECT * FROM user_features ORDER BY user_id")
+    assert [r[:-1] for r in after] == [r[:-1] for r in before], "every feature as it was (updated_at aside)"
+    assert query(db, "SELECT name, stream, table_name FROM known_sources ORDER BY 1") == [
+        ("feedback", "FEEDBACK", "feedback_events"),
+        ("signals", "SIGNALS", "signal_events"),
+    ]
+
+
+def test_a_source_of_two_subjects_is_read_watched_and_replayed(settings: Settings, team: Path) -> None:
+    """`subjects = ["shop.orders.>", "shop.refunds.>"]`: the event type is what `>` matched under either; the
+    consumer (without a filter), the oldest-unacked figure and a replay read every subject of the stream."""
+    two = ORDERS.replace('subjects = ["orders.>"]', 'subjects = ["shop.orders.>", "shop.refunds.>"]')
+    cfg = changed(settings, features_file=registry_file(team, PACKAGED_SOURCES + two + FEATURES))
+    life = Lifecycle(cfg)
+    life.tick()
+    at = datetime.now(UTC)
+    placed = [make_envelope(f"o-{i}", "placed", "u-1", at, {"order_id": str(i), "amount": 2.0}) for i in range(2)]
+    refunded = make_envelope("r-1", "refunded", "u-1", at, {"order_id": "0", "amount": 2.0})
+    run(publish(cfg.nats_url, [*(("shop.orders.placed", b) for b in placed), ("shop.refunds.refunded", refunded)]))
+    staged = life.tick()
+    assert staged.problem is None and staged.fetched == {"ORDERS": 3}, staged.summary()
+    orders = next(s for s in staged.stats if s.stream == "ORDERS")
+    assert orders.num_ack_pending == 3 and orders.oldest_unacked_age_seconds > 0
+    life.drain()
+    db = Path(cfg.feature_store_path)
+    stored = [("o-0", "placed"), ("o-1", "placed"), ("r-1", "refunded")]
+    assert query(db, "SELECT event_id, type FROM order_events ORDER BY 1") == stored
+
+    db.unlink()
+    report = replay(cfg.nats_url, cfg.nats_auth, FeatureStore.from_settings(cfg), ReplayRange("ORDERS"), log=str)
+    assert (report.read, report.stored, report.poison) == (3, 3, 0)
+    assert query(db, "SELECT event_id, type FROM order_events ORDER BY 1") == stored

@@ -39,7 +39,8 @@ def build_ingest_sensor(names: Names, job: AssetJob, checks: Checks, interval_se
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={names.resource_key},
-        description="Drains the SIGNALS, FEEDBACK and DEADLETTER durable consumers into staged micro-batches, "
+        description=f"Drains the {', '.join(s.name for s in names.streams)} durable consumers into staged "
+        "micro-batches, "
         f"one {names.ingest_job} run each, and acks a batch only after its run succeeded. "
         + _cadence(interval_seconds),
     )

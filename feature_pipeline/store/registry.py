@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from feature_pipeline.store.sources import SourceDef, conflicts, packaged
-from feature_pipeline.streams import StreamSpec, with_dead_letters
+from feature_pipeline.streams import StreamSpec
 
 RESERVED = frozenset({"user_id", "updated_at", "valid_as_of", "as_of", "ts", "snapshot_date"})
 VALUE_TYPES = ("BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN", "TIMESTAMPTZ")
@@ -204,15 +204,6 @@ class Registry(BaseModel):
     def event_streams(self) -> tuple[StreamSpec, ...]:
         """The sources as the stream table every module reads (the dead-letter stream is not among them)."""
         return tuple(s.spec for s in self.sources)
-
-    @cached_property
-    def streams(self) -> tuple[StreamSpec, ...]:
-        """Every stream the pipeline reads: the sources, then the dead-letter stream."""
-        return with_dead_letters(self.event_streams)
-
-    def source(self, name: str) -> StreamSpec:
-        """The source a feature reads (the registry checked that it exists)."""
-        return next(s for s in self.event_streams if s.key == name)
 
     @cached_property
     def fingerprint(self) -> str:
