@@ -260,7 +260,7 @@ class Checks:
     def online_result(self, synced: SyncResult) -> dg.AssetCheckResult:
         """The sample the run read back from the online store after writing it."""
         bad = list(synced.different)
-        shown = ", ".join(repr(u) for u in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        shown = _listed([repr(u) for u in bad], 10)
         return dg.AssetCheckResult(
             asset_key=self.online.asset_key,
             check_name=self.online.name,
@@ -311,7 +311,7 @@ class Checks:
                 "rows_checked": health.consistency_checked,
                 "compared_at": dg.TimestampMetadataValue(checked_at.timestamp()) if checked_at else "never",
                 "rows_differing": len(bad),
-                "users_differing": ", ".join(bad[:50]) + (f" and {len(bad) - 50} more" if len(bad) > 50 else ""),
+                "users_differing": _listed(bad, 50),
             },
             description=(
                 f"{len(bad)} of {health.consistency_checked} sampled rows differ from a recomputation: "
@@ -419,3 +419,8 @@ def _staging_hold(settings: Settings) -> str | None:
             return staging_hold(staging)
     except OSError as exc:
         return f"cannot open the staging at {settings.staging_dir}: {exc}"
+
+
+def _listed(items: list[str], most: int) -> str:
+    """`a, b, c and 7 more`: users named in a check's words, at most `most` of them."""
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
