@@ -14,6 +14,7 @@ from nats.js.errors import NotFoundError
 from feature_pipeline import streams
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.envelopes import make_envelope
+from feature_pipeline.ingest.failures import Cause
 from feature_pipeline.ingest.replay import ReplayRange, replay
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import FeatureStore
@@ -166,6 +167,10 @@ def test_a_source_added_to_an_existing_store_is_read_and_one_removed_keeps_its_t
     db = Path(settings.feature_store_path)
     assert query(db, "SELECT event_id FROM order_events") == [("o-1",)]
     assert query(db, "SELECT event_id FROM signal_events") == [("evt-1",)]
+    advisories = run(stream_subjects(settings.nats_url, streams.advisory_stream(settings.durable_prefix)))
+    assert any(s.endswith(f".ORDERS.{settings.durable_prefix}-orders") for s in advisories), (
+        "the new consumer's MAX_DELIVERIES advisories are captured too"
+    )
 
     one_feature = "[[feature]]" + FEATURES.split("[[feature]]")[1]
     two = changed(settings, features_file=registry_file(team, PACKAGED_SOURCES + one_feature))
@@ -190,6 +195,31 @@ def test_a_source_added_to_an_existing_store_is_read_and_one_removed_keeps_its_t
     assert refresh.sources_changed == [
         "source 'orders' is back: its events are read again from where its consumer stopped"
     ]
+
+
+async def stream_subjects(url: str, stream: str) -> list[str]:
+    async with await Broker.connect(url) as broker:
+        return list((await broker.js.stream_info(stream)).config.subjects or [])
+
+
+def test_a_batch_staged_before_its_source_was_removed_waits_for_it(settings: Settings, team: Path) -> None:
+    """The batch's run fails naming the stream, as a failure outside its messages: nothing is indexed or
+    dropped, no delivery is spent, and the batch is stored once the source is back."""
+    three = changed(settings, features_file=registry_file(team, PACKAGED_SOURCES + ORDERS + FEATURES))
+    life = Lifecycle(three)
+    life.tick()
+    run(publish(settings.nats_url, [order("o-1", "u-1", "placed", datetime.now(UTC), order_id="A", amount=1.0)]))
+    (batch,) = life.tick().to_request
+    one_feature = "[[feature]]" + FEATURES.split("[[feature]]")[1]
+    without = Lifecycle(changed(settings, features_file=registry_file(team, PACKAGED_SOURCES + one_feature)))
+    assert not without.execute(batch)
+    failure = without.runs.failures[f"run-{batch}-0"]
+    assert failure.cause is Cause.INFRASTRUCTURE
+    assert "events of streams that are not sources in the feature registry (1 from stream ORDERS)" in failure.text
+    assert query(Path(settings.feature_store_path), "SELECT count(*) FROM event_index") == [(0,)]
+    assert life.execute(batch)
+    assert life.tick().acked == 1
+    assert query(Path(settings.feature_store_path), "SELECT event_id FROM order_events") == [("o-1",)]
 
 
 def test_a_registry_without_sources_reads_the_packaged_ones_and_keeps_its_fingerprint(tmp_path: Path) -> None:

@@ -122,8 +122,9 @@ class UnknownSource(ValueError):
 
 
 def _check_sources(con: duckdb.DuckDBPyConnection, sources: Sequence[StreamSpec]) -> None:
-    """Every event of the batch has a table to go to: a source removed while its batch was staged fails the
-    run in words (its messages are redelivered, then dead-lettered), instead of being indexed and dropped."""
+    """Every event of the batch has a table to go to. A source removed while its batch was staged fails the run
+    in words, instead of its events being indexed and dropped: a failure outside the messages (`failures`),
+    so the batch stays staged, spends no delivery, and is stored once the source is back."""
     known = [s.name for s in sources]
     rows = con.execute(
         f"SELECT stream, count(*) FROM {EVENTS} WHERE NOT list_contains($known, stream) GROUP BY 1", {"known": known}
