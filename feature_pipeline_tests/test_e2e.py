@@ -93,6 +93,7 @@ def test_event_to_feature_row_poison_checks_and_health(make_pipeline: Any) -> No
     run(publish(p.nats.url, [synced("evt-e2e-2", "u-42", total=20)]))
     wait_for(lambda: (_features(p, "u-42") or {}).get("signal_count_total") == 2, 60, "the row to be bumped to 2")
     assert _features(p, "u-42")["latest_tasks_total"] == 20
+    wait_for(p.settled, 30, "the run to succeed and its batch to be acked")  # its checks are recorded by then
 
     meta = _latest_materialization(p, "user_features")
     assert 0 <= meta["publish_to_commit_p50_seconds"] <= meta["publish_to_commit_max_seconds"] < 60
@@ -229,7 +230,8 @@ def test_slow_commits_and_a_stopped_ingest_sensor_are_named(make_pipeline: Any) 
     )
     run(publish(p.nats.url, [synced("evt-before-stop", "u-1")]))
     wait_for(lambda: _features(p, "u-1"), 90, "u-1's row")
-    latency = _check(p, "user_features", "commit_latency")
+    # The row is visible at COMMIT; the run records its checks a moment later.
+    latency = wait_for(lambda: _check(p, "user_features", "commit_latency"), 30, "the run's commit_latency check")
     assert latency["passed"] is False and latency["severity"] == dg.AssetCheckSeverity.ERROR, latency
     assert "warn above 2 s, error above 5 s" in latency["description"]
     assert latency["metadata"]["worst_p95_seconds"].value >= 10  # the fault waits 10 s before COMMIT
