@@ -39,7 +39,6 @@ from common import log  # noqa: E402
 
 from feature_pipeline.broker.deliveries import Delivery  # noqa: E402
 from feature_pipeline.broker.local import LocalNats  # noqa: E402
-from feature_pipeline.ingest.assemble import assemble  # noqa: E402
 from feature_pipeline.ingest.shared_staging import NatsStaging  # noqa: E402
 from feature_pipeline.ingest.staging import FolderStaging, Staging  # noqa: E402
 from feature_pipeline.samples import sample_event  # noqa: E402
@@ -170,10 +169,9 @@ def _deliveries(n: int) -> list[Delivery]:
 
 
 def _time_staging(staging: Staging, deliveries: list[Delivery]) -> dict[str, float]:
-    assembled = assemble(deliveries)
-    staging.remove(staging.stage(assemble(deliveries[:100])).batch_id)  # first use: buckets, Parquet writers
+    staging.remove(staging.stage(deliveries[:100]).batch_id)  # first use: buckets, Parquet writers
     t0 = time.perf_counter()
-    manifest = staging.stage(assembled)
+    manifest = staging.stage(deliveries)
     t1 = time.perf_counter()
     with staging.local_copy(manifest.batch_id) as folder:
         size = sum(f.stat().st_size for f in folder.iterdir())

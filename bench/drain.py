@@ -67,10 +67,12 @@ class Pipeline(testing.Pipeline):
         prefix: str = "bench",
         env: dict[str, str] | None = None,
         instance_yaml: Path | None = None,
+        warm: bool = False,
     ) -> None:
-        """`env` and `instance_yaml`: for a deployment (deploy/dagster.yaml and its variables, see bench/deploy.py)."""
+        """`env` and `instance_yaml`: for a deployment (deploy/dagster.yaml and its variables, see bench/deploy.py);
+        `warm`: runs on the local warm worker, as `feature-pipeline up` starts them."""
         extra = {"instance_yaml": instance_yaml} if instance_yaml else {}
-        super().__init__(root, {**knob_env(), **(env or {})}, nats=nats, prefix=prefix, **extra)
+        super().__init__(root, {**knob_env(), **(env or {})}, nats=nats, prefix=prefix, warm=warm, **extra)
         self.started_at = 0.0
         self._cleanup: Callable[[], None] | None = None
 

@@ -5,8 +5,7 @@ through the pipeline: a history at a steady rate (1 M events per 30 days, both s
 appended in time order as the pipeline appends it, so 100 M events reach about eight years back. The
 store's own migration then indexes the ids and one full recomputation sets the clock. The same kind of
 100 000-event batch is then staged the way the sensor stages it (synthetic `Delivery` objects through
-`assemble` and `FolderStaging.stage`) and applied with `FeatureStore.apply_batch`. Each size runs in its
-own process, so its peak RSS is its own. At the largest size the point-in-time training set and the
+`FolderStaging.stage`) and applied with `FeatureStore.apply_batch`. Each size runs in its own process, so its peak RSS is its own. At the largest size the point-in-time training set and the
 daily snapshot are timed too.
 
     .venv/bin/python bench/growth.py                                   # 1 M, 10 M, 100 M (about 40 min)
@@ -37,7 +36,6 @@ from common import EventMaker, log
 
 from feature_pipeline import training_set
 from feature_pipeline.broker.deliveries import Delivery
-from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.store.feature_store import FeatureStore
 
@@ -140,7 +138,7 @@ def apply_batches(store: FeatureStore, root: Path, events: int, batch: int, user
     applies = []
     for rep in range(reps):
         deliveries = make_batch(batch, users, events + rep * batch, f"g{events}-{rep}")
-        manifest = staging.stage(assemble(deliveries))
+        manifest = staging.stage(deliveries)
         t0 = time.perf_counter()
         # The comparison with the whole-history reference is rate-limited in the pipeline (every 300 s by
         # default); it is timed separately below, not inside each batch.

@@ -32,6 +32,8 @@ from common import VENV_BIN, log, on_cleanup, run_cleanups  # noqa: E402
 from feature_pipeline.ingest.tick import FETCH_CHUNK  # noqa: E402
 
 PHASES = ("ceiling", "baseline", "drain", "steady", "growth")
+DRAIN_TARGET, DRAIN_TARGET_LARGE = 30_000, 35_000  # ev/s from the first fetch: below 1 M events, from 1 M
+P95_TARGET_S = 5.5  # publish->commit at 1 000 ev/s: within 10 % of the sensor daemon's 5 s loop
 GIB_MIB = 1024.0
 
 
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wait after each steady phase for the pipeline to catch up (default 2 x steady seconds)",
     )
     ap.add_argument("--baseline-events", type=int, default=5000)
-    ap.add_argument("--fetch-batch", type=int, default=5000, help="ceiling (a): PullSubscription.fetch batch")
+    ap.add_argument("--fetch-batch", type=int, default=1000, help="ceiling (a): PullSubscription.fetch batch")
     ap.add_argument(
         "--raw-batch", type=int, help="ceiling (b): raw pull batch (default: the pipeline's pull size, 20 000)"
     )
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--growth-batch", type=int, default=100_000)
     ap.add_argument("--growth-reps", type=int, help="batches applied per size (default 3; --quick 2)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma list out of {','.join(PHASES)}")
+    ap.add_argument(
+        "--launcher",
+        choices=("warm", "spawn"),
+        default="warm",
+        help="runs on the warm local worker, as `feature-pipeline up` starts them (default), or a process per run",
+    )
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon tree (--subprocesses) during the drain")
     ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, store, DAGSTER_HOME)")
@@ -179,15 +187,17 @@ def build_table(r: dict[str, Any], a: argparse.Namespace) -> list[list[str]]:
         eps = d["events_per_s"]
         label = f"pipeline backlog drain e2e, {d['events']:,} ev"
         rows.append(
-            [
-                label,
-                _fmt(eps, " ev/s") + f" ({d['seconds']} s)" + (" TIMED OUT" if d["timed_out"] else ""),
-                ">= 50,000 ev/s",
-                _ok(eps >= 50_000 and not d["timed_out"]),
-            ]
+            [label, _fmt(eps, " ev/s") + f" ({d['seconds']} s)" + (" TIMED OUT" if d["timed_out"] else ""), "", ""]
         )
+        first = d.get("events_per_s_after_first_fetch") or 0.0
+        floor = DRAIN_TARGET_LARGE if d["events"] >= 1_000_000 else DRAIN_TARGET
         rows.append(
-            ["  excl. start-up (from first fetch)", _fmt(d.get("events_per_s_after_first_fetch"), " ev/s"), "", ""]
+            [
+                "  from the first fetch to lag 0",
+                _fmt(first, " ev/s"),
+                f">= {floor:,} ev/s",
+                _ok(first >= floor and not d["timed_out"]),
+            ]
         )
         rows.append(
             [
@@ -222,10 +232,10 @@ def build_table(r: dict[str, Any], a: argparse.Namespace) -> list[list[str]]:
             rows.append(["  ratio pipeline / ceiling(raw)", _fmt(eps / c["raw"]["events_per_s"], "x", 3), "", ""])
             rows.append(
                 [
-                    "  ratio pipeline / ceiling(fetch)",
-                    _fmt(eps / c["fetch"]["events_per_s"], "x", 3),
+                    "  ratio pipeline (from the first fetch) / ceiling(fetch)",
+                    _fmt(first / c["fetch"]["events_per_s"], "x", 3),
                     ">= 1.5x",
-                    _ok(eps / c["fetch"]["events_per_s"] >= 1.5),
+                    _ok(first / c["fetch"]["events_per_s"] >= 1.5),
                 ]
             )
         if b:
@@ -261,13 +271,13 @@ def build_table(r: dict[str, Any], a: argparse.Namespace) -> list[list[str]]:
                 "",
             ]
         )
-        target = "p95 <= 8 s" if rate == 1000 else ""
+        target = f"p95 <= {P95_TARGET_S} s" if rate == 1000 else ""
         rows.append(
             [
                 "  publish->commit p50 / p95 / max",
                 f"{_fmt(s['latency_p50_s'], '', 2)} / {_fmt(s['latency_p95_s'], '', 2)} / {_fmt(s['latency_max_s'], '', 2)} s",
                 target,
-                _ok(s["latency_p95_s"] is not None and s["latency_p95_s"] <= 8) if rate == 1000 else "",
+                _ok(s["latency_p95_s"] is not None and s["latency_p95_s"] <= P95_TARGET_S) if rate == 1000 else "",
             ]
         )
         bounded_target = "lag not growing" if rate == max(a.rates) else ""
@@ -341,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         on_cleanup(nats_srv.kill)
         sampler.watch("nats", nats_srv.proc.pid)
         log(f"nats-server {nats_srv.url} (pid {nats_srv.proc.pid})")
-        p = drain.Pipeline(tmp / "pipeline", nats_srv)
+        p = drain.Pipeline(tmp / "pipeline", nats_srv, warm=a.launcher == "warm")
         r["knobs"] = p.settings()
         log("pipeline settings: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
         # The pipeline's own pull size: one 250 000-message pull overflows the server's per-client
@@ -365,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             p.start()
             assert p.daemon is not None
             sampler.watch("daemon", p.daemon.pid)
+            for i, worker in enumerate(p.workers):
+                sampler.watch(f"worker{i}", worker.pid)
             log(f"dagster-daemon pid {p.daemon.pid}, DAGSTER_HOME {p.home}, log {p.daemon_log}")
             prof = None
             if "drain" in a.phases:
@@ -408,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["peak_rss_all_phases"] = sampler.by_kind()
             p.stop()
         sampler.unwatch("daemon")
+        for i in range(len(p.workers)):
+            sampler.unwatch(f"worker{i}")
         nats_srv.stop()
         if "growth" in a.phases:
             r["growth"] = growth.run(

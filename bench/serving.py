@@ -44,7 +44,6 @@ from growth import make_batch
 from feature_pipeline.broker import kv
 from feature_pipeline.broker.kv import OnlineStoreError
 from feature_pipeline.broker.local import LocalNats
-from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.online import Writer, sync
 from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.read.online import OnlineReader, OnlineReplica
@@ -206,7 +205,7 @@ def a_run(cfg: Settings, store: FeatureStore, root: Path, users: int) -> dict[st
     applies, syncs, floors, fresh = [], [], [], []
 
     def one(rep: int) -> tuple[float, float, int]:
-        manifest = staging.stage(assemble(make_batch(5000, users, 10_000_000 * (rep + 1), f"s{users}-{rep}")))
+        manifest = staging.stage(make_batch(5000, users, 10_000_000 * (rep + 1), f"s{users}-{rep}"))
         writer = Writer(cfg, store)  # as a run calls it: right after the commit, on the store's connection
         t0 = time.perf_counter()
         result = store.apply_batch(

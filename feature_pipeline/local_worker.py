@@ -1,4 +1,4 @@
-"""A warm run worker on one machine with no service to install (`feature-pipeline up --warm`).
+"""A warm run worker on one machine with no service to install (what `feature-pipeline up` starts, unless `--spawn`).
 
 Runs go to a Celery worker that keeps the code location imported, as in a deployment, but Celery's
 queue is a folder (kombu's filesystem transport) and task states are files (Celery's file result
@@ -15,7 +15,7 @@ import yaml
 
 BROKER = "filesystem://"
 QUEUE = "feature-pipeline-local"
-MARKER = "# Written by `feature-pipeline up --warm`"
+MARKER = "# Written by `feature-pipeline up --warm`"  # unchanged since --warm became the default: older homes keep it
 POLL_SECONDS = 0.1  # how often the worker looks for a new run in the queue folder
 
 
@@ -72,5 +72,5 @@ def instance_config(single_box_yaml: Path, home: Path) -> str:
             "config_source": {"broker_transport_options": transport_options(home)},
         },
     }
-    header = f"{MARKER} from {single_box_yaml}: runs on a warm local worker; plain `up` puts the original back.\n"
+    header = f"{MARKER} from {single_box_yaml}: runs on a warm local worker; `up --spawn` puts the original back.\n"
     return header + yaml.safe_dump(config, sort_keys=False)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import dagster as dg
 import duckdb
 
+from feature_pipeline import local_worker
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster, LocalNats, free_port
 from feature_pipeline.store.loader import sources_for
@@ -106,6 +107,9 @@ class Pipeline:
     `nats`: a server someone else started and stops (the benchmark's); by default the pipeline starts
     its own and kills it on `close`. `env`: variables on top of the pipeline's own (paths, URL, prefix).
     `workspace`: another project's workspace.yaml (Component instances configured in its YAML).
+    `warm`: runs on the local warm worker, as `feature-pipeline up` starts them, instead of a process per run
+    (`instance_yaml`'s launcher); None takes FEATURE_PIPELINE_TEST_LAUNCHER (`warm` or `spawn`, the default),
+    so the whole end-to-end suite can be run either way.
     """
 
     def __init__(
@@ -118,8 +122,10 @@ class Pipeline:
         webserver: bool = False,
         instance_yaml: Path = REPO / "dagster.yaml",
         workspace: Path = REPO / "workspace.yaml",
+        warm: bool | None = None,
     ) -> None:
         self.root = root
+        self.warm = os.environ.get("FEATURE_PIPELINE_TEST_LAUNCHER", "spawn") == "warm" if warm is None else warm
         self.owns_nats = nats is None
         self.nats: LocalNats | LocalCluster = nats or LocalNats(root / "nats", log_file=str(root / "nats.log"))
         self.home = root / "dagster_home"
@@ -159,6 +165,11 @@ class Pipeline:
             self.nats.start()
         self.home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.instance_yaml, self.home / "dagster.yaml")
+        if self.warm:
+            (self.home / "dagster.yaml").write_text(local_worker.instance_config(self.instance_yaml, self.home))
+            local_worker.prepare(self.home)
+            self.extra_env.update(local_worker.celery_env(self.home))
+            self.start_worker()
         with self.instance():  # create the storage here, so no reader races the daemon's schema migration
             pass
         self.start_daemon()

@@ -27,8 +27,8 @@ from feature_pipeline.defs.build import build_definitions
 from feature_pipeline.defs.names import Names
 from feature_pipeline.defs.resources import PipelineResource, pipeline_resource
 from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.failures import Cause, RunFailure, cause_of
+from feature_pipeline.ingest.poison import Copier
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun
 from feature_pipeline.ingest.shared_staging import open_staging
@@ -200,7 +200,13 @@ class Lifecycle:
         hook = faults.before_commit({faults.FAIL_RUN} if fail else self.settings.fault_set)
         try:
             with open_staging(self.settings) as staging, staging.local_copy(batch_id) as folder:
-                FeatureStore.from_settings(self.settings).apply_batch(folder, batch_id, before_commit=hook)
+                FeatureStore.from_settings(self.settings).apply_batch(
+                    folder,
+                    batch_id,
+                    before_commit=hook,
+                    dead_letter=Copier(self.settings),
+                    pipeline=self.settings.durable_prefix,
+                )
         except Exception as exc:
             failure = f"run run-{batch_id} failed: {exc}"
             self.runs.finish(batch_id, "FAILURE", failure, cause_of(exc), attempt)
@@ -317,7 +323,7 @@ class Env:
     feed: Feed
 
     def stage(self, deliveries: Sequence[Delivery]) -> str:
-        return self.staging.stage(assemble(deliveries)).batch_id
+        return self.staging.stage(deliveries).batch_id
 
     def apply(self, deliveries: Sequence[Delivery], **kw: Any) -> BatchResult:
         batch_id = self.stage(deliveries)

@@ -237,7 +237,7 @@ def test_schema_version_zero_or_string_is_poison() -> None:
 
 @pytest.mark.parametrize("occurred_at", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
 def test_timestamp_out_of_utc_range_is_poison_not_a_crash(occurred_at: str) -> None:
-    """validate must only ever raise PoisonMessage: anything else aborts the whole fetch in `assemble`."""
+    """validate must only ever raise PoisonMessage: anything else would abort the run's intake of the whole batch."""
     assert "occurred_at" in poison_text(SUBJECT, envelope(occurred_at=occurred_at))
 
 
@@ -259,7 +259,7 @@ def test_tasks_total_beyond_bigint_is_poison() -> None:
     ),
 )
 def test_arbitrary_bytes_give_an_event_or_poison(subject: str, body: bytes) -> None:
-    """Any other exception escapes `assemble` and blocks the stream: only Event or PoisonMessage is allowed."""
+    """Any other exception would escape the intake and block the batch: only Event or PoisonMessage is allowed."""
     try:
         result = validate(subject, body)
     except PoisonMessage as exc:

@@ -23,9 +23,8 @@ from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.local import LocalNats
-from feature_pipeline.contract import Contract, validate
+from feature_pipeline.contract import validate
 from feature_pipeline.envelopes import PoisonMessage, make_envelope
-from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.tick import TickOptions
 from feature_pipeline.samples import publish_events
 from feature_pipeline.settings import MIB, Settings
@@ -175,12 +174,11 @@ def test_disk_full_while_staging_releases_the_pulled_messages_at_once(
     disk = small_disk(40)
     fillers: list[Path] = []
 
-    def assemble_then_fill(deliveries: Sequence[Delivery], contract: Contract) -> Assembled:
+    def fill_once(deliveries: Sequence[Delivery]) -> None:
         if not fillers:
             fillers.append(fill(disk))
-        return assemble(deliveries, contract)
 
-    opts = TickOptions(fetch_chunk=20, assemble=assemble_then_fill)
+    opts = TickOptions(fetch_chunk=20, on_pull=fill_once)
     life = Lifecycle(changed(settings, staging_dir=disk / "staging"), options=opts)
     run(publish(settings.nats_url, [synced(f"evt-{i}", f"u-{i}") for i in range(60)]))
     report = life.tick()

@@ -12,7 +12,6 @@ from nats.js.api import StreamInfo
 
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalNats
-from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.shared_staging import NatsStaging, StagedBatchMissing, open_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.testing import run
@@ -61,7 +60,7 @@ def test_keep_alive_times_are_kept_with_the_batch(settings: Settings, tmp_path: 
     """The time of the last +WPI lives in NATS beside the batch, so another host sees it."""
     shared = changed(settings, staging="nats")
     with open_staging(changed(shared, staging_dir=tmp_path / "one")) as one:
-        manifest = one.stage(assemble([signal(1, "evt-1")]))
+        manifest = one.stage([signal(1, "evt-1")])
         first = one.kept_alive_at(manifest)
         one.mark_kept_alive(manifest.batch_id, first + 42.5)
     with open_staging(changed(shared, staging_dir=tmp_path / "two")) as two:
@@ -74,7 +73,7 @@ def test_a_batch_whose_files_are_gone_is_a_clear_error(settings: Settings, tmp_p
     shared = changed(settings, staging="nats")
     with open_staging(shared) as staging:
         assert isinstance(staging, NatsStaging)
-        manifest = staging.stage(assemble([signal(1, "evt-1")]))
+        manifest = staging.stage([signal(1, "evt-1")])
 
         async def drop_files(broker: object) -> None:
             objects = await staging._objects(broker)  # type: ignore[arg-type]

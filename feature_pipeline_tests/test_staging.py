@@ -13,17 +13,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
 from feature_pipeline import streams
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.deliveries import Delivery, parse_reply, ts_from_nats
-from feature_pipeline.contract import contract_for
 from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.ingest.assemble import assemble
-from feature_pipeline.ingest.fetch import for_pipeline
-from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, FolderStaging, delivery_from_row
+from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, FolderStaging
+from feature_pipeline.store.intake import delivery_from_row
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
 STORED_AT = datetime(2026, 11, 27, 5, 0, 0, 123456, tzinfo=UTC)
@@ -72,100 +69,6 @@ def dead_letter(seq: int, original_seq: int, **extra: str) -> Delivery:
     return delivery("DEADLETTER", "deadletter.signals.task.synced", seq, b"original body", headers=headers)
 
 
-# -- assemble -------------------------------------------------------------------------------
-
-
-def test_assemble_splits_events_poison_and_dead_letters() -> None:
-    """Valid events are staged, poison is set aside with its reason, dead letters are staged for their table."""
-    good_s = signal(10, "evt-1", num_delivered=2)
-    good_f = feedback(3, "evt-2")
-    bad = delivery("SIGNALS", "signals.task.synced", 11, b"not json")
-    mismatched = delivery("SIGNALS", "signals.task.completed", 12, make_envelope("e", "task.synced", "u", NOW, SYNCED))
-    dl = dead_letter(7, original_seq=4)
-
-    out = assemble([good_s, bad, good_f, mismatched, dl])
-
-    assert out.staged == [good_s, good_f, dl]
-    assert [d for d, _ in out.poison] == [bad, mismatched]
-    assert "not valid JSON" in out.poison[0][1]
-    assert "does not match subject" in out.poison[1][1]
-
-    assert [e["event_id"] for e in out.events] == ["evt-1", "evt-2"]
-    first = out.events[0]
-    assert first["stream"] == "SIGNALS"
-    assert first["subject"] == "signals.task.synced"
-    assert first["stream_seq"] == 10
-    assert first["num_delivered"] == 2
-    assert first["user_id"] == "u-1"
-    assert first["type"] == "task.synced"
-    assert first["occurred_at"] == NOW
-    assert json.loads(first["data"]) == SYNCED
-    assert first["known_type"] is True
-    assert abs(first["received_at"] - STORED_AT) <= timedelta(microseconds=1)
-
-    assert out.dead_letters == [
-        {
-            "original_stream": "SIGNALS",
-            "original_subject": "signals.task.synced",
-            "original_seq": 4,
-            "delivery_count": 5,
-            "reason": "gave up after 5 deliveries",
-            "dead_lettered_at": datetime(2026, 11, 27, 6, 0, 0, 500000, tzinfo=UTC),
-            "deadletter_seq": 7,
-            "body": b"original body",
-        }
-    ]
-
-
-def test_another_pipelines_dead_letter_copy_is_staged_but_not_recorded() -> None:
-    """What a tick and a batch split assemble (`for_pipeline`): copies this pipeline made and copies without
-    FP-Pipeline are recorded; another pipeline's are staged (acked with the batch) and left to it."""
-    ours = dead_letter(1, 10, **{streams.H_PIPELINE: "feature-pipeline"})
-    theirs = dead_letter(2, 11, **{streams.H_PIPELINE: "feature-pipeline-ads"})
-    unnamed = dead_letter(3, 12)
-    out = for_pipeline(assemble, "feature-pipeline", contract_for(streams.PACKAGED))(
-        [ours, theirs, unnamed, signal(4, "evt-4")]
-    )
-    assert sorted(r["original_seq"] for r in out.dead_letters) == [10, 12]
-    assert sorted(d.stream_seq for d in out.staged) == [1, 2, 3, 4]
-
-
-def test_foreign_dead_letter_is_recorded_under_its_own_sequence() -> None:
-    """A message someone else published to deadletter.> has no FP headers; it must still be recorded, not crash."""
-    foreign = delivery("DEADLETTER", "deadletter.signals.task.synced", 42, b"?", headers=None)
-    row = assemble([foreign]).dead_letters[0]
-    assert row["original_stream"] == "DEADLETTER"
-    assert row["original_seq"] == 42
-    assert row["original_subject"] == "signals.task.synced"
-    assert row["delivery_count"] == 0
-    assert "no reason given" in row["reason"]
-    assert abs(row["dead_lettered_at"] - STORED_AT) <= timedelta(microseconds=1)
-
-
-def test_dead_letter_with_malformed_headers_falls_back() -> None:
-    """Unparseable counts and times fall back to safe values instead of failing the batch."""
-    row = assemble([dead_letter(8, original_seq=4, **{streams.H_DELIVERIES: "x", streams.H_AT: "yesterday"})])
-    dl = row.dead_letters[0]
-    assert dl["delivery_count"] == 0
-    assert abs(dl["dead_lettered_at"] - STORED_AT) <= timedelta(microseconds=1)
-
-
-def test_schema_version_beyond_int32_does_not_break_staging(tmp_path: Path) -> None:
-    """One event the contract accepts must never make the whole fetch unstageable."""
-    body = json.dumps(
-        {
-            "id": "evt-big",
-            "type": "task.completed",
-            "occurred_at": "2026-11-27T05:00:00Z",
-            "user_id": "u-1",
-            "schema_version": 2**31,
-            "data": {"task_id": "t-1"},
-        }
-    ).encode()
-    out = assemble([signal(1, "evt-1"), delivery("SIGNALS", "signals.task.completed", 2, body)])
-    FolderStaging(tmp_path / "staging").stage(out)
-
-
 # -- staging on disk ------------------------------------------------------------------------
 
 
@@ -179,31 +82,22 @@ def test_stage_batches_and_deliveries(tmp_path: Path) -> None:
         feedback(5, "evt-4"),
         dead_letter(7, original_seq=4),
     ]
-    out = assemble([*staged, delivery("SIGNALS", "signals.task.synced", 99, b"")])
-    manifest = staging.stage(out, batch_id="b-1")
+    staged.append(delivery("SIGNALS", "signals.task.synced", 99, b""))  # poison: staged as it came, like the rest
+    manifest = staging.stage(staged, batch_id="b-1")
 
     assert manifest.batch_id == "b-1"
-    assert manifest.counts == {"SIGNALS": 3, "FEEDBACK": 1, "DEADLETTER": 1}
-    assert manifest.seq_ranges == {"SIGNALS": [10, 12], "FEEDBACK": [5, 5], "DEADLETTER": [7, 7]}
-    assert manifest.size == 5
+    assert manifest.counts == {"SIGNALS": 4, "FEEDBACK": 1, "DEADLETTER": 1}
+    assert manifest.seq_ranges == {"SIGNALS": [10, 99], "FEEDBACK": [5, 5], "DEADLETTER": [7, 7]}
+    assert manifest.size == 6
     assert staging.batches() == [manifest]
 
     batch = staging.path("b-1")
-    assert sorted(p.name for p in batch.iterdir()) == [
-        "dead_letters.parquet",
-        "deliveries.parquet",
-        "events.parquet",
-        "manifest.json",
-    ]
-    assert pq.read_table(batch / "events.parquet").num_rows == 4
-    assert pq.read_table(batch / "dead_letters.parquet").num_rows == 1
+    assert sorted(p.name for p in batch.iterdir()) == ["deliveries.parquet", "manifest.json"]
 
     table = staging.deliveries("b-1", columns=["reply", "num_delivered"])
     assert table.column_names == ["reply", "num_delivered"]
     got = sorted(zip(table.column("reply").to_pylist(), table.column("num_delivered").to_pylist(), strict=True))
     assert got == sorted((d.reply, d.num_delivered) for d in staged)
-    # the poison message was not staged: the sensor dead-letters it at once
-    assert all(".99." not in reply for reply, _ in got)
 
     rows: list[dict[str, Any]] = staging.deliveries("b-1").to_pylist()
     assert [delivery_from_row(r) for r in rows] == staged
@@ -212,33 +106,24 @@ def test_stage_batches_and_deliveries(tmp_path: Path) -> None:
 def test_batches_are_listed_oldest_first(tmp_path: Path) -> None:
     """Batches are settled in the order they were fetched."""
     staging = FolderStaging(tmp_path / "staging")
-    first = staging.stage(assemble([signal(1, "a")]), batch_id="zzz")
-    second = staging.stage(assemble([signal(2, "b")]), batch_id="aaa")
+    first = staging.stage(([signal(1, "a")]), batch_id="zzz")
+    second = staging.stage(([signal(2, "b")]), batch_id="aaa")
     assert [m.batch_id for m in staging.batches()] == [first.batch_id, second.batch_id]
 
 
 def test_generated_batch_ids_are_unique(tmp_path: Path) -> None:
     """Two batches staged in the same second must not overwrite each other."""
     staging = FolderStaging(tmp_path / "staging")
-    ids = {staging.stage(assemble([signal(i, f"e{i}")])).batch_id for i in range(3)}
+    ids = {staging.stage([signal(i, f"e{i}")]).batch_id for i in range(3)}
     assert len(ids) == 3
     assert {m.batch_id for m in staging.batches()} == ids
-
-
-def test_empty_batch_can_be_staged(tmp_path: Path) -> None:
-    """A fetch of only poison messages stages nothing but must not fail."""
-    staging = FolderStaging(tmp_path / "staging")
-    manifest = staging.stage(assemble([delivery("SIGNALS", "signals.task.synced", 1, b"[]")]))
-    assert manifest.counts == {}
-    assert manifest.size == 0
-    assert staging.deliveries(manifest.batch_id).num_rows == 0
 
 
 def test_remove_deletes_the_batch(tmp_path: Path) -> None:
     """A settled batch is gone from disk and from the listing."""
     staging = FolderStaging(tmp_path / "staging")
-    keep = staging.stage(assemble([signal(1, "a")]))
-    gone = staging.stage(assemble([signal(2, "b")]))
+    keep = staging.stage([signal(1, "a")])
+    gone = staging.stage([signal(2, "b")])
     staging.remove(gone.batch_id)
     assert not staging.path(gone.batch_id).exists()
     assert staging.batches() == [keep]
@@ -253,10 +138,10 @@ def test_batches_of_a_missing_root_is_empty(tmp_path: Path) -> None:
 def test_leftover_temp_folder_is_ignored_then_removed_when_stale(tmp_path: Path) -> None:
     """A crashed tick's half-written batch is never settled (its messages come back) and is cleaned up later."""
     staging = FolderStaging(tmp_path / "staging")
-    real = staging.stage(assemble([signal(1, "a")]))
+    real = staging.stage([signal(1, "a")])
     tmp = staging.root / ".tmp-crashed"
     tmp.mkdir()
-    (tmp / "events.parquet").write_bytes(b"partial")
+    (tmp / "deliveries.parquet").write_bytes(b"partial")
     (tmp / "manifest.json").write_text(json.dumps(real.__dict__))
 
     assert staging.batches() == [real]

@@ -21,9 +21,7 @@ from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.local import LocalNats
-from feature_pipeline.contract import Contract
 from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.ingest.assemble import Assembled, assemble
 from feature_pipeline.ingest.tick import TickOptions
 from feature_pipeline.settings import Settings
 from feature_pipeline.streams import PACKAGED
@@ -120,15 +118,19 @@ def test_redelivery_waits_for_the_nak_delay(settings: Settings) -> None:
     assert time.monotonic() - naked_at >= 2.5
 
 
-def test_poison_is_dead_lettered_at_once_and_batch_mates_are_stored(either_path: Lifecycle, tmp_path: Path) -> None:
+def test_poison_is_dead_lettered_by_its_run_and_batch_mates_are_stored(either_path: Lifecycle, tmp_path: Path) -> None:
+    """The sensor stages poison unparsed with the rest; the run copies it to DEADLETTER before it succeeds, and
+    the settle acks the whole batch."""
     life, settings = either_path, either_path.settings
     url = settings.nats_url
     bad_type = make_envelope("evt-wrong", "task.completed", "u-1", datetime.now(UTC), {"task_id": "t"})
     run(publish(url, [synced("evt-ok1"), ("signals.task.synced", b"{not json"), ("signals.task.synced", bad_type)]))
     run(publish(url, [synced("evt-ok2")]))
     report = life.tick()
-    assert report.poison == 2
+    assert report.fetched == {"SIGNALS": 4} and len(report.to_request) == 1
+    assert len(run(stream_messages(url, "DEADLETTER"))) == 0, "nothing is dead-lettered before the run"
     assert life.execute(report.to_request[0])
+    assert len(run(stream_messages(url, "DEADLETTER"))) == 2, "the run copied its poison before it succeeded"
     # This tick settles the batch and fetches the two dead letters from DEADLETTER into a new one.
     report = life.tick()
     assert report.fetched == {"DEADLETTER": 2}
@@ -281,11 +283,10 @@ def test_batch_staged_from_several_pulls_is_settled_as_one(either_path: Lifecycl
 def test_fetch_time_ends_the_batch_and_the_tick(settings: Settings) -> None:
     """Past the tick's fetch time no further pull starts: the batch so far is staged and the rest waits."""
 
-    def slow_assemble(deliveries: Sequence[Delivery], contract: Contract) -> Assembled:
+    def slow_pull(deliveries: Sequence[Delivery]) -> None:
         time.sleep(0.6)  # two pulls take longer than the second of fetch time
-        return assemble(deliveries, contract)
 
-    life = Lifecycle(changed(settings, fetch_seconds=1), options=TickOptions(fetch_chunk=2, assemble=slow_assemble))
+    life = Lifecycle(changed(settings, fetch_seconds=1), options=TickOptions(fetch_chunk=2, on_pull=slow_pull))
     run(publish(settings.nats_url, [synced(f"evt-{i}") for i in range(6)]))
     report = life.tick()
     assert len(report.to_request) == 1

@@ -1,4 +1,4 @@
-"""`feature-pipeline up`, as a user starts it: the instance config it writes, and `up --warm` end to end
+"""`feature-pipeline up`, as a user starts it: the instance config it writes, and `up` (warm by default) end to end
 (dagster dev, a warm run worker on Celery's folder transport, no service besides its own NATS)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def project(tmp_path: Path) -> Path:
     return folder
 
 
-def test_warm_sends_runs_to_the_local_worker_and_plain_up_puts_the_original_back(project: Path, tmp_path: Path) -> None:
+def test_warm_sends_runs_to_the_local_worker_and_up_spawn_puts_the_original_back(project: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     shutil.copyfile(project / "dagster.yaml", home / "dagster.yaml")
@@ -59,21 +59,21 @@ def test_warm_never_replaces_an_instance_config_of_the_users_own(project: Path, 
     own = "storage:\n  postgres:\n    postgres_url: postgresql+psycopg2://me@db/dagster\n"
     (home / "dagster.yaml").write_text(own)
     problem = _instance_config(home, project, warm=True)
-    assert problem and "is not a copy of" in problem and "plain `up`" in problem
+    assert problem and "is not a copy of" in problem and "`up --spawn`" in problem
     assert _instance_config(home, project, warm=False) is None
     assert (home / "dagster.yaml").read_text() == own
 
 
 @pytest.mark.e2e
-def test_up_warm_stores_every_event_once_when_the_worker_pool_is_killed_mid_run(
+def test_up_stores_every_event_once_on_its_warm_worker_when_the_pool_is_killed_mid_run(
     tmp_path: Path, nats_server: LocalNats
 ) -> None:
-    """The quick start with --warm: runs go to the local warm worker; a run whose pool process is killed
-    inside its transaction is failed by run monitoring (the task state is read from the file backend),
-    its batch comes back and is stored once; SIGTERM stops dagster dev and the worker."""
+    """The quick start (plain `up`, warm by default): runs go to the local warm worker; a run whose pool
+    process is killed inside its transaction is failed by run monitoring (the task state is read from the
+    file backend), its batch comes back and is stored once; SIGTERM stops dagster dev and the worker."""
     p = Pipeline(tmp_path / "p", {"FEATURE_PIPELINE_FAULTS": "slow-commit"}, nats=nats_server)
     log = tmp_path / "up.log"
-    cmd = [str(BIN / "feature-pipeline"), "up", "--warm", "--port", str(free_port())]
+    cmd = [str(BIN / "feature-pipeline"), "up", "--port", str(free_port())]
     port = cmd[-1]
     with open(log, "ab") as out:
         up = subprocess.Popen(cmd, cwd=REPO, env=p.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

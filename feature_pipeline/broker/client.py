@@ -322,9 +322,10 @@ class Broker:
         await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return len(replies_with_delay)
 
-    async def dead_letter(self, items: Sequence[tuple[Delivery, str]], pipeline: str) -> int:
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]], pipeline: str, *, terminate: bool = True) -> int:
         """Copy each message to `deadletter.<subject>` with its reason and `pipeline` (the durable
-        prefix), then TERM the original.
+        prefix), then TERM the original (unless `terminate` is False: a run's poison, which the sensor
+        acks with its batch).
 
         The copy is confirmed by the DEADLETTER stream before the TERM is sent, so a crash
         in between leaves the original to be redelivered; the deterministic Nats-Msg-Id
@@ -343,7 +344,7 @@ class Broker:
                     raise BrokerUnavailable(
                         f"could not copy {d.stream} #{d.stream_seq} to DEADLETTER: {result!r}"
                     ) from None
-                if d.reply:  # a message the server already gave up on has nothing left to TERM
+                if d.reply and terminate:  # a message the server already gave up on has nothing left to TERM
                     await self.nc.publish(d.reply, b"+TERM " + header_safe(reason, 200).encode())
             await self.nc.flush(timeout=REQUEST_TIMEOUT_SECONDS)
         return len(items)

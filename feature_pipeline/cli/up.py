@@ -1,5 +1,5 @@
-"""`feature-pipeline up`: a local NATS when none answers, then the Dagster UI and daemon (and, with
-`--warm`, a warm run worker)."""
+"""`feature-pipeline up`: a local NATS when none answers, the warm run worker (unless `--spawn`), then the
+Dagster UI and daemon."""
 
 from __future__ import annotations
 
@@ -24,10 +24,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = sub.add_parser("up", help="start NATS (if none answers), the Dagster UI and daemon with the sensor on")
     up.add_argument("--host", default="127.0.0.1", help="webserver bind address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=3000)
-    up.add_argument(
+    how = up.add_mutually_exclusive_group()
+    how.add_argument(
         "--warm",
         action="store_true",
-        help="run batches on a warm local worker (Celery on folders, no service) instead of a process per run",
+        help="run batches on the warm local worker (Celery on folders, no service): the default; with it, a "
+        "dagster.yaml of your own in DAGSTER_HOME is an error instead of a reason to spawn",
+    )
+    how.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start a new process per run, as the project's dagster.yaml says, instead of the warm worker",
     )
     up.set_defaults(func=cmd_up)
 
@@ -47,9 +54,13 @@ def _up(args: argparse.Namespace) -> int:
     cfg = load_settings()
     home = dagster_home()
     prepare_dagster_home(home, project)
-    problem = _instance_config(home, project, args.warm)
-    if problem:
+    warm = not args.spawn
+    problem = _instance_config(home, project, warm)
+    if problem and args.warm:
         return fail(problem)
+    if problem:  # the default meets a dagster.yaml of the user's own: it decides how runs start
+        print(f"not starting the warm run worker: {problem.split(';')[0]}; runs start as it says")
+        warm = False
     problem = create_storage(home)
     if problem:
         return fail(problem)
@@ -65,7 +76,7 @@ def _up(args: argparse.Namespace) -> int:
     env["FEATURE_PIPELINE_SERVING_PATH"] = cfg.serving_path
     if cfg.features_file:
         env["FEATURE_PIPELINE_FEATURES_FILE"] = cfg.features_file
-    worker = _start_worker(home, env) if args.warm else None
+    worker = _start_worker(home, env) if warm else None
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
     print("then, in another shell: feature-pipeline publish --user u-42 && feature-pipeline features u-42")
     try:
@@ -78,8 +89,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _instance_config(home: Path, project: Path, warm: bool) -> str | None:
-    """With --warm, DAGSTER_HOME's dagster.yaml sends runs to the local worker; plain `up` puts the project's
-    back. A dagster.yaml of the user's own is never replaced: --warm says so instead."""
+    """Warm (the default), DAGSTER_HOME's dagster.yaml sends runs to the local worker; `up --spawn` puts the
+    project's back. A dagster.yaml of the user's own is never replaced: the returned problem says so."""
     target, original = home / "dagster.yaml", project / "dagster.yaml"
     written_by_warm = target.read_text().startswith(local_worker.MARKER)
     if not warm:
@@ -87,7 +98,9 @@ def _instance_config(home: Path, project: Path, warm: bool) -> str | None:
             shutil.copyfile(original, target)
         return None
     if not written_by_warm and target.read_text() != original.read_text():
-        return f"{target} is not a copy of {original}; `up --warm` would replace it: move it away, or run plain `up`"
+        return (
+            f"{target} is not a copy of {original}; the warm worker would replace it: move it away, or run `up --spawn`"
+        )
     target.write_text(local_worker.instance_config(original, home))
     return None
 

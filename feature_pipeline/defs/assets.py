@@ -22,6 +22,7 @@ from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
 from feature_pipeline.defs.snapshots import keep_days_current
 from feature_pipeline.ingest.failures import Cause, cause_of
 from feature_pipeline.ingest.online import SyncResult, Writer, sync_with
+from feature_pipeline.ingest.poison import Copier
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
@@ -146,6 +147,8 @@ class Ingest:
                     consistency_every=settings.consistency_every_seconds,
                     before_commit=faults.before_commit(settings.fault_set),
                     after_commit=faults.after_commit(settings.fault_set, settings.feature_store_path, online),
+                    dead_letter=Copier(settings),
+                    pipeline=settings.durable_prefix,
                 )
                 applied = time.monotonic() - started
         synced = self._logged(context, online)
@@ -213,6 +216,7 @@ class Ingest:
         context.log.info(
             f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.new_summary()}, "
             f"{result.duplicates_absorbed} duplicates absorbed), "
+            f"{len(result.poison)} poison (copied to DEADLETTER), "
             f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
             f"{result.users_touched} users refreshed; "
             f"events: {shown}{f' and {more} more' if more > 0 else ''}"

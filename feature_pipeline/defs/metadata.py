@@ -64,6 +64,8 @@ def batch_common(result: BatchResult, manifest: Manifest) -> dict[str, Any]:
         "batch_id": result.batch_id,
         "events_in_batch": result.events_in_batch,
         "duplicates_absorbed": result.duplicates_absorbed,
+        "poison_dead_lettered": len(result.poison),
+        "checked_by_models": result.intake.checked_by_models,
         "dead_letters_stored": result.dead_letters_inserted,
         "conflicting_duplicates": result.conflicting_duplicates,
         "users_touched": result.users_touched,

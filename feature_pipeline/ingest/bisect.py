@@ -14,23 +14,15 @@ writing the halves and removing the batch) is finished, not done twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-from feature_pipeline.broker.deliveries import Delivery
-from feature_pipeline.ingest.assemble import Assembled
-from feature_pipeline.ingest.staging import BatchWriter, Manifest, Staging, delivery_from_row
+from feature_pipeline.ingest.staging import BatchWriter, Manifest, Staging
+from feature_pipeline.store.intake import delivery_from_row
 
 
 def halves_of(batch_id: str) -> tuple[str, str]:
     return f"{batch_id}-a", f"{batch_id}-b"
 
 
-def split(
-    staging: Staging,
-    manifest: Manifest,
-    assemble: Callable[[Sequence[Delivery]], Assembled],
-    chunk: int,
-) -> list[Manifest]:
+def split(staging: Staging, manifest: Manifest, chunk: int) -> list[Manifest]:
     """Stage the batch's messages as two halves (the first `size // 2` rows, then the rest) and remove it."""
     ids = halves_of(manifest.batch_id)
     found = [staging.manifest(i) for i in ids]
@@ -42,7 +34,7 @@ def split(
             parts = (rows[: max(first - seen, 0)], rows[max(first - seen, 0) :])
             for writer, part in zip(writers, parts, strict=True):
                 if writer is not None and part:
-                    writer.add(assemble([delivery_from_row(r) for r in part]))
+                    writer.add([delivery_from_row(r) for r in part])
             seen += len(rows)
         halves = [f or _close(w) for f, w in zip(found, writers, strict=True)]
     except BaseException:

@@ -1,8 +1,9 @@
-"""Fetching new micro-batches: pulls across the consumers, validated and staged pull by pull.
+"""Fetching new micro-batches: pulls across the consumers, staged pull by pull as they came.
 
 A batch grows pull by pull (Parquet row groups, so the sensor holds one pull in memory) until it
 is full by messages or bytes, the consumers are drained, or the next pull would end past the
-tick's fetch deadline. Poison is dead-lettered as soon as it is seen.
+tick's fetch deadline. Nothing is parsed here: the run checks the messages (`store.intake`) and
+dead-letters its poison, so the sensor's thread only pulls and writes.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from dataclasses import dataclass
 from feature_pipeline import streams
 from feature_pipeline.broker.client import Broker, MessageTooLarge
 from feature_pipeline.broker.deliveries import Delivery
-from feature_pipeline.contract import Contract
-from feature_pipeline.ingest.assemble import Assembled
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.staging import STAGING_MARGIN_BYTES, BatchWriter, Manifest, Staging
 from feature_pipeline.settings import MIB, Settings
 
-Assemble = Callable[[Sequence[Delivery], Contract], Assembled]
+OnPull = Callable[[Sequence[Delivery]], None]
 MIN_BATCH_BYTES = 2 * MIB  # a batch must hold at least one message of the server's largest default size
 
 
@@ -32,8 +31,8 @@ class Fetcher:
     report: TickReport
     deadline: float  # time.monotonic() past which no pull may end
     chunk: int  # messages per pull round: what the sensor holds in memory at once
-    assemble: Callable[[Sequence[Delivery]], Assembled]
     read: tuple[streams.StreamSpec, ...]  # every stream the pipeline reads: its sources and DEADLETTER
+    on_pull: OnPull | None = None  # called with each pull before it is staged (tests: slow pulls, a full disk)
 
     async def stage_batches(self, in_flight: int) -> None:
         """Stage new batches while there is room in flight and time left in the tick."""
@@ -108,19 +107,18 @@ class Fetcher:
                     raise
                 return False  # full by bytes
             pulled.extend(d.reply for d in deliveries)
-            await self._add(writer, deliveries)
+            self._add(writer, deliveries)
             if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
                 return True
             pull_seconds = time.monotonic() - started
         return False
 
-    async def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
+    def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self.report.count_fetched(d.stream)
-        assembled = self.assemble(deliveries)
-        if assembled.poison:
-            self.report.poison += await self.broker.dead_letter(assembled.poison, self.settings.durable_prefix)
-        writer.add(assembled)
+        if self.on_pull is not None:
+            self.on_pull(deliveries)
+        writer.add(deliveries)
 
     async def pull_round(self, want: int, max_bytes: int) -> list[Delivery]:
         """Up to `want` messages across the consumers: a fair share each first, then what is left."""
@@ -145,24 +143,6 @@ class Fetcher:
     async def _pull(self, spec: streams.StreamSpec, batch: int, max_bytes: int) -> list[Delivery]:
         consumer = streams.consumer_name(self.settings.durable_prefix, spec)
         return await self.broker.pull(spec.name, consumer, batch=batch, max_bytes=max_bytes)
-
-
-def for_pipeline(assemble: Assemble, pipeline: str, contract: Contract) -> Callable[[Sequence[Delivery]], Assembled]:
-    """`assemble` for one pipeline and its sources' contract: dead-letter copies another pipeline on the same
-    streams made (its `FP-Pipeline` header) are staged, so acked with the batch, but not recorded: that
-    pipeline records them. Used for fetched pulls and for the halves of a split batch alike."""
-
-    def theirs(d: Delivery) -> bool:
-        return d.stream == streams.DEADLETTER.name and (d.headers or {}).get(streams.H_PIPELINE, pipeline) != pipeline
-
-    def assemble_ours(deliveries: Sequence[Delivery]) -> Assembled:
-        if not any(theirs(d) for d in deliveries):
-            return assemble(deliveries, contract)
-        out = assemble([d for d in deliveries if not theirs(d)], contract)
-        out.staged.extend(d for d in deliveries if theirs(d))
-        return out
-
-    return assemble_ours
 
 
 def staging_hold(staging: Staging) -> str | None:

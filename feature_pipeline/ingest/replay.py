@@ -26,8 +26,6 @@ from feature_pipeline import streams
 from feature_pipeline.broker.auth import NatsAuth
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery, parse_reply
-from feature_pipeline.contract import contract_for
-from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.staging import FolderStaging
 from feature_pipeline.store.feature_store import FeatureStore
 
@@ -151,24 +149,21 @@ class _Replay:
         report.read += len(deliveries)
         report.first_seq = report.first_seq or deliveries[0].stream_seq
         report.last_seq = deliveries[-1].stream_seq
-        assembled = assemble(deliveries, contract_for(self.store.registry.event_streams))
-        report.poison += len(assembled.poison)
-        for d, reason in assembled.poison[: max(0, 5 - len(report.poison_examples))]:
-            report.poison_examples.append(f"{d.stream} #{d.stream_seq}: {reason}")
-        if not assembled.staged:
-            return
         batch_id = f"replay-{self.run_id}-{report.batches:05d}"
-        self.staging.stage(assembled, batch_id)
+        self.staging.stage(deliveries, batch_id)
         # Blocking DuckDB work: off the event loop so the ordered consumer's heartbeats are answered.
         result = await asyncio.to_thread(self.store.apply_batch, self.staging.path(batch_id), batch_id)
         self.staging.remove(batch_id)
+        report.poison += len(result.poison)
+        for d, reason in result.poison[: max(0, 5 - len(report.poison_examples))]:
+            report.poison_examples.append(f"{d.stream} #{d.stream_seq}: {reason}")
         report.batches += 1
         new = result.inserted
         report.stored += new
         report.already_stored += result.events_in_batch - new
         self.log(
             f"replayed {self.rng.stream} #{deliveries[0].stream_seq}-{deliveries[-1].stream_seq}: "
-            f"{result.events_in_batch} events, {new} were missing, {len(assembled.poison)} poison"
+            f"{result.events_in_batch} events, {new} were missing, {len(result.poison)} poison"
         )
 
 

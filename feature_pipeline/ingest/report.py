@@ -14,7 +14,6 @@ class TickReport:
     acked: int = 0
     nacked: int = 0
     dead_lettered: int = 0
-    poison: int = 0
     kept_alive: int = 0
     settled_batches: int = 0
     fetched: dict[str, int] = field(default_factory=dict)
@@ -61,8 +60,6 @@ class TickReport:
             parts.append("no new messages")
         if self.staged:
             parts.append(f"staged {len(self.staged)} batch(es) of {sum(m.size for m in self.staged)} messages")
-        if self.poison:
-            parts.append(f"dead-lettered {self.poison} poison message(s)")
         return parts
 
     def _settle_parts(self) -> list[str]:

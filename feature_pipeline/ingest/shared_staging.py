@@ -1,8 +1,8 @@
 """Staged batches in NATS itself, so the sensor and the runs need not share a disk.
 
-A committed batch is four objects in the JetStream object store `<prefix>-staging`
-(`<batch_id>/events.parquet`, `dead_letters.parquet`, `deliveries.parquet`, and `replies.parquet`,
-the reply subjects alone, so acks and keep-alives do not download the message bodies) and its
+A committed batch is two objects in the JetStream object store `<prefix>-staging`
+(`<batch_id>/deliveries.parquet`, and `replies.parquet`, the reply subjects alone, so acks and
+keep-alives do not download the message bodies) and its
 manifest in the key-value bucket `<prefix>-batches` (`batch.<batch_id>`; the last keep-alive time
 under `alive.<batch_id>`). The manifest is written last: a listed batch is complete. Both buckets
 live beside the streams, are replicated like them (NATS_REPLICAS), and need no other service.
@@ -36,7 +36,8 @@ from feature_pipeline.broker.client import Broker
 from feature_pipeline.ingest.staging import FolderStaging, Manifest, Staging, iter_parquet
 from feature_pipeline.settings import Settings
 
-FILES = ("events.parquet", "dead_letters.parquet", "deliveries.parquet", "replies.parquet")
+FILES = ("deliveries.parquet", "replies.parquet")
+_OLDER_FILES = ("events.parquet", "dead_letters.parquet")  # what batches staged by earlier versions also hold
 RETENTION_DAYS = 7
 CHUNK_BYTES = 512 * 1024  # object chunks: fewer round trips than nats-py's 128 KiB, well under max_payload
 
@@ -152,7 +153,7 @@ class NatsStaging(Staging):
 
     @contextlib.contextmanager
     def local_copy(self, batch_id: str) -> Iterator[Path]:
-        with self._download(batch_id, FILES[:3]) as folder:
+        with self._download(batch_id, FILES[:1]) as folder:
             yield folder
 
     @contextlib.contextmanager
@@ -201,7 +202,7 @@ class NatsStaging(Staging):
             for key in (f"batch.{batch_id}", f"alive.{batch_id}"):  # removed outright: no marker left to list
                 await broker.js.purge_stream(f"KV_{self.kv_bucket}", subject=f"$KV.{self.kv_bucket}.{key}")
             objects = await self._objects(broker)
-            for name in FILES:
+            for name in (*FILES, *_OLDER_FILES):
                 with contextlib.suppress(NotFoundError):
                     await objects.delete(f"{batch_id}/{name}")
 

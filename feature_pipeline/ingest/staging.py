@@ -1,10 +1,9 @@
 """Staged micro-batches: what the sensor fetched, durable until its run is settled.
 
 A batch is
-- `events.parquet`: valid events, typed, ready for the raw tables;
-- `dead_letters.parquet`: messages read from the DEADLETTER stream, for the dead_letters table;
-- `deliveries.parquet`: every staged message's reply subject, delivery count and original
-  bytes, which is all the sensor needs to ack, NAK or dead-letter it after the run;
+- `deliveries.parquet`: every message as it was pulled: stream, subject, reply subject, sequence,
+  delivery count, stored time, headers worth keeping and the body, unparsed. The run checks and types
+  them (`store.intake`); the sensor needs only the reply subjects to ack, NAK or dead-letter them after it;
 - a manifest: counts and sequence ranges, for people and run metadata.
 It is written on this host first, fsynced, and only then committed, so a batch that is listed is
 complete; it is removed only once every message in it is settled. Where committed batches live is
@@ -31,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_pipeline.broker.deliveries import Delivery
-from feature_pipeline.ingest.assemble import DEAD_LETTERS_SCHEMA, EVENTS_SCHEMA, Assembled
 
 _DELIVERIES_SCHEMA_FIELDS: list[tuple[str, pa.DataType]] = [
     ("stream", pa.string()),
@@ -44,6 +42,7 @@ _DELIVERIES_SCHEMA_FIELDS: list[tuple[str, pa.DataType]] = [
     ("body", pa.binary()),
 ]
 DELIVERIES_SCHEMA = pa.schema(_DELIVERIES_SCHEMA_FIELDS)
+DELIVERIES_FILE = "deliveries.parquet"
 STALE_TEMP_SECONDS = 600
 STAGING_MARGIN_BYTES = 16 * 1024 * 1024  # left free on the staging disk, for everything else on it
 KEEPALIVE_MARK = "kept-alive"  # its mtime: the batch's last +WPI
@@ -103,7 +102,7 @@ def _fsync_dir(path: Path) -> None:
 class BatchWriter:
     """One batch being staged, possibly from several fetches.
 
-    Each `add` appends the fetch's rows as Parquet row groups under `<root>/.tmp-<batch_id>/`, so
+    Each `add` appends the pull's messages as Parquet row groups under `<root>/.tmp-<batch_id>/`, so
     the sensor holds one fetch in memory however large the batch (and so the run) grows. `close`
     fsyncs and hands the folder to the staging to commit: a listed batch is complete. `abort`
     removes the temp folder; its messages were never acked and come back after ack_wait.
@@ -119,30 +118,17 @@ class BatchWriter:
         self.counts: dict[str, int] = {}
         self.ranges: dict[str, list[int]] = {}
         self.bytes = 0
-        self._writers = {
-            name: pq.ParquetWriter(self.tmp / f"{name}.parquet", schema, compression="zstd")
-            for name, schema in (
-                ("events", EVENTS_SCHEMA),
-                ("dead_letters", DEAD_LETTERS_SCHEMA),
-                ("deliveries", DELIVERIES_SCHEMA),
-            )
-        }
+        self._writer = pq.ParquetWriter(self.tmp / DELIVERIES_FILE, DELIVERIES_SCHEMA, compression="zstd")
 
     @property
     def size(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, assembled: Assembled) -> None:
-        """Append one pull's rows; counts, sequence ranges and bytes follow."""
-        if assembled.event_columns["event_id"]:
-            self._writers["events"].write_table(assembled.events_table())
-        if assembled.dead_letters:
-            self._writers["dead_letters"].write_table(
-                pa.Table.from_pylist(assembled.dead_letters, schema=DEAD_LETTERS_SCHEMA)
-            )
-        if assembled.staged:
-            self._writers["deliveries"].write_table(_deliveries_table(assembled.staged))
-        for d in assembled.staged:
+    def add(self, deliveries: Sequence[Delivery]) -> None:
+        """Append one pull's messages; counts, sequence ranges and bytes follow."""
+        if deliveries:
+            self._writer.write_table(_deliveries_table(deliveries))
+        for d in deliveries:
             self._count(d)
 
     def _count(self, d: Delivery) -> None:
@@ -152,17 +138,15 @@ class BatchWriter:
         self.bytes += d.size
 
     def close(self) -> Manifest:
-        for name, writer in self._writers.items():
-            writer.close()
-            _fsync_file(self.tmp / f"{name}.parquet")
+        self._writer.close()
+        _fsync_file(self.tmp / DELIVERIES_FILE)
         manifest = Manifest(self.batch_id, self.created_at, self.counts, self.ranges)
         self.staging.commit(self.tmp, manifest)
         return manifest
 
     def abort(self) -> None:
-        for writer in self._writers.values():
-            with contextlib.suppress(Exception):
-                writer.close()
+        with contextlib.suppress(Exception):
+            self._writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -196,8 +180,9 @@ class Staging(ABC):
         probe.unlink()
 
     def payload_room(self) -> tuple[int, int]:
-        """(payload bytes a new batch may hold here, free bytes on the disk). A staged batch keeps each
-        body at most twice (the delivery's bytes and its parsed event), and the disk keeps a margin."""
+        """(payload bytes a new batch may hold here, free bytes on the disk). Half the free space: a staged
+        body is compressed, but a NATS-staged batch is written here and copied again, and the disk keeps a
+        margin."""
         self._ensure_root()
         free = shutil.disk_usage(self.root).free
         return max(0, (free - STAGING_MARGIN_BYTES) // 2), free
@@ -207,11 +192,11 @@ class Staging(ABC):
         self._ensure_root()
         return BatchWriter(self, batch_id or new_batch_id())
 
-    def stage(self, assembled: Assembled, batch_id: str | None = None) -> Manifest:
-        """Write a batch of one fetch durably; returns once it is committed."""
+    def stage(self, deliveries: Sequence[Delivery], batch_id: str | None = None) -> Manifest:
+        """Write a batch of one pull durably; returns once it is committed."""
         writer = self.writer(batch_id)
         try:
-            writer.add(assembled)
+            writer.add(deliveries)
             return writer.close()
         except BaseException:
             writer.abort()
@@ -305,12 +290,12 @@ class FolderStaging(Staging):
         return Manifest(**json.loads(path.read_text()))
 
     def deliveries(self, batch_id: str, columns: Sequence[str] | None = None) -> pa.Table:
-        return pq.read_table(self.path(batch_id) / "deliveries.parquet", columns=list(columns) if columns else None)
+        return pq.read_table(self.path(batch_id) / DELIVERIES_FILE, columns=list(columns) if columns else None)
 
     def iter_deliveries(
         self, batch_id: str, columns: Sequence[str] | None = None, chunk: int = 20_000
     ) -> Iterator[list[dict[str, Any]]]:
-        yield from iter_parquet(self.path(batch_id) / "deliveries.parquet", columns, chunk)
+        yield from iter_parquet(self.path(batch_id) / DELIVERIES_FILE, columns, chunk)
 
     def kept_alive_at(self, manifest: Manifest) -> float:
         try:
@@ -335,16 +320,3 @@ def iter_parquet(path: Path, columns: Sequence[str] | None, chunk: int) -> Itera
     pf = pq.ParquetFile(path)
     for rb in pf.iter_batches(batch_size=chunk, columns=list(columns) if columns else None):
         yield rb.to_pylist()
-
-
-def delivery_from_row(row: dict[str, Any]) -> Delivery:
-    return Delivery(
-        stream=row["stream"],
-        subject=row["subject"],
-        reply=row["reply"],
-        data=row["body"],
-        headers=json.loads(row["headers"]) if row["headers"] else None,
-        stream_seq=row["stream_seq"],
-        num_delivered=row["num_delivered"],
-        stored_ns=row["stored_ns"],
-    )

@@ -22,11 +22,9 @@ from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyError, nats_problem
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.stats import collect
-from feature_pipeline.contract import Contract, contract_for
 from feature_pipeline.ingest import bisect
-from feature_pipeline.ingest.assemble import assemble
 from feature_pipeline.ingest.failures import Cause, RunFailure
-from feature_pipeline.ingest.fetch import Assemble, Fetcher, for_pipeline
+from feature_pipeline.ingest.fetch import Fetcher, OnPull
 from feature_pipeline.ingest.report import TickReport
 from feature_pipeline.ingest.runs import BatchRun, RunLookup
 from feature_pipeline.ingest.settle import (
@@ -39,8 +37,9 @@ from feature_pipeline.ingest.settle import (
     waiting_to_start,
 )
 from feature_pipeline.ingest.shared_staging import open_staging
-from feature_pipeline.ingest.staging import Manifest, Staging, delivery_from_row
+from feature_pipeline.ingest.staging import Manifest, Staging
 from feature_pipeline.settings import Settings
+from feature_pipeline.store.intake import delivery_from_row
 from feature_pipeline.store.loader import sources_for
 
 FETCH_CHUNK = 20_000  # messages per pull round: what the sensor holds in memory at once
@@ -54,7 +53,7 @@ class TickOptions:
     fetch_chunk: int = FETCH_CHUNK
     settle_chunk: int = SETTLE_CHUNK
     fast_path: bool | None = None  # nats-py fast path: None = whenever its self-check passes
-    assemble: Assemble = assemble
+    on_pull: OnPull | None = None  # called with each pull before it is staged (tests)
     client_name: str = "feature-pipeline-sensor"
 
 
@@ -75,7 +74,7 @@ def run_tick(settings: Settings, runs: RunLookup, options: TickOptions | None = 
             # orchestrator never starts two); so do the batches this tick stages.
             report.to_request = [m.batch_id for m in batches if found[m.batch_id] is None]
             sources = sources_for(settings.features_file)
-            tick = _Tick(settings, sources, contract_for(sources), staging, runs, options, report, deadline)
+            tick = _Tick(settings, sources, staging, runs, options, report, deadline)
             asyncio.run(tick.exchange(batches, found))
         except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError, TopologyError, OSError) as exc:
             report.problem = _problem(exc, settings)
@@ -108,7 +107,6 @@ def _problem(exc: Exception, settings: Settings) -> str:
 class _Tick:
     settings: Settings
     sources: tuple[streams.StreamSpec, ...]  # the registry's
-    contract: Contract
     staging: Staging
     runs: RunLookup
     options: TickOptions
@@ -157,10 +155,9 @@ class _Tick:
             self.report.holding = waiting[0]
             return
         o = self.options
-        assemble = for_pipeline(o.assemble, self.settings.durable_prefix, self.contract)
         read = streams.with_dead_letters(self.sources)
         fetcher = Fetcher(
-            broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, assemble, read
+            broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, read, o.on_pull
         )
         await fetcher.stage_batches(len(remaining))
         self.report.in_flight = len(remaining) + len(self.report.staged)
@@ -191,8 +188,7 @@ class _Tick:
         now = time.time()
         for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
             self.report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)  # the halves' clock
-        assemble = for_pipeline(self.options.assemble, self.settings.durable_prefix, self.contract)
-        halves = bisect.split(self.staging, manifest, assemble, self.options.fetch_chunk)
+        halves = bisect.split(self.staging, manifest, self.options.fetch_chunk)
         for half in halves:
             self.staging.mark_kept_alive(half.batch_id, now)
         self.report.staged += halves

@@ -18,6 +18,7 @@ import duckdb
 from feature_pipeline import streams
 from feature_pipeline.store.archive import archived_copies
 from feature_pipeline.store.db import one, scalar
+from feature_pipeline.store.intake import STAGED, STAGED_DEAD_LETTERS
 from feature_pipeline.store.schema import content_digest
 from feature_pipeline.streams import StreamSpec
 
@@ -32,17 +33,9 @@ _INDEX_LOOKUP_MAX = 2000  # more repeated ids than this: one scan is cheaper tha
 
 @dataclass(frozen=True)
 class StagedFiles:
-    """The Parquet files of one staged batch."""
+    """The Parquet file of one staged batch: its messages as they were pulled (see `ingest.staging`)."""
 
     folder: Path
-
-    @property
-    def events(self) -> str:
-        return str(self.folder / "events.parquet")
-
-    @property
-    def dead_letters(self) -> str:
-        return str(self.folder / "dead_letters.parquet")
 
     @property
     def deliveries(self) -> str:
@@ -63,10 +56,10 @@ class Written:
 def write(
     con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now: datetime, sources: Sequence[StreamSpec]
 ) -> Written:
-    """Every write of the batch except the feature refresh, in order."""
-    events_in_batch = load_events(con, files)
+    """Every write of the batch except the feature refresh, in order, from what `intake.load` made of it."""
+    events_in_batch = load_events(con)
     inserted = insert_events(con, batch_id, now, sources)
-    dead = insert_dead_letters(con, files, batch_id, now)
+    dead = insert_dead_letters(con, batch_id, now)
     conflicts = record_conflicting_duplicates(con, files, batch_id, now)
     touched = touch_users(con)
     written = Written(events_in_batch, inserted, dead, conflicts, touched)
@@ -74,15 +67,14 @@ def write(
     return written
 
 
-def load_events(con: duckdb.DuckDBPyConnection, files: StagedFiles) -> int:
+def load_events(con: duckdb.DuckDBPyConnection) -> int:
     """The batch's events into a temp table, one per id (the first the streams stored); returns how many
     the batch held."""
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {EVENTS} AS SELECT * FROM read_parquet($p) "
-        "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at, stream, stream_seq) = 1",
-        {"p": files.events},
+        f"CREATE OR REPLACE TEMP TABLE {EVENTS} AS SELECT * FROM {STAGED} "
+        "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at, stream, stream_seq) = 1"
     )
-    return int(scalar(con, "SELECT count(*) FROM read_parquet($p)", {"p": files.events}))
+    return int(scalar(con, f"SELECT count(*) FROM {STAGED}"))
 
 
 def insert_events(
@@ -90,7 +82,6 @@ def insert_events(
 ) -> dict[str, int]:
     """New ids into event_index and their stream's table; the rows stored are kept in `new_<stream key>`
     temp tables, which the feature refresh merges (a redelivered event is in none of them)."""
-    _check_sources(con, sources)
     archived_copies(con, EVENTS)
     with warnings.catch_warnings():  # "an extra copy of the rows": one id column, and INSERT must run once
         warnings.simplefilter("ignore", UserWarning)
@@ -117,41 +108,20 @@ def insert_events(
     return inserted
 
 
-class UnknownSource(ValueError):
-    """A staged batch holds events of a stream that is no longer one of the registry's sources."""
-
-
-def _check_sources(con: duckdb.DuckDBPyConnection, sources: Sequence[StreamSpec]) -> None:
-    """Every event of the batch has a table to go to. A source removed while its batch was staged fails the run
-    in words, instead of its events being indexed and dropped: a failure outside the messages (`failures`),
-    so the batch stays staged, spends no delivery, and is stored once the source is back."""
-    known = [s.name for s in sources]
-    rows = con.execute(
-        f"SELECT stream, count(*) FROM {EVENTS} WHERE NOT list_contains($known, stream) GROUP BY 1", {"known": known}
-    )
-    stray = rows.fetchall()
-    if stray:
-        listed = ", ".join(f"{n} from stream {name}" for name, n in stray)
-        raise UnknownSource(
-            f"the batch holds events of streams that are not sources in the feature registry ({listed}); "
-            "put the [[source]] back to store them"
-        )
-
-
 def new_table(key: str) -> str:
     """The temp table of the rows a batch added to a stream's raw table."""
     return f"new_{key}"
 
 
-def insert_dead_letters(con: duckdb.DuckDBPyConnection, files: StagedFiles, batch_id: str, now: datetime) -> int:
+def insert_dead_letters(con: duckdb.DuckDBPyConnection, batch_id: str, now: datetime) -> int:
     return int(
         scalar(
             con,
             f"INSERT INTO {streams.DEADLETTER.table} SELECT original_stream, original_subject, original_seq, "
-            "delivery_count, reason, dead_lettered_at, deadletter_seq, body, $now, $batch FROM read_parquet($p) "
+            f"delivery_count, reason, dead_lettered_at, deadletter_seq, body, $now, $batch FROM {STAGED_DEAD_LETTERS} "
             "QUALIFY row_number() OVER (PARTITION BY original_stream, original_seq ORDER BY deadletter_seq) = 1 "
             "ON CONFLICT DO NOTHING",
-            {"now": now, "batch": batch_id, "p": files.dead_letters},
+            {"now": now, "batch": batch_id},
         )
     )
 
@@ -165,10 +135,9 @@ def record_conflicting_duplicates(
 
     Only the batch's copies that were not stored are looked up in event_index (usually none)."""
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {REPEATS} AS SELECT * FROM read_parquet($events) b "
+        f"CREATE OR REPLACE TEMP TABLE {REPEATS} AS SELECT * FROM {STAGED} b "
         f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} k WHERE k.stream = b.stream AND k.stream_seq = b.stream_seq "
-        f"AND k.event_id IN (SELECT event_id FROM {FRESH}))",
-        {"events": files.events},
+        f"AND k.event_id IN (SELECT event_id FROM {FRESH}))"
     )
     ids = [r[0] for r in con.execute(f"SELECT DISTINCT event_id FROM {REPEATS}").fetchall()]
     if not ids:

@@ -18,8 +18,10 @@ from typing import Any
 import duckdb
 
 from feature_pipeline import streams
+from feature_pipeline.broker.deliveries import Delivery
+from feature_pipeline.contract import contract_for
 from feature_pipeline.settings import Settings
-from feature_pipeline.store import archive, batch, incremental, known_sources, online
+from feature_pipeline.store import archive, batch, incremental, intake, known_sources, online
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
@@ -29,6 +31,7 @@ from feature_pipeline.store.registry import Registry
 from feature_pipeline.store.schema import SNAPSHOTS_FIXED, USER_FEATURES_FIXED, ddl, index_existing_events, sync_columns
 
 AfterCommit = Callable[[duckdb.DuckDBPyConnection], None]
+DeadLetter = Callable[[list[tuple[Delivery, str]]], object]  # copies poison to DEADLETTER; raises if it cannot
 RECENT_MINUTES = 10  # the commit_latency check grades the batches stored this recently
 
 
@@ -72,6 +75,12 @@ class BatchResult:
     lateness: batch.Lateness
     refresh: Refresh
     health: StoreHealth
+    intake: intake.Intake = field(default_factory=intake.Intake)
+
+    @property
+    def poison(self) -> list[tuple[Delivery, str]]:
+        """The batch's poison messages with their reasons (dead-lettered by the run, before its commit)."""
+        return self.intake.poison
 
     @property
     def events_in_batch(self) -> int:
@@ -174,8 +183,17 @@ class FeatureStore:
         now: datetime | None = None,
         before_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
         after_commit: AfterCommit | None = None,
+        dead_letter: DeadLetter | None = None,
+        pipeline: str | None = None,
     ) -> BatchResult:
         """Store one staged batch and refresh its users' features, all in one transaction.
+
+        The batch's messages are checked against the contract first (`store.intake`); its poison goes to
+        `dead_letter` (the run's copy to DEADLETTER: the sensor acks the whole batch after the run) before
+        anything is written, so a copy that cannot be made fails the run and keeps the batch staged. Without
+        `dead_letter` poison is only reported (replay, tests). `pipeline` is the durable prefix of the pipeline
+        whose consumer fetched the batch: dead-letter copies another pipeline made are left to it (None, for
+        a replay of the DEADLETTER stream: every copy is recorded).
 
         Idempotent: see `store.batch`; an id event_index already holds is absorbed before anything
         merges into the all-time partials, so no event is counted twice. `before_commit` runs inside the
@@ -184,9 +202,13 @@ class FeatureStore:
         the last one is `consistency_every` seconds old.
         """
         now = now or datetime.now(UTC)
+        files, sources = batch.StagedFiles(batch_dir), self.registry.event_streams
         with self._connection() as con:
             with transaction(con):
-                written = batch.write(con, batch.StagedFiles(batch_dir), batch_id, now, self.registry.event_streams)
+                taken = intake.load(con, files.deliveries, contract_for(sources), sources, pipeline)
+                if taken.poison and dead_letter is not None:
+                    dead_letter(taken.poison)
+                written = batch.write(con, files, batch_id, now, sources)
                 note_batch_first_day(con, self.path, batch.EVENTS)
                 refresh = self._refresh(con, now, batch.TOUCHED)
                 late = batch.lateness(con, now, self.allowed_lateness)
@@ -212,6 +234,7 @@ class FeatureStore:
                 lateness=late,
                 refresh=refresh,
                 health=self._health(con, consistency_sample, consistency_every),
+                intake=taken,
             )
 
     def recompute_all(
