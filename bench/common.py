@@ -320,7 +320,7 @@ def classify(cmd: str) -> str:
     if "api grpc" in cmd or "code-server" in cmd:
         return "code server"
     # DefaultRunLauncher: the code server starts each run in a multiprocessing-spawned child.
-    if "multiprocessing.spawn" in cmd or "api execute_run" in cmd or "feature-pipeline worker" in cmd:
+    if "multiprocessing.spawn" in cmd or "api execute_run" in cmd or "dagster_celery.app worker" in cmd:
         return "run worker"  # a spawned run, or the warm worker and its pool process
     if "resource_tracker" in cmd:
         return "mp resource tracker"

@@ -212,13 +212,14 @@ class Ingest:
                 "counted; snapshots of those days taken before now miss them until backfilled"
             )
         shown = ", ".join(result.event_ids[:LOGGED_IDS])
+        took = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in result.seconds.items())
         more = len(result.event_ids) - LOGGED_IDS
         context.log.info(
             f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.new_summary()}, "
             f"{result.duplicates_absorbed} duplicates absorbed), "
             f"{len(result.poison)} poison (copied to DEADLETTER), "
             f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
-            f"{result.users_touched} users refreshed; "
+            f"{result.users_touched} users refreshed; took {took}; "
             f"events: {shown}{f' and {more} more' if more > 0 else ''}"
         )
 

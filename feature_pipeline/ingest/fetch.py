@@ -34,18 +34,18 @@ class Fetcher:
     read: tuple[streams.StreamSpec, ...]  # every stream the pipeline reads: its sources and DEADLETTER
     on_pull: OnPull | None = None  # called with each pull before it is staged (tests: slow pulls, a full disk)
 
-    async def stage_batches(self, in_flight: int) -> None:
-        """Stage new batches while there is room in flight and time left in the tick."""
-        while in_flight < self.settings.max_batches_in_flight and time.monotonic() < self.deadline:
-            max_bytes = self._room()
-            if max_bytes is None:
-                return
-            manifest, stop = await self._stage_one(max_bytes)
-            if manifest is not None:
-                self.report.staged.append(manifest)
-                in_flight += 1
-            if stop:
-                return
+    async def stage_batch(self, in_flight: int) -> None:
+        """Stage one new batch when there is room in flight. One per tick: runs store batches one at a time
+        (the `duckdb` pool), so a second batch would only wait, and its users' refresh and online write,
+        which cost per user whatever the batch's size, would be paid twice; what is left joins the next."""
+        if in_flight >= self.settings.max_batches_in_flight or time.monotonic() >= self.deadline:
+            return
+        max_bytes = self._room()
+        if max_bytes is None:
+            return
+        manifest = await self._stage_one(max_bytes)
+        if manifest is not None:
+            self.report.staged.append(manifest)
 
     def _room(self) -> int | None:
         """The payload bytes the next batch may hold: never fetch what cannot be staged (it would only
@@ -61,20 +61,20 @@ class Fetcher:
             return None
         return min(room, self.settings.batch_max_bytes)
 
-    async def _stage_one(self, max_bytes: int) -> tuple[Manifest | None, bool]:
-        """One batch, pull by pull. Returns (its manifest, or None if nothing came; whether to stop fetching)."""
+    async def _stage_one(self, max_bytes: int) -> Manifest | None:
+        """One batch, pull by pull: its manifest, or None if nothing came."""
         writer = self.staging.writer()
         pulled: list[str] = []
         try:
-            stop = await self._fill(writer, max_bytes, pulled)
+            await self._fill(writer, max_bytes, pulled)
             if writer.size == 0:
                 writer.abort()
-                return None, True
-            return writer.close(), stop
+                return None
+            return writer.close()
         except OSError as exc:  # the disk filled up (or went away) under the batch
             writer.abort()
             await self._release(pulled, exc)
-            return None, True
+            return None
         except BaseException:
             writer.abort()
             raise
@@ -88,30 +88,28 @@ class Fetcher:
             "messages were released to NATS at once (NAK)"
         )
 
-    async def _fill(self, writer: BatchWriter, max_bytes: int, pulled: list[str]) -> bool:
-        """Pull into `writer` until it is full (False) or fetching should stop for this tick (True)."""
+    async def _fill(self, writer: BatchWriter, max_bytes: int, pulled: list[str]) -> None:
+        """Pull into `writer` until it is full, the consumers are drained, or the next pull would end past the
+        tick's deadline."""
         limit = self.settings.batch_max_messages
         pull_seconds = 0.0
         while writer.size < limit:
             started = time.monotonic()
-            if started + pull_seconds >= self.deadline:  # the next pull would end past the deadline
-                return True
-            want = min(self.chunk, limit - writer.size)
             room = max_bytes - writer.bytes
-            if room <= 0:
-                return False
+            if started + pull_seconds >= self.deadline or room <= 0:
+                return
+            want = min(self.chunk, limit - writer.size)
             try:
                 deliveries = await self.pull_round(want, room)
             except MessageTooLarge:
                 if writer.size == 0:
                     raise
-                return False  # full by bytes
+                return  # full by bytes
             pulled.extend(d.reply for d in deliveries)
             self._add(writer, deliveries)
             if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
-                return True
+                return
             pull_seconds = time.monotonic() - started
-        return False
 
     def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
         for d in deliveries:

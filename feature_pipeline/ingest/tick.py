@@ -159,7 +159,7 @@ class _Tick:
         fetcher = Fetcher(
             broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, read, o.on_pull
         )
-        await fetcher.stage_batches(len(remaining))
+        await fetcher.stage_batch(len(remaining))
         self.report.in_flight = len(remaining) + len(self.report.staged)
 
     # -- settling -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -76,6 +77,7 @@ class BatchResult:
     refresh: Refresh
     health: StoreHealth
     intake: intake.Intake = field(default_factory=intake.Intake)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the apply's time went, phase by phase
 
     @property
     def poison(self) -> list[tuple[Delivery, str]]:
@@ -130,6 +132,20 @@ class BatchResult:
     @property
     def max_lateness_seconds(self) -> float | None:
         return self.lateness.max_lateness_seconds
+
+
+class Laps:
+    """Seconds per phase, each call closing the phase since the last (the run log says where a batch's time went)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def __call__(self, phase: str) -> dict[str, float]:
+        now = time.monotonic()
+        self.seconds[phase] = round(now - self._since, 2)
+        self._since = now
+        return self.seconds
 
 
 class FeatureStore:
@@ -203,19 +219,27 @@ class FeatureStore:
         """
         now = now or datetime.now(UTC)
         files, sources = batch.StagedFiles(batch_dir), self.registry.event_streams
+        laps = Laps()
         with self._connection() as con:
+            laps("open")
             with transaction(con):
                 taken = intake.load(con, files.deliveries, contract_for(sources), sources, pipeline)
+                laps("intake")
                 if taken.poison and dead_letter is not None:
                     dead_letter(taken.poison)
+                    laps("dead_letter")
                 written = batch.write(con, files, batch_id, now, sources)
                 note_batch_first_day(con, self.path, batch.EVENTS)
+                laps("write")
                 refresh = self._refresh(con, now, batch.TOUCHED)
                 late = batch.lateness(con, now, self.allowed_lateness)
+                laps("refresh")
                 if before_commit is not None:
                     before_commit(con)
+            laps("commit")
             if after_commit is not None:
                 after_commit(con)
+                laps("online")
             p50, p95, worst = batch.latency(con, datetime.now(UTC))
             con.execute(
                 "UPDATE ingested_batches SET latency_p95_seconds = $p WHERE batch_id = $b", {"p": p95, "b": batch_id}
@@ -235,6 +259,7 @@ class FeatureStore:
                 refresh=refresh,
                 health=self._health(con, consistency_sample, consistency_every),
                 intake=taken,
+                seconds=laps("health"),
             )
 
     def recompute_all(

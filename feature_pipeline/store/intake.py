@@ -72,9 +72,10 @@ PYTHON_PATH = -1  # a rule the SQL does not check: every message of its subject 
 
 # Bodies the SQL leaves to the models: escapes (the SQL would compare decoded text with raw text),
 # spellings DuckDB's parser admits and Python's does not (NaN, Infinity, trailing commas), and numbers whose
-# text Python would write differently (floats, exponents, integers past 15 digits). Matches inside strings
-# only send a valid message the slower way.
-_GUARD = r"\\|[:,\[]\s*[-+]?(?i:nan|inf)|,\s*[\]}]|[:,\[]\s*-?[0-9]+[.eE]|[:,\[]\s*-?[0-9]{16}"
+# text Python would write differently (floats, exponents, integers past 15 digits). A value is what follows a
+# key's `":` (without backslashes every `"` delimits a string, so that colon is never inside one) or a `[`
+# or `,`; a match inside a string value only sends a valid message the slower way.
+_GUARD = r'\\|(?:"\s*:|[\[,])\s*[-+]?(?:(?i:nan|inf)|[0-9]+[.eE]|[0-9]{16})|,\s*[\]}]'
 _NAME = r"[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*"  # printable ASCII, not blank: a subset of envelopes._Name
 _TIME = (
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
@@ -231,14 +232,16 @@ def _accepted_sql(checks: list[tuple[str, str]]) -> str:
                try(decode(d.body)) AS j
         FROM read_parquet($p) d JOIN {_RULES} r USING (stream, subject)
         WHERE r.kind <> {PYTHON_PATH}
-    ), parsed AS (
+    ), valid AS (
+        SELECT *, json_keys(j) AS keys FROM raw
+        WHERE j IS NOT NULL AND NOT regexp_matches(j, '{_GUARD}') AND json_valid(j) AND json_type(j) = 'OBJECT'
+    ), parsed AS MATERIALIZED (  -- once: an inlined CTE would parse the body again for every use of v and t
         SELECT *,
                json_extract_string(j, ['$.id', '$.type', '$.user_id', '$.occurred_at', '$.schema_version']) AS {v},
                json_type(j, ['$.id', '$.type', '$.user_id', '$.occurred_at', '$.schema_version', '$.data']) AS {t},
-               json_extract(j, '$.data') AS data
-        FROM raw
-        WHERE j IS NOT NULL AND NOT regexp_matches(j, '{_GUARD}') AND json_valid(j) AND json_type(j) = 'OBJECT'
-          AND len(json_keys(j)) = len(list_distinct(json_keys(j)))
+               json_extract(j, '$.data') AS data, json_keys(json_extract(j, '$.data')) AS data_keys
+        FROM valid
+        WHERE len(keys) = len(list_distinct(keys))
     ), typed AS (
         SELECT *, TRY_CAST({v}[4] AS TIMESTAMPTZ) AS at_utc FROM parsed
         WHERE {t}[1] = 'VARCHAR' AND {_name_ok(f"{v}[1]")}
@@ -247,7 +250,7 @@ def _accepted_sql(checks: list[tuple[str, str]]) -> str:
           AND {t}[4] = 'VARCHAR' AND regexp_full_match({v}[4], '{_TIME}')
           AND {t}[5] = 'UBIGINT' AND TRY_CAST({v}[5] AS BIGINT) BETWEEN 1 AND {_INT32_MAX}
           AND ({t}[6] IS NULL OR ({t}[6] = 'OBJECT'
-               AND len(json_keys(data)) = len(list_distinct(json_keys(data)))
+               AND len(data_keys) = len(list_distinct(data_keys))
                AND NOT contains(substr(CAST(data AS VARCHAR), 2), '{{')))
     )
     SELECT stream, subject, stream_seq, num_delivered,
