@@ -20,17 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import common
+
 _LINE = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
-
-
-def _kind(cmd: str) -> str:
-    if "dagster-daemon" in cmd:
-        return "daemon"
-    if "api grpc" in cmd or "code-server" in cmd:
-        return "code server"
-    if "multiprocessing.spawn" in cmd or "execute_run" in cmd:
-        return "run worker"
-    return "other"
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -72,7 +64,7 @@ def parse(raw: Path) -> list[tuple[str, int, str, list[str], int]]:
             parts = parts[1:]
         # Import machinery frames only add depth: keep the `<module>` frames, drop importlib's own.
         frames = [frame_name(f) for f in parts if "<frozen importlib" not in f]
-        out.append((_kind(cmd), pid, thread, frames, int(count)))
+        out.append((common.classify(cmd), pid, thread, frames, int(count)))
     return out
 
 

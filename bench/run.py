@@ -383,12 +383,18 @@ def main(argv: list[str] | None = None) -> int:
                 if a.profile:
                     time.sleep(3)  # py-spy cannot read an interpreter that has not finished starting
                     prof_raw = a.out / f"{stamp}-profile.raw.txt"
-                    prof = start_profiler(p.daemon.pid, prof_raw, a.profile_rate)
-                    log(f"py-spy recording the daemon tree into {prof_raw}")
+                    roots = [p.daemon.pid, *(w.pid for w in p.workers)]  # the warm worker is not the daemon's child
+                    prof = [start_profiler(pid, prof_raw.with_suffix(f".{pid}"), a.profile_rate) for pid in roots]
+                    log(f"py-spy recording the daemon tree and the run workers into {prof_raw}")
                 d = drain.backlog(p, a.events, a.drain_timeout)
                 end = time.time()
                 if prof:
-                    stop_profiler(prof)
+                    for proc in prof:
+                        stop_profiler(proc)
+                    parts = sorted(prof_raw.parent.glob(prof_raw.name.replace(".txt", ".[0-9]*")))
+                    prof_raw.write_bytes(b"".join(part.read_bytes() for part in parts))  # raw samples add up
+                    for part in parts:
+                        part.unlink()
                 d["peak_rss"] = sampler.by_kind()
                 d["processes"] = list(sampler.procs.values())
                 d["dagster"] = p.run_and_tick_stats(p.started_at - 5, end + 1)

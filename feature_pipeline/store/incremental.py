@@ -264,20 +264,23 @@ FEATURE_ROWS = "feature_rows"  # the temp table of the rows `write_rows` wrote, 
 def write_rows(con: duckdb.DuckDBPyConnection, registry: Registry, as_of: datetime, users: str) -> int:
     """Replace the user_features rows of the users selected by `users` (a query of user_id) as of `as_of`.
 
-    UPDATEs of the existing rows plus an INSERT of the new users: DuckDB's INSERT OR REPLACE deletes and
-    re-inserts every key of the primary-key index, which took 2-4 s for a batch's 63 000 users."""
+    One UPDATE of the existing rows plus an INSERT of the new users (DuckDB's INSERT OR REPLACE deletes and
+    re-inserts every key of the primary-key index: 2-4 s for 63 000 users). The new rows are put in the order
+    of the rows they replace: the UPDATE then meets the table's vectors one after another. In the order a
+    hash join hands them over, every vector is revisited for every chunk, and 84 000 users took 0.5 s per
+    column instead of 0.02 s (measured on a store written by the daemon's runs)."""
     set_points(con, f"SELECT user_id, CAST($as_of AS TIMESTAMPTZ) AS as_of FROM ({users})", {"as_of": as_of})
     sql = rows_sql(registry)
     params = {"as_of": as_of, **window_bounds(registry, as_of)}
     # Only the parameters the query names: DuckDB refuses extra ones (a registry without windowed features).
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {FEATURE_ROWS} AS {sql}", {k: v for k, v in params.items() if f"${k}" in sql}
+        f"CREATE OR REPLACE TEMP TABLE {FEATURE_ROWS} AS SELECT r.* FROM ({sql}) r "
+        "LEFT JOIN user_features u USING (user_id) ORDER BY u.rowid NULLS LAST",
+        {k: v for k, v in params.items() if f"${k}" in sql},
     )
     cols = [*registry.names, "updated_at"]
-    for c in cols:  # one column per UPDATE: DuckDB 2.0 takes ~100 x longer for a dozen columns in one
-        con.execute(
-            f"UPDATE user_features SET {c} = r.{c} FROM {FEATURE_ROWS} r WHERE user_features.user_id = r.user_id"
-        )
+    assignments = ", ".join(f"{c} = r.{c}" for c in cols)
+    con.execute(f"UPDATE user_features SET {assignments} FROM {FEATURE_ROWS} r WHERE user_features.user_id = r.user_id")
     listed = ", ".join(["user_id", *cols])
     con.execute(
         f"INSERT INTO user_features ({listed}) SELECT {listed} FROM {FEATURE_ROWS} r "
