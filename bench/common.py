@@ -87,19 +87,6 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
 
 
-def stop_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    """SIGTERM the process group we created (start_new_session=True), then SIGKILL it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-
-
 # -- machine ------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,6 @@ from common import (
     on_cleanup,
     percentile,
     slope,
-    stop_group,
     total_lag,
 )
 
@@ -99,7 +98,7 @@ class Pipeline(testing.Pipeline):
     def stop_daemon(self) -> None:
         super().stop_daemon()
         if self.daemon is not None:
-            stop_group(self.daemon)  # and whatever its process group still holds (code server, run workers)
+            testing.stop_group(self.daemon)  # and whatever its process group still holds (code server, run workers)
 
     def stop(self) -> None:
         self.close()

@@ -94,6 +94,17 @@ def query(db: Path, sql: str, params: Any = None, timeout: float = 20.0) -> list
     raise AssertionError(f"could not open {db} read-only")
 
 
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+    """SIGTERM a process started in its own session (a Celery worker finishes its run first), wait up to
+    `grace`, then SIGKILL whatever its group still holds (a code server, run workers)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    kill_group(proc)
+
+
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL a process started in its own session, and everything it started."""
     with contextlib.suppress(ProcessLookupError):
@@ -108,8 +119,9 @@ class Pipeline:
     its own and kills it on `close`. `env`: variables on top of the pipeline's own (paths, URL, prefix).
     `workspace`: another project's workspace.yaml (Component instances configured in its YAML).
     `warm`: runs on the local warm worker, as `feature-pipeline up` starts them, instead of a process per run
-    (`instance_yaml`'s launcher); None takes FEATURE_PIPELINE_TEST_LAUNCHER (`warm` or `spawn`, the default),
-    so the whole end-to-end suite can be run either way.
+    (`instance_yaml`'s launcher); None takes FEATURE_PIPELINE_TEST_LAUNCHER (`warm` or `spawn`, the default)
+    for the project's own `dagster.yaml`, so the whole end-to-end suite can be run either way; a test that
+    brings its own instance config (PostgreSQL and Celery, say) runs as that config says.
     """
 
     def __init__(
@@ -125,7 +137,11 @@ class Pipeline:
         warm: bool | None = None,
     ) -> None:
         self.root = root
-        self.warm = os.environ.get("FEATURE_PIPELINE_TEST_LAUNCHER", "spawn") == "warm" if warm is None else warm
+        by_env = (
+            os.environ.get("FEATURE_PIPELINE_TEST_LAUNCHER", "spawn") == "warm"
+            and instance_yaml == REPO / "dagster.yaml"
+        )
+        self.warm = by_env if warm is None else warm
         self.owns_nats = nats is None
         self.nats: LocalNats | LocalCluster = nats or LocalNats(root / "nats", log_file=str(root / "nats.log"))
         self.home = root / "dagster_home"
@@ -180,6 +196,9 @@ class Pipeline:
         return self
 
     def start_daemon(self) -> None:
+        """The daemon, and on `warm` the local worker if none is running (as restarting `up` starts both)."""
+        if self.warm and not any(w.poll() is None for w in self.workers):
+            self.start_worker()
         self.daemon = self._spawn(["dagster-daemon", "run", "-w", str(self.workspace)], self.daemon_log)
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
@@ -206,6 +225,11 @@ class Pipeline:
         return f"http://127.0.0.1:{self.webserver_port}"
 
     def stop_daemon(self) -> None:
+        """Stop the daemon, and on `warm` the local worker too (stopping `up` stops both): a restart then
+        runs with the environment as it is now."""
+        if self.warm:
+            for worker in self.workers:
+                stop_group(worker)
         if self.daemon and self.daemon.poll() is None:
             os.killpg(self.daemon.pid, signal.SIGTERM)
             try:

@@ -24,6 +24,7 @@ from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
 from feature_pipeline.testing import BIN, REPO, Pipeline, run, stream_messages, wait_for
 from feature_pipeline_tests.helpers import publish, synced
+from feature_pipeline_tests.test_deploy import pool_children
 
 pytestmark = pytest.mark.e2e
 
@@ -367,7 +368,11 @@ def test_a_store_outage_longer_than_the_retry_budget_dead_letters_nothing(make_p
 
 
 def _worker_pid(p: Pipeline, run_id: str) -> int | None:
-    """The live run worker of a run, from the engine event the launcher writes ("Started process for run (pid: N)")."""
+    """The live run worker of a run: from the engine event the launcher writes ("Started process for run
+    (pid: N)"), or on the warm worker its pool process (one run at a time; the engine events name no pid)."""
+    if p.warm:
+        children = [c for w in p.workers for c in pool_children(w.pid)]  # a replaced one is not the main thread's
+        return children[0] if children else None
     with p.instance() as inst:
         for entry in inst.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
             m = re.search(r"Started process for run \(pid: (\d+)\)", entry.message)
@@ -397,6 +402,8 @@ def test_killed_run_worker_and_killed_daemon_lose_and_double_nothing(make_pipeli
 
     second = wait_for(lambda: (r := started_run()) and r.run_id != first.run_id and r, 90, "the redelivery's run")
     assert p.staged(), "the batch is in flight"
+    if p.warm:  # the run is not the daemon's child there: kill it with the daemon
+        os.kill(_worker_pid(p, second.run_id) or 0, signal.SIGKILL)
     os.killpg(p.daemon.pid, signal.SIGKILL)
     p.daemon.wait(10)
     time.sleep(3)

@@ -375,8 +375,9 @@ def _proc_table() -> dict[int, tuple[int, int, str]]:
 _RUN_ID_IN_PATH = re.compile(r"storage/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/compute_logs")
 
 
-def find_run_workers(pgid: int) -> list[tuple[int, str | None]]:
-    """Run workers in the daemon's process group: (pid, run id when known).
+def find_run_workers(pgid: int, warm: list[int]) -> list[tuple[int, str | None]]:
+    """Run workers in the daemon's process group, and the pool processes of the `warm` workers (which run
+    one run at a time, run id unknown): (pid, run id when known).
 
     With the default run launcher the code server (`dagster api grpc`) starts each run as a
     multiprocessing spawn child (`spawn_main ... --multiprocessing-fork`), whose command line does not
@@ -384,7 +385,7 @@ def find_run_workers(pgid: int) -> list[tuple[int, str | None]]:
     Other launchers run `dagster api execute_run` / `execute_step`: those are matched too.
     """
     procs = _proc_table()
-    workers = []
+    workers: list[tuple[int, str | None]] = [(pid, None) for pid, (ppid, _, _) in procs.items() if ppid in warm]
     for pid, (ppid, pgrp, cmd) in procs.items():
         if pgrp != pgid:
             continue
@@ -471,7 +472,7 @@ class FaultInjector(threading.Thread):
         deadline = time.monotonic() + WORKER_WAIT_SECONDS
         done_with: set[int] = set()  # workers seen after their run had ended
         while time.monotonic() < deadline and not self.stop.is_set():
-            workers = [w for w in find_run_workers(self.p.daemon.pid) if w[0] not in done_with]
+            workers = [w for w in find_run_workers(self.p.daemon.pid, self._warm()) if w[0] not in done_with]
             if not workers:
                 time.sleep(0.2)
                 continue
@@ -481,7 +482,7 @@ class FaultInjector(threading.Thread):
             pause = self.rng.uniform(0, 10)
             deadline += pause
             time.sleep(pause)
-            alive = dict(find_run_workers(self.p.daemon.pid))
+            alive = dict(find_run_workers(self.p.daemon.pid, self._warm()))
             if target not in alive:
                 continue
             run_id = alive[target]
@@ -492,6 +493,8 @@ class FaultInjector(threading.Thread):
             if (run_id and not mine) or (not run_id and not in_progress):
                 done_with.add(target)  # its run already ended: the process is only shutting down
                 continue
+            on_warm = _proc_table().get(target, (0, 0, ""))[0] in self._warm()
+            pool = "the warm worker's pool process, a run in progress" if on_warm else None
             try:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:
@@ -501,12 +504,15 @@ class FaultInjector(threading.Thread):
                 "run worker SIGKILL",
                 pid=target,
                 run=mine[0] if mine else None,
-                phase="run started (compute logs open)" if run_id else "starting (before compute logs)",
+                phase="run started (compute logs open)" if run_id else pool or "starting (before compute logs)",
                 runs_in_progress=in_progress,
             )
             return
         self.skipped["run worker (none in a run within 20 s)"] += 1
         self._record("run worker SIGKILL skipped", reason=f"no run worker in a run within {WORKER_WAIT_SECONDS} s")
+
+    def _warm(self) -> list[int]:
+        return [w.pid for w in self.p.workers if w.poll() is None]
 
     def _runs_in_progress(self) -> list[str] | str:
         """`<run id>:<status>:<batch id>` of every ingest run starting or started, for the timeline."""
@@ -550,7 +556,7 @@ class FaultInjector(threading.Thread):
     def _daemon(self) -> None:
         assert self.p.daemon is not None
         pgid = self.p.daemon.pid
-        workers = find_run_workers(pgid)
+        workers = find_run_workers(pgid, [])
         in_progress = self._runs_in_progress()
         kill_group(pgid)
         with contextlib.suppress(subprocess.TimeoutExpired):
