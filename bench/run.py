@@ -110,7 +110,7 @@ def start_profiler(pid: int, raw_path: Path, rate: int) -> subprocess.Popen[byte
         str(VENV_BIN / "py-spy"), "record", "--subprocesses", "--idle", "--threads", "--nonblocking",
         "-r", str(rate), "-f", "raw", "-o", str(raw_path), "-p", str(pid),
     ]  # fmt: skip
-    logf = open(raw_path.with_suffix(".log"), "wb")  # noqa: SIM115 - handed to the child
+    logf = open(raw_path.with_name(raw_path.name + ".log"), "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     logf.close()
     on_cleanup(lambda: common.kill_pid(proc.pid))
@@ -384,17 +384,19 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(3)  # py-spy cannot read an interpreter that has not finished starting
                     prof_raw = a.out / f"{stamp}-profile.raw.txt"
                     roots = [p.daemon.pid, *(w.pid for w in p.workers)]  # the warm worker is not the daemon's child
-                    prof = [start_profiler(pid, prof_raw.with_suffix(f".{pid}"), a.profile_rate) for pid in roots]
+                    parts = [prof_raw.with_suffix(f".{pid}") for pid in roots]
+                    prof = [start_profiler(pid, part, a.profile_rate) for pid, part in zip(roots, parts, strict=True)]
                     log(f"py-spy recording the daemon tree and the run workers into {prof_raw}")
                 d = drain.backlog(p, a.events, a.drain_timeout)
                 end = time.time()
                 if prof:
                     for proc in prof:
                         stop_profiler(proc)
-                    parts = sorted(prof_raw.parent.glob(prof_raw.name.replace(".txt", ".[0-9]*")))
-                    prof_raw.write_bytes(b"".join(part.read_bytes() for part in parts))  # raw samples add up
+                    prof_raw.write_bytes(
+                        b"".join(part.read_bytes() for part in parts if part.exists())
+                    )  # samples add up
                     for part in parts:
-                        part.unlink()
+                        part.unlink(missing_ok=True)
                 d["peak_rss"] = sampler.by_kind()
                 d["processes"] = list(sampler.procs.values())
                 d["dagster"] = p.run_and_tick_stats(p.started_at - 5, end + 1)

@@ -94,6 +94,14 @@ def query(db: Path, sql: str, params: Any = None, timeout: float = 20.0) -> list
     raise AssertionError(f"could not open {db} read-only")
 
 
+def pool_children(worker_pid: int) -> list[int]:
+    """The Celery pool processes of a worker: `feature-pipeline worker` becomes Celery's main process,
+    whose children do the runs (read by parent pid: Celery forks a replacement from another thread)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True)
+    pairs = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
+    return [pid for pid, ppid in pairs if ppid == worker_pid]
+
+
 def stop_group(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
     """SIGTERM a process started in its own session (a Celery worker finishes its run first), wait up to
     `grace`, then SIGKILL whatever its group still holds (a code server, run workers)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import dagster as dg
 import pytest
 
 from feature_pipeline.samples import publish_events
-from feature_pipeline.testing import REPO, Pipeline, run, wait_for
+from feature_pipeline.testing import REPO, Pipeline, pool_children, run, wait_for
 
 CELERY_TASK_TAG = "dagster-celery/task_id"
 SUBJECTS = ["signals.task.synced", "signals.task.completed", "feedback.recommendation.shown"]
@@ -36,14 +35,6 @@ def deployment(make_pipeline: Any, postgres_url: str, redis_url: str, **env: str
         },
         instance_yaml=REPO / "deploy" / "dagster.yaml",
     )
-
-
-def pool_children(worker_pid: int) -> list[int]:
-    """The Celery pool processes of a worker: `feature-pipeline worker` becomes Celery's main process,
-    whose children do the runs."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True)
-    pairs = [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
-    return [pid for pid, ppid in pairs if ppid == worker_pid]
 
 
 @pytest.mark.e2e

@@ -22,9 +22,8 @@ from feature_pipeline.envelopes import make_envelope
 from feature_pipeline.samples import publish_events
 from feature_pipeline.store.feature_store import FeatureStore
 from feature_pipeline.store.features import day_end
-from feature_pipeline.testing import BIN, REPO, Pipeline, run, stream_messages, wait_for
+from feature_pipeline.testing import BIN, REPO, Pipeline, pool_children, run, stream_messages, wait_for
 from feature_pipeline_tests.helpers import publish, synced
-from feature_pipeline_tests.test_deploy import pool_children
 
 pytestmark = pytest.mark.e2e
 
@@ -374,7 +373,7 @@ def _worker_pid(p: Pipeline, run_id: str) -> int | None:
     """The live run worker of a run: from the engine event the launcher writes ("Started process for run
     (pid: N)"), or on the warm worker its pool process (one run at a time; the engine events name no pid)."""
     if p.warm:
-        children = [c for w in p.workers for c in pool_children(w.pid)]  # a replaced one is not the main thread's
+        children = [c for w in p.workers for c in pool_children(w.pid)]
         return children[0] if children else None
     with p.instance() as inst:
         for entry in inst.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):

@@ -74,6 +74,17 @@ def test_apply_stores_each_event_once(env: Env) -> None:
     assert env.features()["u-1"]["signal_count_total"] == 2
 
 
+def test_a_batch_says_where_its_time_went(env: Env) -> None:
+    """The run log's `took …` comes from the phases apply_batch times: each one, in order, and the online
+    write only when there is one after the commit."""
+    batch_id = env.stage([env.feed.event("s-1", "signals.task.completed", "u-1", NOW - timedelta(hours=1))])
+    plain = env.store.apply_batch(env.staging.path(batch_id), batch_id)
+    assert list(plain.seconds) == ["open", "intake", "write", "refresh", "commit", "health"]
+    assert all(s >= 0 for s in plain.seconds.values())
+    again = env.store.apply_batch(env.staging.path(batch_id), batch_id, after_commit=lambda con: None)
+    assert list(again.seconds) == ["open", "intake", "write", "refresh", "commit", "online", "health"]
+
+
 def test_applying_the_same_batch_twice_does_not_double_count(env: Env) -> None:
     """A run retried after it committed (e.g. the ack was lost) must not count events again."""
     batch = [

@@ -147,6 +147,34 @@ def test_poison_is_dead_lettered_by_its_run_and_batch_mates_are_stored(either_pa
     assert caught_up(settings)
 
 
+def test_a_failed_runs_poison_copy_is_kept_once_when_its_batch_is_stored_again(lifecycle: Lifecycle) -> None:
+    """A run copies its poison to DEADLETTER and then fails: the batch is split and stored again, its poison
+    copied again under the same Nats-Msg-Id, which the stream drops. One copy, one dead_letters row."""
+    settings = lifecycle.settings
+    url, db = settings.nats_url, Path(settings.feature_store_path)
+    run(publish(url, [synced("evt-ok"), ("signals.task.synced", b"{not json")]))
+    (batch,) = lifecycle.tick().to_request
+    assert not lifecycle.execute(batch, fail=True)
+    assert len(run(stream_messages(url, "DEADLETTER"))) == 1, "the failed run copied its poison first"
+    lifecycle.drain()
+    assert len(run(stream_messages(url, "DEADLETTER"))) == 1, "the second copy was dropped as a duplicate"
+    assert query(db, "SELECT original_seq FROM dead_letters") == [(2,)]
+    assert stored_ids(settings) == ["evt-ok"]
+    assert caught_up(settings) and redeliveries(settings) == 0
+
+
+def test_a_tick_stages_one_batch_and_the_rest_joins_the_next(settings: Settings) -> None:
+    """Runs store one batch at a time, so a tick stages at most one (its users' refresh would otherwise be
+    paid twice): 25 messages with batches of 10 are one batch of 10 on the first tick, all stored in the end."""
+    life = Lifecycle(changed(settings, batch_max_messages=10))
+    run(publish(settings.nats_url, [synced(f"evt-{i}", f"u-{i % 3}") for i in range(25)]))
+    report = life.tick()
+    assert len(report.to_request) == 1 and report.fetched == {"SIGNALS": 10}
+    life.drain()
+    assert sorted(stored_ids(settings)) == sorted(f"evt-{i}" for i in range(25))
+    assert caught_up(settings)
+
+
 def test_dead_letter_copies_of_another_pipeline_on_the_streams_are_acked_not_recorded(lifecycle: Lifecycle) -> None:
     """Two pipelines on the same streams (two Component instances) both read DEADLETTER: each records its
     own copies and those other clients published, and acks the other pipeline's without recording them."""

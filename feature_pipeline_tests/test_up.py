@@ -21,8 +21,8 @@ from feature_pipeline.broker.local import LocalNats, free_port
 from feature_pipeline.cli.common import prepare_dagster_home
 from feature_pipeline.cli.up import _instance_config
 from feature_pipeline.samples import publish_events
-from feature_pipeline.testing import BIN, REPO, Pipeline, kill_group, run, wait_for
-from feature_pipeline_tests.test_deploy import CELERY_TASK_TAG, SUBJECTS, pool_children
+from feature_pipeline.testing import BIN, REPO, Pipeline, kill_group, pool_children, run, wait_for
+from feature_pipeline_tests.test_deploy import CELERY_TASK_TAG, SUBJECTS
 
 
 @pytest.fixture
