@@ -9,7 +9,6 @@ same thing is newer. The exit code (0 ok, 1 degraded, 2 down) is the worst of th
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import threading
 import time
@@ -21,11 +20,10 @@ from typing import Any
 
 from nats.errors import Error as NatsError
 
-from feature_pipeline import settings
+from feature_pipeline import settings, shards
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import BrokerUnavailable, nats_problem, not_created
 from feature_pipeline.health import stream_checks, thresholds
-from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.instance import dagster_home, instance_missing
 
 EXIT_OK, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
@@ -115,12 +113,13 @@ def _empty_dagster() -> dict[str, Any]:
 def _streams(cfg: settings.Settings, report: dict[str, Any]) -> int:
     """The live figures of every stream; when NATS cannot give them, what is wrong, as what it is."""
     from feature_pipeline.broker.stats import read_stream_stats
+    from feature_pipeline.ingest.tick import open_every_staging
     from feature_pipeline.store.loader import sources_for
 
     report["streams"] = []
     try:
-        with open_staging(cfg) as staging:
-            in_flight = [m.counts for m in staging.batches()]
+        with open_every_staging(cfg) as stagings:
+            in_flight = [m.counts for staging in stagings.values() for m in staging.batches()]
         stats = asyncio.run(
             asyncio.wait_for(
                 read_stream_stats(
@@ -153,20 +152,23 @@ ONLINE_BEHIND_SECONDS = 60  # a run writes the KV right after its commit: furthe
 
 
 def _online(cfg: settings.Settings, report: dict[str, Any]) -> int:
-    """The online store's bucket: its keys, the clock of its last write, and how far that is behind the store's
-    (read here when the store file is on this host and not held longer than a moment by a run)."""
+    """The online store's bucket: its keys, each shard's last write and how far that is behind its store (read
+    here when the store file is on this host and not held longer than a moment by a run), and the number of
+    shards recorded beside it."""
     from nats.js.errors import NotFoundError
 
     from feature_pipeline.broker import kv
+    from feature_pipeline.ingest import layout
 
     bucket = kv.bucket_for(cfg.durable_prefix)
     online: dict[str, Any] = {"bucket": bucket}
     report["online"] = online
     try:
-        keys, state = asyncio.run(asyncio.wait_for(_bucket(cfg, bucket), HEALTH_SECONDS - 2))
+        keys, states, recorded = asyncio.run(asyncio.wait_for(_bucket(cfg, bucket), HEALTH_SECONDS - 2))
     except NotFoundError:  # no bucket: a problem only once the store holds features it should have
-        online.update(keys=0, valid_as_of=None, **_store_clock(cfg))
-        if not online.get("store_valid_as_of"):
+        clocks = [_store_clock(cfg, k) for k in range(cfg.shards)]
+        online.update(keys=0, valid_as_of=None, **clocks[0])
+        if not any(c.get("store_valid_as_of") for c in clocks):
             online["note"] = "not created yet: the first ingest run creates it"
             return EXIT_OK
         report["problems"].append(f"online store {bucket} is missing while the store holds features: the next run "
@@ -176,39 +178,69 @@ def _online(cfg: settings.Settings, report: dict[str, Any]) -> int:
         # The same NATS as the streams': that part names the problem once; this one only fails the report.
         online["error"] = nats_problem(exc, cfg.nats_url)
         return EXIT_DOWN
-    online.update(keys=keys, valid_as_of=(state or {}).get("valid_as_of"), written_at=(state or {}).get("written_at"))
-    online.update(_store_clock(cfg))
-    ours, store = online["valid_as_of"], online.get("store_valid_as_of")
-    if ours and store:
-        behind = max(0.0, (datetime.fromisoformat(store) - datetime.fromisoformat(ours)).total_seconds())
-        online["behind_store_seconds"] = round(behind, 1)
-        if behind > ONLINE_BEHIND_SECONDS:
+    code = EXIT_OK
+    refused = (layout.refused(recorded, cfg) if recorded else None) or shards.local_layout_problem(cfg)
+    if refused:
+        report["problems"].append(f"not ingesting: {refused}")
+        code = EXIT_DEGRADED
+    per = [_shard_online(cfg, k, states.get(k) or {}) for k in range(cfg.shards)]
+    online.update(keys=keys, **{k: v for k, v in per[0].items() if k != "shard"})
+    if cfg.shards > 1:  # the oldest shard's clock stands for the bucket; each shard's is listed
+        online["valid_as_of"] = min((p["valid_as_of"] for p in per if p["valid_as_of"]), default=None)
+        online["shards"] = per
+    for p in per:
+        behind = p.get("behind_store_seconds")
+        if behind is not None and behind > ONLINE_BEHIND_SECONDS:
+            of = f" for shard {p['shard']}" if cfg.shards > 1 else ""
             report["problems"].append(
-                f"online store {bucket} is {behind:.0f} s behind the store ({online.get('pending_rows')} rows wait "
+                f"online store {bucket} is {behind:.0f} s behind the store{of} ({p.get('pending_rows')} rows wait "
                 "to be written): the last run could not write it; the next run writes them"
             )
-            return EXIT_DEGRADED
-    return EXIT_OK
+            code = max(code, EXIT_DEGRADED)
+    return code
 
 
-async def _bucket(cfg: settings.Settings, bucket: str) -> tuple[int, dict[str, Any] | None]:
+def _shard_online(cfg: settings.Settings, shard: int, state: dict[str, Any]) -> dict[str, Any]:
+    """One shard's last write to the bucket, and how far behind its store that is (when its file is here)."""
+    out: dict[str, Any] = {
+        "shard": shard,
+        "valid_as_of": state.get("valid_as_of"),
+        "written_at": state.get("written_at"),
+    }
+    out.update(_store_clock(cfg, shard))
+    ours, store = out["valid_as_of"], out.get("store_valid_as_of")
+    if ours and store:
+        behind = max(0.0, (datetime.fromisoformat(store) - datetime.fromisoformat(ours)).total_seconds())
+        out["behind_store_seconds"] = round(behind, 1)
+    return out
+
+
+async def _bucket(
+    cfg: settings.Settings, bucket: str
+) -> tuple[int, dict[int, dict[str, Any] | None], dict[str, Any] | None]:
+    """The bucket's user keys, each shard's last sync state, and the layout recorded there."""
     from feature_pipeline.broker import kv
     from feature_pipeline.broker.client import Broker
+    from feature_pipeline.ingest import layout
 
     async with await Broker.connect(cfg.nats_url, HEALTH_CLIENT, cfg.nats_auth) as broker:
         stream = kv.stream_of(bucket)
         subjects = int((await broker.stream_state(stream)).get("num_subjects", 0))
         meta = await broker.subject_counts(stream, kv.subject_of(bucket, "meta.>"))
-        return max(0, subjects - len(meta)), await kv.get_state(broker.nc, bucket, HEALTH_SECONDS - 2)
+        states = {
+            k: await kv.get_state(broker.nc, bucket, HEALTH_SECONDS - 2, kv.state_key(k, cfg.shards))
+            for k in range(cfg.shards)
+        }
+        return max(0, subjects - len(meta)), states, await layout.recorded(broker, cfg)
 
 
-def _store_clock(cfg: settings.Settings) -> dict[str, Any]:
-    """The store's clock and the rows not yet written to the KV; empty when the store is not readable here."""
+def _store_clock(cfg: settings.Settings, shard: int = 0) -> dict[str, Any]:
+    """A shard's clock and the rows not yet written to the KV; empty when its store is not readable here."""
     from feature_pipeline.store.db import StoreBusy, open_file
     from feature_pipeline.store.online import PENDING
 
     try:
-        con = open_file(Path(cfg.feature_store_path), read_only=True, wait_seconds=2)
+        con = open_file(Path(shards.for_shard(cfg, shard).feature_store_path), read_only=True, wait_seconds=2)
     except (FileNotFoundError, StoreBusy):
         return {}
     try:
@@ -223,15 +255,32 @@ def _store_clock(cfg: settings.Settings) -> dict[str, Any]:
 
 
 def _staging(cfg: settings.Settings, report: dict[str, Any]) -> int:
-    """Whatever makes the ingest sensor hold off fetching into the staging (the same rule it applies)."""
+    """Whatever makes the ingest sensor hold off fetching into the staging (the same rule it applies); with
+    several shards, each shard's batches in flight and parked."""
     from feature_pipeline.ingest.fetch import staging_hold
+    from feature_pipeline.ingest.tick import open_every_staging
 
-    with open_staging(cfg) as staging:
-        hold = staging_hold(staging)
-    if hold:
-        report["problems"].append(f"the ingest sensor is not fetching: {hold}")
-        return EXIT_DEGRADED
-    return EXIT_OK
+    code, per = EXIT_OK, []
+    with open_every_staging(cfg) as stagings:
+        for shard, staging in stagings.items():
+            hold = staging_hold(staging)
+            if hold and code == EXIT_OK:
+                report["problems"].append(f"the ingest sensor is not fetching: {hold}")
+                code = EXIT_DEGRADED
+            batches = staging.batches() if cfg.shards > 1 else []
+            parked = [m for m in batches if m.parked]
+            per.append(
+                {
+                    "shard": shard,
+                    "in_flight_batches": len(batches) - len(parked),
+                    "in_flight_messages": sum(m.size for m in batches if not m.parked),
+                    "parked_batches": len(parked),
+                    "parked_messages": sum(m.size for m in parked),
+                }
+            )
+    if cfg.shards > 1:
+        report["shards"] = per
+    return code
 
 
 def _dagster(cfg: settings.Settings, report: dict[str, Any], prefix: str) -> int:
@@ -243,7 +292,6 @@ def _dagster(cfg: settings.Settings, report: dict[str, Any], prefix: str) -> int
         report["problems"].append(missing)
         return EXIT_DEGRADED
     os.environ.setdefault("PGCONNECT_TIMEOUT", PG_CONNECT_TIMEOUT_SECONDS)
-    logging.disable(logging.WARNING)  # the storage's own retry warnings: the report says what went wrong, once
     try:
         report.update(_dagster_state(cfg, prefix, home))
     except Exception as exc:

@@ -196,6 +196,15 @@ class Settings:
     feature_store_path: str = _var(
         "FEATURE_STORE_PATH", "./data/feature_store.duckdb", "The DuckDB feature store file.", _path
     )
+    shards: int = _var(
+        "FEATURE_PIPELINE_SHARDS",
+        "1",
+        "Stores the users are split across, each its own DuckDB file, staged batches and single writer, so runs "
+        "of different shards store in parallel (on one host or several); a user's shard is crc32(user_id) mod N. "
+        "1 is one store at FEATURE_STORE_PATH; N > 1 keeps `<name>.shard-K-of-N.duckdb` beside it. A change of N "
+        "is refused until `feature-pipeline reshard` has moved the users (1-64).",
+        _int_between(1, 64),
+    )
     staging_dir: str = _var(
         "FEATURE_PIPELINE_STAGING_DIR",
         "./data/staging",
@@ -435,8 +444,8 @@ class Settings:
 
     @property
     def max_ack_pending(self) -> int:
-        """Every in-flight batch holds its messages unacked, plus the batch being fetched."""
-        return self.batch_max_messages * (self.max_batches_in_flight + 1)
+        """Every in-flight batch of every shard holds its messages unacked, plus the batches being fetched."""
+        return self.batch_max_messages * self.shards * (self.max_batches_in_flight + 1)
 
 
 PATH_PARSERS = (_path, _optional_file, _features_file)  # values that name a file or folder

@@ -16,6 +16,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from feature_pipeline import shards
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.first_day import read_first_day
 
@@ -31,9 +32,15 @@ def first_day(settings: Settings) -> tuple[date | None, str]:
     """The first day snapshots can be made for, and where it comes from, in words (None: no event stored)."""
     if settings.snapshot_start:
         return date.fromisoformat(settings.snapshot_start), f"{START_SETTING}={settings.snapshot_start}"
-    recorded = read_first_day(settings.feature_store_path)
-    where = f"the day of the earliest event stored in {settings.feature_store_path}"
+    days = [read_first_day(s.feature_store_path) for s in shards.every_shard(settings)]
+    recorded = min((d for d in days if d), default=None)
+    where = f"the day of the earliest event stored in {_stores(settings)}"
     return (date.fromisoformat(recorded), where) if recorded else (None, where)
+
+
+def _stores(settings: Settings) -> str:
+    n = settings.shards
+    return settings.feature_store_path if n == 1 else f"the {n} shards of {settings.feature_store_path}"
 
 
 def available(settings: Settings, now: datetime | None = None) -> list[str]:
@@ -54,7 +61,7 @@ def refusal(start: date, end: date, settings: Settings, now: datetime | None = N
         return f"the range {start}..{end} ends before it starts"
     if first is None:
         return (
-            f"no snapshot day yet: no event is stored in {settings.feature_store_path}, and the days begin with the "
+            f"no snapshot day yet: no event is stored in {_stores(settings)}, and the days begin with the "
             f"earliest stored event's day; let the ingest sensor store events first, or set {START_SETTING}=YYYY-MM-DD"
         )
     if start < first:

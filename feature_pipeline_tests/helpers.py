@@ -19,7 +19,7 @@ import dagster as dg
 import duckdb
 from hypothesis import strategies as st
 
-from feature_pipeline import faults, streams
+from feature_pipeline import faults, shards, streams
 from feature_pipeline.broker import topology
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery
@@ -181,9 +181,12 @@ class Lifecycle:
     settings: Settings
     runs: InMemoryRuns = field(default_factory=InMemoryRuns)
     options: TickOptions = field(default_factory=TickOptions)
+    shard_of: dict[str, int] = field(default_factory=dict)  # batch id -> its shard, from the ticks' reports
 
     def tick(self) -> TickReport:
-        return run_tick(self.settings, self.runs, self.options)
+        report = run_tick(self.settings, self.runs, self.options)
+        self.shard_of.update(report.shard_of)
+        return report
 
     def tick_until_request(self, timeout: float = 15) -> TickReport:
         """Tick until a batch is staged (redeliveries come back after their NAK delay)."""
@@ -198,9 +201,10 @@ class Lifecycle:
     def execute(self, batch_id: str, fail: bool = False, attempt: int = 0) -> bool:
         """The batch's run: True when it stored the batch (SUCCESS), False when it failed (FAILURE)."""
         hook = faults.before_commit({faults.FAIL_RUN} if fail else self.settings.fault_set)
+        shard = self.shard_of.get(batch_id, 0)
         try:
-            with open_staging(self.settings) as staging, staging.local_copy(batch_id) as folder:
-                FeatureStore.from_settings(self.settings).apply_batch(
+            with open_staging(self.settings, shard) as staging, staging.local_copy(batch_id) as folder:
+                FeatureStore.from_settings(self.settings, shard).apply_batch(
                     folder,
                     batch_id,
                     before_commit=hook,
@@ -249,13 +253,16 @@ class DagsterLifecycle(Lifecycle):
         self.dagster_runs = DagsterRuns(instance)
 
     def tick(self) -> TickReport:
-        return run_tick(self.settings, self.dagster_runs, self.options)
+        report = run_tick(self.settings, self.dagster_runs, self.options)
+        self.shard_of.update(report.shard_of)
+        return report
 
     def execute(self, batch_id: str, fail: bool = False, attempt: int = 0) -> bool:
         from feature_pipeline.defs.runs import batch_tags
 
         settings = changed(self.settings, faults=faults.FAIL_RUN) if fail else self.settings
         tags = batch_tags(batch_id, settings.run_timeout_seconds, attempt)
+        tags.update(shards.run_tags(settings, self.shard_of.get(batch_id, 0)))
         return materialize(self.instance, settings, tags).success
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feature_pipeline import cli, get_features, settings, training_set
+from feature_pipeline import shards, cli, get_features, settings, training_set
 from feature_pipeline.broker.kv import OnlineStoreError
 from feature_pipeline.broker.local import free_port
 from feature_pipeline.read.serving import read_export
@@ -42,6 +42,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         max_deliver=5,
         ack_wait_seconds=60,
         nats_replicas=1,
+        shards=1,
         feature_store_path=str(tmp_path.resolve() / "data" / "feature_store.duckdb"),
         staging_dir=str(tmp_path.resolve() / "data" / "staging"),
         staging="folder",
@@ -213,6 +214,7 @@ def _every_variable_set(tmp_path: Path) -> dict[str, str]:
         "NATS_MAX_DELIVER": "7",
         "NATS_ACK_WAIT_SECONDS": "77",
         "NATS_REPLICAS": "3",
+        "FEATURE_PIPELINE_SHARDS": "3",
         "FEATURE_PIPELINE_STAGING": "nats",
         "FEATURE_PIPELINE_CELERY_BROKER": "redis://10.1.2.3:6379/4",
         "FEATURE_PIPELINE_CELERY_BACKEND": "redis://10.1.2.3:6379/5",
@@ -313,8 +315,9 @@ def test_every_variable_reaches_every_entry_point(
     with pytest.raises(OnlineStoreError, match=re.escape(f"NATS at {closed} for the online store {bucket}")):
         get_features(["u"])
     monkeypatch.setenv("NATS_URL", env["NATS_URL"])
-    pq.write_table(pa.table({"user_id": ["u"], "entry_point_probe": [3]}), expected.serving_path)
-    assert read_export().loc[0, "entry_point_probe"] == 3
+    for part in shards.every_shard(expected):  # FEATURE_PIPELINE_SHARDS=3: an export part per shard
+        pq.write_table(pa.table({"user_id": ["u"], "entry_point_probe": [3]}), part.serving_path)
+    assert list(read_export()["entry_point_probe"]) == [3, 3, 3]
     FeatureStore.from_settings(expected).connect().close()
     labels = pa.table({"user_id": ["u"], "ts": [datetime(2026, 6, 1, tzinfo=UTC)]})
     assert "entry_point_probe" in training_set(labels).column_names, "training_set ignored the features file"

@@ -101,16 +101,20 @@ class FastClient(Client):
                 parts = []
         return n + (await self._send_parts(parts) if parts else 0)
 
-    async def publish_pairs(self, items: Iterable[tuple[str, bytes]], chunk: int = 5_000) -> int:
-        """A payload of its own to each subject (the online store's rows), as one PUB buffer per chunk."""
+    async def publish_pairs(
+        self, items: Iterable[tuple[str, bytes]], chunk: int = 5_000, reply: str | None = None
+    ) -> int:
+        """A payload of its own to each subject (the online store's rows), as one PUB buffer per chunk; with
+        `reply`, JetStream sends each message's ack there."""
         if self.is_closed:
             raise ConnectionClosedError
         if not self.is_connected:
             raise OutboundBufferLimitError
         parts: list[bytes] = []
         n = 0
+        head = b"PUB %s " + (reply.encode() + b" " if reply else b"") + b"%d\r\n%s\r\n"
         for subject, payload in items:
-            parts.append(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+            parts.append(head % (subject.encode(), len(payload), payload))
             if len(parts) >= chunk:
                 n += await self._send_parts(parts)
                 parts = []

@@ -11,11 +11,12 @@ the last sync wrote (clock, registry fingerprint, columns and their types), so a
 needs nothing but the bucket.
 
 Writes. A run writes tens of thousands of rows, and awaiting a JetStream ack per put runs at about
-30 000/s here. `put_many` sends the rows as plain publishes, one buffer per chunk, then `meta.state`
-with an ack, and checks the stream's sequence: it moved by exactly the number of rows plus one only
-if every row was stored (one writer at a time, and a connection's messages keep their order). Any
-other count, or a lost connection, writes the rows again with an ack each; a row written twice is
-the same value, so retrying never harms.
+30 000/s here. `put_many` sends the rows as plain publishes, one buffer per chunk, each asking for its ack
+on one inbox, and counts the acks as they come back instead of awaiting each: every row is confirmed
+stored, whatever the other shards' writers put into the bucket at the same time (their keys are other
+users'). A refused row, a lost connection or acks that stop coming write the rows again with an ack
+each; a row written twice is the same value, so retrying never harms. With several shards, each keeps
+its own state under `meta.state.<shard>` as well; `meta.layout` records how many there are.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from feature_pipeline.broker.fastpath import FastClient, subscription_id
 
 MAX_PLAIN_ID_BYTES = 150
 STATE_KEY = "meta.state"
-SYNC_KEY = "meta.sync"  # the acked write that ends each chunk of plain publishes
+LAYOUT_KEY = "meta.layout"  # the number of shards the store is split into (ingest.layout)
 USER_KEYS = "u.>"
 HASHED_KEYS = "h.>"
 MULTI_GET_LIMIT = 1000  # results per batched direct get: servers cap one request at 1024
@@ -99,28 +100,19 @@ async def ensure_bucket(broker: Broker, bucket: str, replicas: int) -> None:
         await broker.js.create_key_value(config)
 
 
-async def last_sequence(broker: Broker, bucket: str) -> int:
-    return int((await broker.stream_state(stream_of(bucket)))["last_seq"])
-
-
 async def put_many(broker: Broker, bucket: str, rows: Callable[[], Iterable[Sequence[tuple[str, bytes]]]]) -> int:
     """Write every (key, value) of the chunks `rows()` yields; returns how many. Raises OnlineStoreError when
     NATS does not confirm them.
 
-    Plain publishes of every chunk, one after the other while the server stores the previous ones, closed by
-    one acked SYNC_KEY and checked by the stream's sequence; when that check fails, `rows()` is called again
-    and each row is put with an ack (see the module docstring)."""
+    Plain publishes of every chunk, one after the other while the server stores the previous ones, each
+    asking for its ack on one inbox, where the acks are counted as they arrive; when not every row is
+    confirmed, `rows()` is called again and each row is put with an ack awaited (see the module docstring)."""
     n = 0
     try:
         if isinstance(broker.nc, FastClient):
-            before = await last_sequence(broker, bucket)
-            for chunk in rows():
-                n += await broker.nc.publish_pairs((subject_of(bucket, k), v) for k, v in chunk)
-            if n == 0:
-                return 0
-            if await _put_acked(broker, bucket, SYNC_KEY, str(n).encode()) - before == n + 1:
-                return n
-        n = 0
+            confirmed = await _put_counted(broker.nc, bucket, rows)
+            if confirmed is not None:
+                return confirmed
         for chunk in rows():
             await _put_all_acked(broker, bucket, chunk)
             n += len(chunk)
@@ -129,12 +121,62 @@ async def put_many(broker: Broker, bucket: str, rows: Callable[[], Iterable[Sequ
         raise OnlineStoreError(f"could not write rows to the online store {bucket}: {_words(exc)}") from None
 
 
-async def put_state(broker: Broker, bucket: str, state: dict[str, Any]) -> None:
-    """What a sync wrote (clock, fingerprint, columns), under STATE_KEY, once its rows are all stored."""
+async def _put_counted(
+    nc: FastClient, bucket: str, rows: Callable[[], Iterable[Sequence[tuple[str, bytes]]]]
+) -> int | None:
+    """The rows as plain publishes whose acks come back to one inbox: how many, once every one is confirmed
+    stored; None when one is refused or the acks stop coming (the caller writes them again, acked)."""
+    acks = _Acks()
+    sub = await nc.subscribe(nc.new_inbox())
+    nc.sinks[subscription_id(sub)] = acks.count
     try:
-        await _put_acked(broker, bucket, STATE_KEY, json.dumps(state).encode())
+        sent = 0
+        for chunk in rows():
+            sent += await nc.publish_pairs(((subject_of(bucket, k), v) for k, v in chunk), reply=sub.subject)
+        return sent if await acks.all_of(sent, REQUEST_TIMEOUT_SECONDS) else None
+    finally:
+        nc.sinks.pop(subscription_id(sub), None)
+        await sub.unsubscribe()
+
+
+class _Acks:
+    """JetStream's answers to a run of publishes: stored (`{"stream": …, "seq": …}`), or refused (an error
+    object, or a status such as 503 when no stream answers)."""
+
+    def __init__(self) -> None:
+        self.stored = self.refused = 0
+        self.changed = asyncio.Event()
+
+    async def count(self, _subject: bytes, _reply: bytes, data: bytes, raw: bytes | None) -> None:
+        if (raw and not raw.startswith(b"NATS/1.0\r\n")) or b'"error"' in data:
+            self.refused += 1
+        else:
+            self.stored += 1
+        self.changed.set()
+
+    async def all_of(self, sent: int, idle_seconds: float) -> bool:
+        """Wait until every one of `sent` publishes is answered, or none has been for `idle_seconds`."""
+        while self.stored + self.refused < sent:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), idle_seconds)
+            except TimeoutError:
+                return False
+        return self.refused == 0 and self.stored == sent
+
+
+async def put_meta(broker: Broker, bucket: str, key: str, value: dict[str, Any]) -> None:
+    """A meta key (the last sync's state, the layout), with an ack."""
+    try:
+        await _put_acked(broker, bucket, key, json.dumps(value).encode())
     except Exception as exc:
-        raise OnlineStoreError(f"could not write {STATE_KEY} to the online store {bucket}: {_words(exc)}") from None
+        raise OnlineStoreError(f"could not write {key} to the online store {bucket}: {_words(exc)}") from None
+
+
+async def put_state(broker: Broker, bucket: str, state: dict[str, Any], key: str = STATE_KEY) -> None:
+    """What a sync wrote (clock, fingerprint, columns), under STATE_KEY (or a shard's state key), once its rows
+    are all stored."""
+    await put_meta(broker, bucket, key, state)
 
 
 async def delete_many(broker: Broker, bucket: str, keys: Iterable[str]) -> int:
@@ -177,9 +219,16 @@ async def get_one(nc: Client, bucket: str, key: str, timeout: float) -> bytes | 
     return bytes(msg.data)
 
 
-async def get_state(nc: Client, bucket: str, timeout: float) -> dict[str, Any] | None:
-    """What the last sync wrote under STATE_KEY; None before the first sync (or in an emptied bucket)."""
-    raw = await get_one(nc, bucket, STATE_KEY, timeout)
+def state_key(shard: int, shards: int) -> str:
+    """Where a shard's syncs leave their state: STATE_KEY with one store; with several, `meta.state.<shard>`
+    too (STATE_KEY then holds the newest sync's, which readers take the columns from)."""
+    return STATE_KEY if shards <= 1 else f"{STATE_KEY}.{shard}"
+
+
+async def get_state(nc: Client, bucket: str, timeout: float, key: str = STATE_KEY) -> dict[str, Any] | None:
+    """What the last sync wrote under STATE_KEY (or a shard's key); None before the first sync (or in an
+    emptied bucket)."""
+    raw = await get_one(nc, bucket, key, timeout)
     return None if raw is None else dict(json.loads(raw))
 
 

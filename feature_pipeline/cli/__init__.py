@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from feature_pipeline.cli import archive, backfill, publish, reads, redrive, status, up, worker
+from feature_pipeline.cli import archive, backfill, publish, reads, redrive, reshard, status, up, worker
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feature-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (up, worker, publish, reads, backfill, redrive, archive, status):
+    for group in (up, worker, publish, reads, backfill, redrive, archive, reshard, status):
         group.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))

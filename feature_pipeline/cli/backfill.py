@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from feature_pipeline import settings, snapshot_days
+from feature_pipeline import settings, shards, snapshot_days
 from feature_pipeline.cli.common import EXIT_OK, dagster_home, fail, instance_missing, load_settings
 from feature_pipeline.snapshot_days import available, days_between, refusal
 
@@ -60,20 +60,24 @@ def cmd_backfill_snapshots(args: argparse.Namespace) -> int:
     missing = instance_missing(home)
     if missing is None:  # list the days first, so the webserver or the instance accepts them at once
         _register_days(home, cfg)
-    try:
-        backfill_id = launch_via_webserver(args.webserver, keys, title)
-        how = f"through the webserver at {args.webserver}"
-    except OSError:  # no webserver there: the instance itself
-        if missing:
-            return fail(missing)
-        backfill_id = _launch_via_instance(home, keys, title)
-        how = f"in the instance at {home}"
-    except RuntimeError as exc:
-        return fail(str(exc))
-    print(
-        f"backfill {backfill_id}: {len(keys)} day(s) {keys[0]}..{keys[-1]}, requested {how}; the daemon runs it "
-        "(follow it in the UI under Runs > Backfills)"
-    )
+    for shard in range(cfg.shards):  # with shards, one backfill each, its runs sent to the shard's worker
+        tags = shards.run_tags(cfg, shard)
+        named = f"{title} (shard {shard})" if tags else title
+        try:
+            backfill_id = launch_via_webserver(args.webserver, keys, named, tags)
+            how = f"through the webserver at {args.webserver}"
+        except OSError:  # no webserver there: the instance itself
+            if missing:
+                return fail(missing)
+            backfill_id = _launch_via_instance(home, keys, named, tags)
+            how = f"in the instance at {home}"
+        except RuntimeError as exc:
+            return fail(str(exc))
+        of = f" of shard {shard}" if tags else ""
+        print(
+            f"backfill {backfill_id}: {len(keys)} day(s) {keys[0]}..{keys[-1]}{of}, requested {how}; the daemon runs "
+            "it (follow it in the UI under Runs > Backfills)"
+        )
     return EXIT_OK
 
 
@@ -95,7 +99,9 @@ def _register_days(home: Path, cfg: settings.Settings) -> None:
         snapshot_days.register(instance, _snapshots().partitions_def.name, available(cfg))
 
 
-def launch_via_webserver(url: str, keys: list[str], title: str, timeout: float = 30.0) -> str:
+def launch_via_webserver(
+    url: str, keys: list[str], title: str, tags: dict[str, str] | None = None, timeout: float = 30.0
+) -> str:
     """`launchPartitionBackfill`, as the UI sends it. OSError when no webserver answers at `url`."""
     params = {
         "assetSelection": [{"path": [SNAPSHOTS]}],
@@ -103,6 +109,7 @@ def launch_via_webserver(url: str, keys: list[str], title: str, timeout: float =
         "fromFailure": False,
         "title": title,
         "description": "requested with feature-pipeline backfill-snapshots",
+        "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()],
     }
     body = json.dumps({"query": _MUTATION, "variables": {"params": params}}).encode()
     request = urllib.request.Request(
@@ -124,15 +131,15 @@ def launch_via_webserver(url: str, keys: list[str], title: str, timeout: float =
     return str(result["backfillId"])
 
 
-def _launch_via_instance(home: Any, keys: list[str], title: str) -> str:
+def _launch_via_instance(home: Any, keys: list[str], title: str, tags: dict[str, str]) -> str:
     import dagster as dg
 
     os.environ["DAGSTER_HOME"] = str(home)
     with dg.DagsterInstance.get() as instance:
-        return add_backfill_to_instance(instance, keys, title)
+        return add_backfill_to_instance(instance, keys, title, tags)
 
 
-def add_backfill_to_instance(instance: Any, keys: list[str], title: str) -> str:
+def add_backfill_to_instance(instance: Any, keys: list[str], title: str, tags: dict[str, str] | None = None) -> str:
     """The asset backfill the UI would create, written to the instance for its daemon to run.
 
     Dagster has no public Python call for this; these two private imports are the only ones in the
@@ -150,7 +157,7 @@ def add_backfill_to_instance(instance: Any, keys: list[str], title: str) -> str:
         partition_names=keys,
         asset_selection=[snapshots.key],
         backfill_timestamp=time.time(),
-        tags={},
+        tags=tags or {},
         dynamic_partitions_store=instance,
         all_partitions=False,
         title=title,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import os
@@ -20,6 +21,11 @@ EXIT_OK, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
 def fail(message: str, code: int = EXIT_DOWN) -> int:
     print(f"feature-pipeline: {message}", file=sys.stderr)
     return code
+
+
+def add_shard(cmd: argparse.ArgumentParser) -> None:
+    """`--shard K`: one shard's store (on a host that holds only some), instead of every shard's."""
+    cmd.add_argument("--shard", type=int, help="only this shard's store (default: every shard, all on this host)")
 
 
 def load_settings() -> settings.Settings:

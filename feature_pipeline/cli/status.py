@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -42,6 +43,9 @@ def cmd_health(args: argparse.Namespace) -> int:
             Names(args.prefix)
         except ValueError as exc:
             return fail(f"--prefix: {exc}")
+    # The instance storage's own retry warnings: the report says what went wrong, once. This command owns its
+    # process; `health_report()` leaves its caller's logging alone.
+    logging.disable(logging.WARNING)
     result = build(load_settings(), args.prefix)
     report, code = result.body, result.code
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report), flush=True)

@@ -10,10 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from feature_pipeline import local_worker
+from feature_pipeline import local_worker, shards
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.local import LocalNats, port_open
 from feature_pipeline.cli.common import dagster_home, fail, instance_lock, load_settings, prepare_dagster_home
@@ -52,6 +54,9 @@ def _up(args: argparse.Namespace) -> int:
     if not (project / "workspace.yaml").is_file() or not (project / "dagster.yaml").is_file():
         return fail("run `feature-pipeline up` from the project folder (the one with workspace.yaml and dagster.yaml)")
     cfg = load_settings()
+    refused = shards.local_layout_problem(cfg)
+    if refused:
+        return fail(f"up: {refused}")
     home = dagster_home()
     prepare_dagster_home(home, project)
     warm = not args.spawn
@@ -69,6 +74,11 @@ def _up(args: argparse.Namespace) -> int:
         local = _nats(cfg, project, env)
     except RuntimeError as exc:
         return fail(str(exc))
+    refused = _recorded_layout(cfg, env.get("NATS_URL", cfg.nats_url))
+    if refused:
+        if local:
+            local.stop()
+        return fail(f"up: {refused}")
     env["DAGSTER_HOME"] = str(home)
     # Absolute paths, so the code server and run workers agree whatever their working directory.
     env["FEATURE_STORE_PATH"] = cfg.feature_store_path
@@ -76,14 +86,13 @@ def _up(args: argparse.Namespace) -> int:
     env["FEATURE_PIPELINE_SERVING_PATH"] = cfg.serving_path
     if cfg.features_file:
         env["FEATURE_PIPELINE_FEATURES_FILE"] = cfg.features_file
-    worker = _start_worker(home, env) if warm else None
+    workers = _start_workers(home, env, cfg.shards) if warm else []
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home}); Ctrl-C stops everything")
     print("then, in another shell: feature-pipeline publish --user u-42 && feature-pipeline features u-42")
     try:
         return _run_dagster(project, home, env, args.host, args.port)
     finally:
-        if worker:
-            _stop_group(worker, signal.SIGTERM, grace=60)  # Celery's warm shutdown: a running run finishes
+        _stop_workers(workers)  # Celery's warm shutdown: a running run finishes
         if local:
             local.stop()
 
@@ -126,13 +135,49 @@ def create_storage(home: Path) -> str | None:
     return f"cannot create the Dagster instance's storage at {home}: {problem}"
 
 
-def _start_worker(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start_workers(home: Path, env: dict[str, str], n: int) -> list[subprocess.Popen[bytes]]:
+    """One warm worker per shard, each serving its shard's queue: a shard's runs go one at a time, different
+    shards' side by side."""
     env.update(local_worker.celery_env(home))
     local_worker.prepare(home)
     cmd = [str(Path(sys.executable).parent / "feature-pipeline"), "worker"]
-    worker = subprocess.Popen(cmd, env=env, start_new_session=True)
-    print(f"warm run worker: pid {worker.pid}, queue folder {home / 'celery'}")
-    return worker
+    workers = []
+    for shard in range(n):
+        worker = subprocess.Popen([*cmd, *(["--shard", str(shard)] if n > 1 else [])], env=env, start_new_session=True)
+        of = f" (shard {shard} of {n})" if n > 1 else ""
+        print(f"warm run worker{of}: pid {worker.pid}, queue folder {home / 'celery'}")
+        workers.append(worker)
+    return workers
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]], grace: float = 60.0) -> None:
+    """SIGTERM every worker at once (each lets its running run finish), then wait for them together."""
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        _stop_group(worker, signal.SIGTERM, grace=max(0.1, deadline - time.monotonic()))
+
+
+def _recorded_layout(cfg: Settings, url: str) -> str | None:
+    """Why the number of shards recorded beside the online store refuses this start, or None (also when NATS
+    cannot say: the sensor checks on every tick, and holds ingestion in words)."""
+    import asyncio
+    import dataclasses
+
+    from feature_pipeline.broker.client import Broker
+    from feature_pipeline.ingest import layout
+
+    async def read() -> dict[str, Any] | None:
+        async with await Broker.connect(url, "feature-pipeline-up", cfg.nats_auth) as broker:
+            return await asyncio.wait_for(layout.recorded(broker, cfg), 10)
+
+    try:
+        found = asyncio.run(read())
+    except Exception:
+        return None
+    return None if found is None else layout.refused(found, dataclasses.replace(cfg, nats_url=url))
 
 
 def _nats(cfg: Settings, project: Path, env: dict[str, str]) -> LocalNats | None:

@@ -14,13 +14,19 @@ import os
 import sys
 from pathlib import Path
 
-from feature_pipeline import local_worker
+from feature_pipeline import local_worker, shards
 from feature_pipeline.cli.common import dagster_home, fail, load_settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = sub.add_parser("worker", help="a warm Celery run worker (deployments with deploy/dagster.yaml)")
     worker.add_argument("--concurrency", type=int, default=1, help="runs at once (default 1: one DuckDB writer)")
+    worker.add_argument(
+        "--shard",
+        type=int,
+        help="with FEATURE_PIPELINE_SHARDS > 1: the shard whose store this host owns; the worker serves its queue, "
+        "<FEATURE_PIPELINE_CELERY_QUEUE>-shard-K (shard 0's also serves the queue itself: runs of every shard)",
+    )
     worker.set_defaults(func=cmd_worker)
 
 
@@ -34,22 +40,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
     home = dagster_home()
     if not (home / "dagster.yaml").is_file():
         return fail(f"no Dagster instance at {home}: copy deploy/dagster.yaml there (or set DAGSTER_HOME)")
-    config = _celery_config(home, cfg.celery_broker, cfg.celery_backend)
+    if cfg.shards > 1 and args.shard is None:
+        return fail(f"FEATURE_PIPELINE_SHARDS={cfg.shards}: say which shard's store this worker owns, --shard K")
+    shard = args.shard or 0
+    try:
+        shards.for_shard(cfg, shard)
+    except ValueError as exc:
+        return fail(f"--shard: {exc}")
+    queues = [shards.queue_of(cfg.celery_queue, shard, cfg.shards)]
+    if cfg.shards > 1 and shard == 0:  # runs with no shard tag (every shard, on one box) go to the queue itself
+        queues.append(cfg.celery_queue)
+    name = "feature-pipeline" if cfg.shards == 1 else f"feature-pipeline-shard-{shard}"
+    config = _celery_config(home, cfg.celery_broker, cfg.celery_backend, name)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": _path(config, os.environ.get("PYTHONPATH"))}
     argv = [str(bin_dir / "celery"), "-A", "dagster_celery.app", "worker", "--prefetch-multiplier=1"]
-    argv += ["-Q", cfg.celery_queue, "-c", str(args.concurrency), "-n", "feature-pipeline@%h", "--loglevel", "INFO"]
+    argv += ["-Q", ",".join(queues), "-c", str(args.concurrency), "-n", f"{name}@%h", "--loglevel", "INFO"]
     print(
-        f"warm run worker (pid {os.getpid()}) on queue {cfg.celery_queue}, DAGSTER_HOME={home}; "
+        f"warm run worker (pid {os.getpid()}) on queue {', '.join(queues)}, DAGSTER_HOME={home}; "
         "SIGTERM lets a running run finish, then stops",
         flush=True,
     )
     os.execve(argv[0], argv, env)
 
 
-def _celery_config(home: Path, broker: str, backend: str) -> Path:
-    """The settings module dagster_celery's app reads (`dagster_celery_config`), in a folder of its own."""
-    folder = home / "feature-pipeline-worker"
+def _celery_config(home: Path, broker: str, backend: str, name: str) -> Path:
+    """The settings module dagster_celery's app reads (`dagster_celery_config`), in a folder of the worker's own."""
+    folder = home / f"{name}-worker"
     folder.mkdir(mode=0o700, exist_ok=True)
     settings = f"broker_url = {broker!r}\nresult_backend = {backend!r}\n"
     if broker == local_worker.BROKER:  # `up --warm`: the queue is a folder under DAGSTER_HOME

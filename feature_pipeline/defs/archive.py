@@ -8,7 +8,9 @@ from datetime import timedelta
 
 import dagster as dg
 
+from feature_pipeline import shards
 from feature_pipeline.defs.names import Names, one_op_job
+from feature_pipeline.defs.runs import per_shard_schedule, shards_of_run
 from feature_pipeline.store.feature_store import FeatureStore
 
 
@@ -23,8 +25,10 @@ def build_archive(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition
     )
     def archive_op(context: dg.OpExecutionContext) -> None:
         cfg = names.settings(context)
-        result = FeatureStore.from_settings(cfg).archive(cfg.archive_path, timedelta(days=cfg.archive_after_days))
-        context.log.info(result.summary())
+        for shard in shards_of_run(context, cfg):
+            store = FeatureStore.from_settings(cfg, shard)
+            result = store.archive(shards.for_shard(cfg, shard).archive_path, timedelta(days=cfg.archive_after_days))
+            context.log.info(result.summary() + (f" ({store.name})" if cfg.shards > 1 else ""))
 
     archive_job = one_op_job(
         names,
@@ -35,12 +39,11 @@ def build_archive(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition
         "FEATURE_PIPELINE_ARCHIVE_PATH; snapshots, backfills, training sets and checks keep reading them.",
     )
 
-    schedule = dg.ScheduleDefinition(
-        name=names.of("archive_raw_events_daily"),
-        job=archive_job,
-        cron_schedule="45 3 * * *",
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Every day at 03:45 UTC, once switched on: archive raw events past the horizon.",
+    schedule = per_shard_schedule(
+        names,
+        archive_job,
+        names.of("archive_raw_events_daily"),
+        "45 3 * * *",
+        "Every day at 03:45 UTC, once switched on: archive raw events past the horizon.",
     )
     return archive_job, schedule

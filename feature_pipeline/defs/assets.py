@@ -14,18 +14,19 @@ from typing import Any
 
 import dagster as dg
 
-from feature_pipeline import faults
+from feature_pipeline import faults, shards
 from feature_pipeline.defs import metadata
 from feature_pipeline.defs.checks import Checks
 from feature_pipeline.defs.names import AssetJob, Names
-from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY
+from feature_pipeline.defs.runs import BATCH_TAG, CAUSE_KEY, shards_of_run, tagged_shard
 from feature_pipeline.defs.snapshots import keep_days_current
+from feature_pipeline.ingest import shard_checks
 from feature_pipeline.ingest.failures import Cause, cause_of
 from feature_pipeline.ingest.online import SyncResult, Writer, sync_with
 from feature_pipeline.ingest.poison import Copier
 from feature_pipeline.ingest.shared_staging import open_staging
 from feature_pipeline.settings import Settings
-from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh
+from feature_pipeline.store.feature_store import BatchResult, FeatureStore, Refresh, StoreHealth
 from feature_pipeline.streams import DEADLETTER
 
 REFRESH_TAG = "feature_pipeline/refresh"  # "windows": only move the clock (the schedule's runs)
@@ -77,8 +78,12 @@ def with_freshness(
 class Ingest:
     """One pipeline instance's ingest asset and job: what its runs do, under its names."""
 
-    def __init__(self, names: Names, checks: Checks) -> None:
+    def __init__(self, names: Names, checks: Checks, shard_count: int = 1) -> None:
+        """With several shards the runs of different shards store side by side, so they hold no pool: the run
+        tag feature_pipeline/shard limits each shard to one run at a time (dagster.yaml), and with warm workers
+        each shard's queue has one worker."""
         self.names, self.checks = names, checks
+        self.pool = names.pool if shard_count == 1 else None
         self.specs = table_specs(names)
 
     def asset(self) -> dg.AssetsDefinition:
@@ -87,7 +92,7 @@ class Ingest:
         @dg.multi_asset(
             specs=list(self.specs.values()),
             check_specs=self.checks.in_ingest_runs,
-            pool=names.pool,
+            pool=self.pool,
             can_subset=False,
             name=names.of("ingest_batch"),
             required_resource_keys={names.resource_key},
@@ -98,11 +103,13 @@ class Ingest:
             settings = names.settings(context)
             batch_id = context.run.tags.get(BATCH_TAG)
             if batch_id is not None:
-                yield from self.store_batch(context, settings, batch_id)
-            elif context.run.tags.get(REFRESH_TAG) == "windows":
-                yield from self.move_clock(context, settings)
+                yield from self.store_batch(context, settings, batch_id, tagged_shard(context, settings) or 0)
+                return
+            every = shards_of_run(context, settings)
+            if context.run.tags.get(REFRESH_TAG) == "windows":
+                yield from self.move_clock(context, settings, every)
             else:
-                yield from self.rebuild(context, settings)
+                yield from self.rebuild(context, settings, every)
 
         return ingest_batch
 
@@ -118,11 +125,13 @@ class Ingest:
             "afterwards.",
         )
 
-    def store_batch(self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str) -> RunOutput:
-        """The batch's events into the store, or a Failure that says whether its messages caused it (which
-        decides whether settling spends their deliveries: see `ingest.failures`)."""
+    def store_batch(
+        self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str, shard: int
+    ) -> RunOutput:
+        """The batch's events into its shard's store, or a Failure that says whether its messages caused it
+        (which decides whether settling spends their deliveries: see `ingest.failures`)."""
         try:
-            outputs = list(self._store_batch(context, settings, batch_id))
+            outputs = list(self._store_batch(context, settings, batch_id, shard))
         except Exception as exc:
             cause = cause_of(exc)
             raise dg.Failure(
@@ -131,31 +140,34 @@ class Ingest:
             ) from exc
         yield from outputs
 
-    def _store_batch(self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str) -> RunOutput:
-        with open_staging(settings) as staging:
+    def _store_batch(
+        self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str, shard: int
+    ) -> RunOutput:
+        with open_staging(settings, shard) as staging:
             manifest = staging.manifest(batch_id)
             if manifest is None:
-                yield from self._already_settled(context, settings, batch_id, staging.where)
+                yield from self._already_settled(context, settings, shard, batch_id, staging.where)
                 return
             with staging.local_copy(batch_id) as folder:
                 started = time.monotonic()
-                store, online = self._store_and_writer(settings)
+                store, online = self._store_and_writer(settings, shard)
                 result = store.apply_batch(
                     folder,
                     batch_id,
                     consistency_sample=settings.consistency_sample,
                     consistency_every=settings.consistency_every_seconds,
                     before_commit=faults.before_commit(settings.fault_set),
-                    after_commit=faults.after_commit(settings.fault_set, settings.feature_store_path, online),
+                    after_commit=faults.after_commit(settings.fault_set, store.path, online),
                     dead_letter=Copier(settings),
                     pipeline=settings.durable_prefix,
                 )
                 applied = time.monotonic() - started
         synced = self._logged(context, online)
-        self._log_batch(context, result, settings.allowed_lateness_seconds)
+        self._log_batch(context, result, settings, shard)
         self._snapshot_days(context, settings)
         context.instance.add_run_tags(context.run_id, metadata.run_tags(result, manifest))
         timing = {"apply_seconds": round(applied, 2), **self._queue_wait(context), **metadata.online(synced)}
+        timing.update(metadata.shard(shard, settings.shards))
         for key, extra in metadata.batch_per_table(result, store.registry.event_streams).items():
             asset_key = self.specs[key].key
             if key == "user_features":  # the batch's summary, once: on the asset it describes
@@ -164,7 +176,16 @@ class Ingest:
                 )
             elif extra.pop("changed"):  # a table the batch added no row to keeps its last materialization
                 yield dg.MaterializeResult(asset_key=asset_key, metadata=extra)
-        yield from self.checks.store_results(result.health, settings)
+        yield from self._checks(context, settings, shard, result.health, synced)
+
+    def _checks(
+        self, context: dg.AssetExecutionContext, settings: Settings, shard: int, health: StoreHealth, synced: SyncResult
+    ) -> Iterator[dg.AssetCheckResult]:
+        """The store checks of one shard's run, graded over every shard (see `ingest.shard_checks`)."""
+        health, synced, problem = shard_checks.share(settings, shard, health, synced)
+        if problem:
+            context.log.warning(f"{problem}; the checks grade shard {shard} alone this run")
+        yield from self.checks.store_results(health, settings)
         yield self.checks.online_result(synced)
 
     def _snapshot_days(self, context: dg.AssetExecutionContext, settings: Settings) -> None:
@@ -187,11 +208,11 @@ class Ingest:
         return {"queue_wait_seconds": round(record.start_time - record.create_timestamp.timestamp(), 2)}
 
     def _already_settled(
-        self, context: dg.AssetExecutionContext, settings: Settings, batch_id: str, where: str
+        self, context: dg.AssetExecutionContext, settings: Settings, shard: int, batch_id: str, where: str
     ) -> Iterator[dg.AssetCheckResult]:
         """A re-execution of a run whose batch the sensor has already settled: nothing to do, and not a failure."""
-        stored_at, health = FeatureStore.from_settings(settings).batch_state(batch_id, settings.consistency_sample)
-        store, online = self._store_and_writer(settings)
+        store, online = self._store_and_writer(settings, shard)
+        stored_at, health = store.batch_state(batch_id, settings.consistency_sample)
         sync_with(online, store)  # the rows of a run that died after its commit
         synced = self._logged(context, online)
         what = (
@@ -200,22 +221,25 @@ class Ingest:
             else "was never stored: its messages went back to NATS and are stored by a later batch"
         )
         context.log.warning(f"nothing to do: batch {batch_id} is no longer staged in {where}; it {what}")
-        yield from self.checks.store_results(health, settings)
-        yield self.checks.online_result(synced)
+        yield from self._checks(context, settings, shard, health, synced)
 
-    def _log_batch(self, context: dg.AssetExecutionContext, result: BatchResult, allowed_lateness_seconds: int) -> None:
+    def _log_batch(
+        self, context: dg.AssetExecutionContext, result: BatchResult, settings: Settings, shard: int
+    ) -> None:
         self._log_refresh(context, result.refresh)
         if result.late_events:
             context.log.warning(
-                f"{result.late_events} event(s) arrived more than {allowed_lateness_seconds} s after they "
+                f"{result.late_events} event(s) arrived more than {settings.allowed_lateness_seconds} s after they "
                 f"occurred (up to {result.max_lateness_seconds:.0f} s), on {', '.join(result.late_days)}: stored and "
                 "counted; snapshots of those days taken before now miss them until backfilled"
             )
         shown = ", ".join(result.event_ids[:LOGGED_IDS])
         took = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in result.seconds.items())
         more = len(result.event_ids) - LOGGED_IDS
+        of = shards.describe(shard, settings.shards)
         context.log.info(
-            f"stored batch {result.batch_id}: {result.events_in_batch} events ({result.new_summary()}, "
+            f"stored batch {result.batch_id}{f' in {of}' if of else ''}: {result.events_in_batch} events "
+            f"({result.new_summary()}, "
             f"{result.duplicates_absorbed} duplicates absorbed), "
             f"{len(result.poison)} poison (copied to DEADLETTER), "
             f"{result.dead_letters_inserted} dead letters, {result.conflicting_duplicates} conflicting duplicates, "
@@ -223,47 +247,71 @@ class Ingest:
             f"events: {shown}{f' and {more} more' if more > 0 else ''}"
         )
 
-    def move_clock(self, context: dg.AssetExecutionContext, settings: Settings) -> Iterator[dg.AssetCheckResult]:
-        """The window refresh: rows change as time passes, but no data arrived, so user_features gets an
-        observation, not a materialization: its freshness keeps telling whether ingest is alive."""
-        store, online = self._store_and_writer(settings)
-        refresh, health = store.advance(consistency_sample=settings.consistency_sample, after_commit=online)
-        synced = self._logged(context, online)
-        self._log_refresh(context, refresh)
-        context.log.info(
-            f"moved the clock to {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows whose windows moved "
-            "were recomputed"
-        )
-        meta = {**metadata.refresh(refresh), **metadata.online(synced)}
-        context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=meta))
-        yield from self.checks.store_results(health, settings)
-        yield self.checks.online_result(synced)
+    def move_clock(
+        self, context: dg.AssetExecutionContext, settings: Settings, every: list[int]
+    ) -> Iterator[dg.AssetCheckResult]:
+        """The window refresh of each shard the run works on: rows change as time passes, but no data arrived, so
+        user_features gets an observation, not a materialization: its freshness keeps telling whether ingest is
+        alive."""
+        done = []
+        for shard in every:
+            store, online = self._store_and_writer(settings, shard)
+            refresh, health = store.advance(consistency_sample=settings.consistency_sample, after_commit=online)
+            synced = self._logged(context, online)
+            self._log_refresh(context, refresh)
+            of = shards.describe(shard, settings.shards)
+            context.log.info(
+                f"moved the clock{f' of {of}' if of else ''} to {refresh.valid_as_of.isoformat()}: "
+                f"{refresh.rows_written} rows whose windows moved were recomputed"
+            )
+            meta = {**metadata.refresh(refresh), **metadata.online(synced), **metadata.shard(shard, settings.shards)}
+            context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=meta))
+            done.append((shard, health, synced))
+        yield from self._checks_of(context, settings, done)
 
-    def rebuild(self, context: dg.AssetExecutionContext, settings: Settings) -> RunOutput:
-        """Every user_features row recomputed from the raw tables (a materialization by hand, no batch)."""
-        store, online = self._store_and_writer(settings)
-        refresh, health = store.recompute_all(settings.consistency_sample, after_commit=online)
-        synced = self._logged(context, online)
-        self._log_refresh(context, refresh)
-        context.log.info(
-            f"rebuilt user_features as of {refresh.valid_as_of.isoformat()}: {refresh.rows_written} rows "
-            "recomputed from the raw tables"
-        )
+    def rebuild(self, context: dg.AssetExecutionContext, settings: Settings, every: list[int]) -> RunOutput:
+        """Every user_features row recomputed from the raw tables, in each shard the run works on (a
+        materialization by hand, no batch)."""
+        done, refreshes = [], []
+        for shard in every:
+            store, online = self._store_and_writer(settings, shard)
+            refresh, health = store.recompute_all(settings.consistency_sample, after_commit=online)
+            synced = self._logged(context, online)
+            self._log_refresh(context, refresh)
+            of = shards.describe(shard, settings.shards)
+            context.log.info(
+                f"rebuilt user_features{f' of {of}' if of else ''} as of {refresh.valid_as_of.isoformat()}: "
+                f"{refresh.rows_written} rows recomputed from the raw tables"
+            )
+            done.append((shard, health, synced))
+            refreshes.append(refresh)
+        health = StoreHealth.combine([h for _, h, _ in done])
+        synced = SyncResult.combine([s for _, _, s in done])
         for key, spec in self.specs.items():
             meta: dict[str, Any] = {"refresh": "rebuild"}
             if key == "user_features":
-                meta.update({**metadata.refresh(refresh), **metadata.online(synced)})
+                meta.update({**metadata.refresh(Refresh.combine(refreshes)), **metadata.online(synced)})
             if key == DEADLETTER.table:
                 meta.update(metadata.dead_letters(health))
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
-        yield from self.checks.store_results(health, settings)
-        yield self.checks.online_result(synced)
+        yield from self._checks_of(context, settings, done)
+
+    def _checks_of(
+        self, context: dg.AssetExecutionContext, settings: Settings, done: list[tuple[int, StoreHealth, SyncResult]]
+    ) -> Iterator[dg.AssetCheckResult]:
+        """A run of one shard grades every shard through the others' published figures; a run of every shard
+        has them all."""
+        if len(done) == 1:
+            yield from self._checks(context, settings, *done[0])
+            return
+        yield from self.checks.store_results(StoreHealth.combine([h for _, h, _ in done]), settings)
+        yield self.checks.online_result(SyncResult.combine([s for _, _, s in done]))
 
     @staticmethod
-    def _store_and_writer(settings: Settings) -> tuple[FeatureStore, Writer]:
-        """The store, and what writes the rows a run changed to the online store right after its commit, on
-        the same connection, before the run reports success (see `ingest.online`)."""
-        store = FeatureStore.from_settings(settings)
+    def _store_and_writer(settings: Settings, shard: int) -> tuple[FeatureStore, Writer]:
+        """A shard's store, and what writes the rows a run changed to the online store right after its commit,
+        on the same connection, before the run reports success (see `ingest.online`)."""
+        store = FeatureStore.from_settings(settings, shard)
         compare, every = settings.consistency_sample, settings.consistency_every_seconds
         return store, Writer(settings, store, compare=compare, compare_every=every)
 

@@ -22,7 +22,7 @@ def build_definitions(names: Names, resource: PipelineResource, settings: Settin
     """`settings` are the values as this process reads them: what shapes the definitions themselves
     (freshness windows, sensor interval); runs read theirs from `resource`."""
     checks = Checks(names)
-    ingest = Ingest(names, checks)
+    ingest = Ingest(names, checks, settings.shards)
     ingest_asset = ingest.asset()
     ingest_job = ingest.job(ingest_asset)
     snapshots, snapshot_job, snapshot_schedule = build_snapshots(names)
@@ -53,7 +53,7 @@ def build_definitions(names: Names, resource: PipelineResource, settings: Settin
             build_stream_monitor(names, checks, settings.monitor_interval_seconds),
         ],
         schedules=[
-            build_refresh_schedule(names, ingest_job),
+            build_refresh_schedule(names, ingest_job, settings.shards),
             snapshot_schedule,
             prune_schedule,
             archive_schedule,

@@ -31,8 +31,7 @@ from feature_pipeline.health import (
 )
 from feature_pipeline.ingest.fetch import staging_hold
 from feature_pipeline.ingest.online import SyncResult
-from feature_pipeline.ingest.shared_staging import open_staging
-from feature_pipeline.ingest.tick import blocked_batches
+from feature_pipeline.ingest.tick import blocked_batches, open_every_staging
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import RECENT_MINUTES, StoreHealth
 from feature_pipeline.store.loader import sources_for
@@ -395,8 +394,8 @@ def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str 
     """The streams' figures, or why they could not be read (a line for the tick log and the checks), and
     whether the reason is a stream or consumer that does not exist (as before the ingest sensor's first tick)."""
     try:
-        with open_staging(settings) as staging:
-            in_flight = [m.counts for m in staging.batches()]
+        with open_every_staging(settings) as stagings:
+            in_flight = [m.counts for staging in stagings.values() for m in staging.batches()]
         stats = asyncio.run(
             read_stream_stats(
                 settings.nats_url,
@@ -415,8 +414,8 @@ def read_stats(settings: Settings, client: str) -> tuple[list[StreamStats], str 
 def _staging_hold(settings: Settings) -> str | None:
     """Why the ingest sensor would hold off fetching into the configured staging now (None: it would fetch)."""
     try:
-        with open_staging(settings) as staging:
-            return staging_hold(staging)
+        with open_every_staging(settings) as stagings:
+            return next((hold for staging in stagings.values() if (hold := staging_hold(staging))), None)
     except OSError as exc:
         return f"cannot open the staging at {settings.staging_dir}: {exc}"
 

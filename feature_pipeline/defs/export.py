@@ -2,12 +2,15 @@
 
 Point lookups read the online store; a reader of every user (analysis, batch scoring) reads this file
 instead. Writing it costs O(users), so no batch writes it: it is written on demand (this job, or
-`feature-pipeline export`) or by the schedule once switched on.
+`feature-pipeline export`) or by the schedule once switched on. With several shards each writes its part,
+`<name>.shard-K-of-N.parquet` beside FEATURE_PIPELINE_SERVING_PATH, on its own host; `read_export` reads them all.
 """
 
 import dagster as dg
 
+from feature_pipeline import shards
 from feature_pipeline.defs.names import Names, one_op_job
+from feature_pipeline.defs.runs import per_shard_schedule, shards_of_run
 from feature_pipeline.store.feature_store import FeatureStore
 
 
@@ -20,8 +23,10 @@ def build_export(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]
     )
     def export_op(context: dg.OpExecutionContext) -> None:
         cfg = names.settings(context)
-        rows, as_of = FeatureStore.from_settings(cfg).export(cfg.serving_path)
-        context.log.info(f"exported {rows} rows (valid as of {as_of}) to {cfg.serving_path}")
+        for shard in shards_of_run(context, cfg):
+            out = shards.for_shard(cfg, shard).serving_path
+            rows, as_of = FeatureStore.from_settings(cfg, shard).export(out)
+            context.log.info(f"exported {rows} rows (valid as of {as_of}) to {out}")
 
     export_job = one_op_job(
         names,
@@ -31,12 +36,11 @@ def build_export(names: Names) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]
         "Writes the Parquet export of user_features for bulk readers (point lookups read the online store).",
     )
 
-    schedule = dg.ScheduleDefinition(
-        name=names.of("export_user_features_hourly"),
-        job=export_job,
-        cron_schedule="15 * * * *",
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Every hour at :15, once switched on: refresh the Parquet export for bulk readers.",
+    schedule = per_shard_schedule(
+        names,
+        export_job,
+        names.of("export_user_features_hourly"),
+        "15 * * * *",
+        "Every hour at :15, once switched on: refresh the Parquet export for bulk readers.",
     )
     return export_job, schedule

@@ -48,6 +48,11 @@ def online(sync: SyncResult) -> dict[str, Any]:
     }
 
 
+def shard(index: int, shards: int) -> dict[str, Any]:
+    """Which shard a record is about (nothing with one store)."""
+    return {"shard": index} if shards > 1 else {}
+
+
 def run_tags(result: BatchResult, manifest: Manifest) -> dict[str, str]:
     """Tags the run list shows: what the batch stored and where it came from."""
     ranges = ", ".join(f"{stream} {lo}-{hi}" for stream, (lo, hi) in sorted(manifest.seq_ranges.items()))

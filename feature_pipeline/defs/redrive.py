@@ -10,7 +10,9 @@ from datetime import datetime
 
 import dagster as dg
 
+from feature_pipeline import shards
 from feature_pipeline.defs.names import Names, one_op_job
+from feature_pipeline.defs.runs import tagged_shard
 from feature_pipeline.ingest.redrive import RedriveFilter, parse_time, redrive
 
 LISTED = 50  # dead letters named one by one in the run log
@@ -47,7 +49,11 @@ def build_redrive(names: Names) -> dg.JobDefinition:
         f = RedriveFilter(
             config.reason, config.subject, _time("since", config.since), _time("until", config.until), config.limit
         )
-        report = redrive(names.settings(context), f, dry_run=config.dry_run)
+        settings = names.settings(context)
+        try:
+            report = redrive(settings, f, dry_run=config.dry_run, shard=tagged_shard(context, settings))
+        except shards.LayoutError as exc:
+            raise dg.Failure(str(exc)) from None
         for r in report.matched[:LISTED]:
             context.log.info(f"{r['original_stream']} #{r['original_seq']} {r['original_subject']}: {r['reason']}")
         context.log.info(report.summary(config.dry_run))

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from feature_pipeline.defs.names import Names, one_op_job
+from feature_pipeline.defs.runs import shards_of_run
 from feature_pipeline.ingest.online import sync
 from feature_pipeline.ingest.replay import ReplayError, ReplayRange, ReplayReport, replay
 from feature_pipeline.store.feature_store import FeatureStore
@@ -48,18 +49,23 @@ def build_replay(names: Names) -> dg.JobDefinition:
     def replay_range(context: dg.OpExecutionContext, config: ReplayConfig) -> None:
         rng = _range(config, names)
         settings = names.settings(context)
+        stores = [FeatureStore.from_settings(settings, k) for k in shards_of_run(context, settings)]
         report = replay(
             settings.nats_url,
             settings.nats_auth,
-            FeatureStore.from_settings(settings),
+            stores,
             rng,
             chunk=max(1, config.chunk),
             work_root=Path(settings.staging_dir).parent / "replay-work",
-            run_id=context.run_id[:8],
+            run_id=context.run.run_id[:8],
             log=context.log.info,
         )
-        synced = sync(settings, FeatureStore.from_settings(settings))  # replay ends with a rebuild of every row
-        context.log.info(f"online store {synced.bucket}: wrote {synced.written} rows, deleted {synced.deleted} keys")
+        for store in stores:  # replay ends with a rebuild of every row
+            synced = sync(settings, store)
+            context.log.info(
+                f"online store {synced.bucket}: wrote {synced.written} rows, deleted {synced.deleted} keys"
+                + (f" ({store.name})" if settings.shards > 1 else "")
+            )
         _record(context, names, rng, report)
 
     replay_stream = one_op_job(

@@ -4,10 +4,14 @@ Runs are found by polling run records tagged with the batch id rather than with 
 run_status_sensor, whose cursor moves on even when its handler fails (the work would be lost).
 """
 
+from typing import Any
+
 import dagster as dg
 
+from feature_pipeline import shards
 from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.runs import BatchRun
+from feature_pipeline.settings import Settings
 
 BATCH_TAG = "feature_pipeline/batch_id"
 ATTEMPT_TAG = "feature_pipeline/attempt"  # absent on a batch's first run
@@ -71,3 +75,58 @@ def batch_tags(batch_id: str, run_timeout_seconds: int, attempt: int = 0) -> dic
 def run_key(batch_id: str, attempt: int = 0) -> str:
     """One run per batch and attempt: the orchestrator never starts two for the same key."""
     return f"{batch_id}.retry-{attempt}" if attempt else batch_id
+
+
+def per_shard(settings: Settings, run_key: str | None = None, **fields: Any) -> list[dg.RunRequest]:
+    """One run request per shard, each sent to its shard's store (and worker) by its tags: what a schedule of a
+    job that works on stores asks for. With one store: the one request it always made."""
+    tags = dict(fields.pop("tags", {}))
+    return [
+        dg.RunRequest(
+            run_key=None if run_key is None else f"{run_key}.shard-{k}" if settings.shards > 1 else run_key,
+            tags={**tags, **shards.run_tags(settings, k)},
+            **fields,
+        )
+        for k in range(settings.shards)
+    ]
+
+
+def tagged_shard(context: Any, settings: Settings) -> int | None:
+    """The shard a run's tag names (None: no tag), or a Failure that says what is wrong with it."""
+    raw = context.run.tags.get(shards.SHARD_TAG)
+    if raw is None:
+        return None
+    try:
+        shard = int(raw)
+        shards.for_shard(settings, shard)
+    except ValueError as exc:
+        raise dg.Failure(f"run tag {shards.SHARD_TAG}={raw!r}: {exc}") from None
+    return shard
+
+
+def shards_of_run(context: Any, settings: Settings) -> list[int]:
+    """The shards a run that works on stores works on: its tag's, else every shard (all on this host)."""
+    try:
+        return shards.local_shards(settings, tagged_shard(context, settings))
+    except shards.LayoutError as exc:
+        raise dg.Failure(str(exc)) from None
+
+
+def per_shard_schedule(
+    names: Any, job: dg.JobDefinition, name: str, cron: str, description: str
+) -> dg.ScheduleDefinition:
+    """A schedule (stopped until switched on) of a job that works on stores: one run per shard, on its worker."""
+
+    @dg.schedule(
+        name=name,
+        job=job,
+        cron_schedule=cron,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        required_resource_keys={names.resource_key},
+        description=description,
+    )
+    def schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+        return per_shard(names.settings(context))
+
+    return schedule

@@ -6,6 +6,7 @@ Python; this module turns a tick's report into run requests, observations and a 
 
 import dagster as dg
 
+from feature_pipeline import shards
 from feature_pipeline.defs.checks import Checks, read_stats
 from feature_pipeline.defs.names import AssetJob, Names
 from feature_pipeline.defs.runs import DagsterRuns, batch_tags, run_key
@@ -60,7 +61,8 @@ def to_result(report: TickReport, settings: Settings, checks: Checks) -> dg.Sens
     requests = []
     for batch_id in report.to_request:
         attempt = report.attempts.get(batch_id, 0)
-        requests.append(dg.RunRequest(run_key=run_key(batch_id, attempt), tags=batch_tags(batch_id, timeout, attempt)))
+        tags = {**batch_tags(batch_id, timeout, attempt), **shards.run_tags(settings, report.shard_of.get(batch_id, 0))}
+        requests.append(dg.RunRequest(run_key=run_key(batch_id, attempt), tags=tags))
     return dg.SensorResult(
         run_requests=requests,
         asset_events=[checks.runs_evaluation(report.retrying)],

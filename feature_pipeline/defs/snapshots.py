@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime
 import dagster as dg
 
 from feature_pipeline.defs.names import AssetJob, Names
+from feature_pipeline.defs.runs import per_shard, shards_of_run
 from feature_pipeline.settings import Settings
 from feature_pipeline.snapshot_days import available, refusal, register, yesterday
 from feature_pipeline.store.feature_store import FeatureStore
@@ -65,14 +66,14 @@ def _schedule(names: Names, job: AssetJob) -> dg.ScheduleDefinition:
         required_resource_keys={names.resource_key},
         description="Snapshots yesterday at 00:15 UTC, once the store holds events of that day or before.",
     )
-    def snapshot_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    def snapshot_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
         settings = names.settings(context)
         now = context.scheduled_execution_time or datetime.now(UTC)
         register(context.instance, partitions_name(names), available(settings, now))
         day = yesterday(now).isoformat()
         if day not in available(settings, now):
             return dg.SkipReason(f"no snapshot day yet: no event stored in {settings.feature_store_path}")
-        return dg.RunRequest(run_key=day, partition_key=day)
+        return per_shard(settings, run_key=day, partition_key=day)
 
     return snapshot_schedule
 
@@ -92,12 +93,13 @@ def _snapshot_asset(names: Names, partitions: dg.DynamicPartitionsDefinition) ->
     )
     def user_feature_snapshots(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         settings = names.settings(context)
-        store = FeatureStore.from_settings(settings)
+        stores = [FeatureStore.from_settings(settings, k) for k in shards_of_run(context, settings)]
         rows: dict[str, int] = {}
         for key in context.partition_keys:  # each a day that is over (see _day)
             day = _day(key, settings)
-            rows[key] = store.snapshot(day)
-            context.log.info(f"snapshot {key}: {rows[key]} users as of {day_end(day).isoformat()}")
+            rows[key] = sum(store.snapshot(day) for store in stores)
+            where = f" in {', '.join(s.name for s in stores)}" if settings.shards > 1 else ""
+            context.log.info(f"snapshot {key}: {rows[key]} users as of {day_end(day).isoformat()}{where}")
         return dg.MaterializeResult(
             metadata={
                 "users_per_day": dg.MetadataValue.md(

@@ -14,8 +14,7 @@ writing the halves and removing the batch) is finished, not done twice.
 
 from __future__ import annotations
 
-from feature_pipeline.ingest.staging import BatchWriter, Manifest, Staging
-from feature_pipeline.store.intake import delivery_from_row
+from feature_pipeline.ingest.staging import BatchWriter, Manifest, Staging, delivery_from_row
 
 
 def halves_of(batch_id: str) -> tuple[str, str]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from feature_pipeline import streams
+from feature_pipeline import shards, streams
 from feature_pipeline.broker.client import Broker, MessageTooLarge
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.ingest.report import TickReport
@@ -27,96 +27,116 @@ MIN_BATCH_BYTES = 2 * MIB  # a batch must hold at least one message of the serve
 class Fetcher:
     broker: Broker
     settings: Settings
-    staging: Staging
+    stagings: dict[int, Staging]  # every shard's
     report: TickReport
     deadline: float  # time.monotonic() past which no pull may end
     chunk: int  # messages per pull round: what the sensor holds in memory at once
     read: tuple[streams.StreamSpec, ...]  # every stream the pipeline reads: its sources and DEADLETTER
     on_pull: OnPull | None = None  # called with each pull before it is staged (tests: slow pulls, a full disk)
+    parked: frozenset[int] = frozenset()  # busy shards: their part of the pull is staged parked (no run yet)
 
-    async def stage_batch(self, in_flight: int) -> None:
-        """Stage one new batch when there is room in flight. One per tick: runs store batches one at a time
-        (the `duckdb` pool), so a second batch would only wait, and its users' refresh and online write,
-        which cost per user whatever the batch's size, would be paid twice; what is left joins the next."""
-        if in_flight >= self.settings.max_batches_in_flight or time.monotonic() >= self.deadline:
-            return
+    async def stage_batch(self) -> None:
+        """Stage one new batch per shard that gets messages. One per tick: a shard's runs store its batches one at
+        a time, so a second batch would only wait, and its users' refresh and online write, which cost per user
+        whatever the batch's size, would be paid twice; what is left joins the next."""
         max_bytes = self._room()
         if max_bytes is None:
             return
-        manifest = await self._stage_one(max_bytes)
-        if manifest is not None:
-            self.report.staged.append(manifest)
+        for shard, manifest in await self._stage(max_bytes):
+            self.report.stage(manifest, shard)
 
     def _room(self) -> int | None:
-        """The payload bytes the next batch may hold: never fetch what cannot be staged (it would only
+        """The payload bytes a shard's next batch may hold: never fetch what cannot be staged (it would only
         spend the messages' deliveries). None, with the reason in the report, when there is no room."""
-        hold = staging_hold(self.staging)
-        if hold:
-            self.report.problem = f"not fetching: {hold}"
-            return None
-        try:
-            room, _free = self.staging.payload_room()
-        except OSError as exc:  # the folder went away between the two looks
-            self.report.problem = f"not fetching: {self.staging.where} is not writable ({exc})"
-            return None
-        return min(room, self.settings.batch_max_bytes)
-
-    async def _stage_one(self, max_bytes: int) -> Manifest | None:
-        """One batch, pull by pull: its manifest, or None if nothing came."""
-        writer = self.staging.writer()
-        pulled: list[str] = []
-        try:
-            await self._fill(writer, max_bytes, pulled)
-            if writer.size == 0:
-                writer.abort()
+        rooms = []
+        for staging in self.stagings.values():
+            hold = staging_hold(staging)
+            if hold:
+                self.report.problem = f"not fetching: {hold}"
                 return None
-            return writer.close()
+            try:
+                rooms.append(staging.payload_room()[0])
+            except OSError as exc:  # the folder went away between the two looks
+                self.report.problem = f"not fetching: {staging.where} is not writable ({exc})"
+                return None
+        # The shards' folders may share a disk: each batch gets an equal part of what is free.
+        return min(min(rooms) // len(rooms), self.settings.batch_max_bytes)
+
+    async def _stage(self, max_bytes: int) -> list[tuple[int, Manifest]]:
+        """One batch per shard that got messages, pull by pull: their manifests (none if nothing came)."""
+        writers: dict[int, BatchWriter] = {}
+        pulled: dict[int, list[str]] = {k: [] for k in self.stagings}
+        try:
+            for shard, staging in self.stagings.items():
+                writers[shard] = staging.writer(parked=shard in self.parked)
+            await self._fill(writers, max_bytes, pulled)
         except OSError as exc:  # the disk filled up (or went away) under the batch
-            writer.abort()
-            await self._release(pulled, exc)
-            return None
+            _abort(writers)
+            await self._release([r for replies in pulled.values() for r in replies], exc)
+            return []
         except BaseException:
-            writer.abort()
+            _abort(writers)
             raise
+        out: list[tuple[int, Manifest]] = []
+        for shard in [k for k, w in writers.items() if w.size == 0]:
+            writers.pop(shard).abort()
+        for shard in sorted(writers):
+            try:
+                out.append((shard, writers.pop(shard).close()))
+            except OSError as exc:  # this batch and those not closed yet go back; the closed ones are staged
+                unstaged = [r for k in [shard, *writers] for r in pulled[k]]
+                _abort(writers)
+                await self._release(unstaged, exc)
+                return out
+        return out
 
     async def _release(self, pulled: list[str], exc: OSError) -> None:
         """NAK what this batch had pulled, at once, rather than let it wait out ack_wait unacked."""
         released = await self.broker.nak([(reply, 0.0) for reply in pulled])
         self.report.nacked += released
         self.report.problem = (
-            f"not fetching: staging a batch in {self.staging.where} failed ({exc}); its {released} pulled "
+            f"not fetching: staging a batch in {self.staging_where} failed ({exc}); its {released} pulled "
             "messages were released to NATS at once (NAK)"
         )
 
-    async def _fill(self, writer: BatchWriter, max_bytes: int, pulled: list[str]) -> None:
-        """Pull into `writer` until it is full, the consumers are drained, or the next pull would end past the
-        tick's deadline."""
+    @property
+    def staging_where(self) -> str:
+        return self.stagings[min(self.stagings)].where
+
+    async def _fill(self, writers: dict[int, BatchWriter], max_bytes: int, pulled: dict[int, list[str]]) -> None:
+        """Pull into the shards' writers (one each) until one is full, the consumers are drained, or the next pull
+        would end past the tick's deadline. A pull may all belong to one shard, so it asks only for what the
+        fullest has room for."""
         limit = self.settings.batch_max_messages
         pull_seconds = 0.0
-        while writer.size < limit:
+        while (fullest := max((w.size for w in writers.values()), default=0)) < limit:
             started = time.monotonic()
-            room = max_bytes - writer.bytes
+            room = max_bytes - max((w.bytes for w in writers.values()), default=0)
             if started + pull_seconds >= self.deadline or room <= 0:
                 return
-            want = min(self.chunk, limit - writer.size)
+            want = min(self.chunk, limit - fullest)
             try:
                 deliveries = await self.pull_round(want, room)
             except MessageTooLarge:
-                if writer.size == 0:
+                if fullest == 0 and not any(w.size for w in writers.values()):
                     raise
                 return  # full by bytes
-            pulled.extend(d.reply for d in deliveries)
-            self._add(writer, deliveries)
+            self._add(writers, deliveries, pulled)
             if len(deliveries) < want:  # drained (or full by bytes: then the next tick goes on)
                 return
             pull_seconds = time.monotonic() - started
 
-    def _add(self, writer: BatchWriter, deliveries: list[Delivery]) -> None:
+    def _add(self, writers: dict[int, BatchWriter], deliveries: list[Delivery], pulled: dict[int, list[str]]) -> None:
         for d in deliveries:
             self.report.count_fetched(d.stream)
         if self.on_pull is not None:
             self.on_pull(deliveries)
-        writer.add(deliveries)
+        by_shard: dict[int, list[Delivery]] = {}
+        for d, shard in zip(deliveries, shards.split([d.data for d in deliveries], self.settings.shards), strict=True):
+            by_shard.setdefault(shard, []).append(d)
+        for shard, part in by_shard.items():
+            pulled[shard].extend(d.reply for d in part)
+            writers[shard].add(part)
 
     async def pull_round(self, want: int, max_bytes: int) -> list[Delivery]:
         """Up to `want` messages across the consumers: a fair share each first, then what is left."""
@@ -141,6 +161,12 @@ class Fetcher:
     async def _pull(self, spec: streams.StreamSpec, batch: int, max_bytes: int) -> list[Delivery]:
         consumer = streams.consumer_name(self.settings.durable_prefix, spec)
         return await self.broker.pull(spec.name, consumer, batch=batch, max_bytes=max_bytes)
+
+
+def _abort(writers: dict[int, BatchWriter]) -> None:
+    for writer in writers.values():
+        writer.abort()
+    writers.clear()
 
 
 def staging_hold(staging: Staging) -> str | None:

@@ -44,6 +44,23 @@ class SyncResult:
     different: tuple[str, ...] = ()  # users among them whose KV row was not their row in the store
     compared_at: datetime | None = None  # when that comparison was made
 
+    @classmethod
+    def combine(cls, parts: list[SyncResult]) -> SyncResult:
+        """Several shards' syncs as one: rows add up, the oldest comparison stands for all."""
+        first = parts[0]
+        compared = [p.compared_at for p in parts]
+        return cls(
+            bucket=first.bucket,
+            written=sum(p.written for p in parts),
+            deleted=sum(p.deleted for p in parts),
+            seconds=round(sum(p.seconds for p in parts), 3),
+            valid_as_of=min((p.valid_as_of for p in parts if p.valid_as_of), default=None),
+            everything=any(p.everything for p in parts),
+            compared=sum(p.compared for p in parts),
+            different=tuple(sorted(u for p in parts for u in p.different)),
+            compared_at=None if None in compared else min(c for c in compared if c is not None),
+        )
+
 
 COMPARE_AT_MOST = 1000  # rows a comparison reads back: one batched get
 
@@ -97,7 +114,8 @@ class _Sync:
         async with await Broker.connect(s.nats_url, "feature-pipeline-online", s.nats_auth) as broker:
             await kv.ensure_bucket(broker, self.bucket, s.nats_replicas)
             # No state: the bucket is new, was emptied, or this store predates it; every row goes in.
-            everything = await kv.get_state(broker.nc, self.bucket, REQUEST_TIMEOUT_SECONDS) is None
+            key = kv.state_key(self.store.shard, self.store.shards)
+            everything = await kv.get_state(broker.nc, self.bucket, REQUEST_TIMEOUT_SECONDS, key) is None
             as_of = self.as_of or datetime.now(UTC)
             gone: list[str] = []
 
@@ -111,7 +129,10 @@ class _Sync:
 
             written = await kv.put_many(broker, self.bucket, rows)
             deleted = await kv.delete_many(broker, self.bucket, [kv.key_for(u) for u in gone])
-            await kv.put_state(broker, self.bucket, self._state(written))
+            state = self._state(written)
+            await kv.put_state(broker, self.bucket, state, key)
+            if key != kv.STATE_KEY:  # readers take the columns from the newest sync's, whichever shard made it
+                await kv.put_state(broker, self.bucket, state)
             online.clear(self.con)
             if compare:
                 await self._compare(broker, compare, compare_every, as_of)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from feature_pipeline import streams
+from feature_pipeline import shards, streams
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.settings import Settings
 from feature_pipeline.store.feature_store import FeatureStore
@@ -96,27 +96,39 @@ def select(store: FeatureStore, f: RedriveFilter) -> list[dict[str, Any]]:
         con.close()
 
 
-def redrive(settings: Settings, f: RedriveFilter, *, dry_run: bool = False) -> RedriveReport:
-    """Publish the matching dead letters' originals again, then record them in `redrives`."""
-    store = FeatureStore.from_settings(settings)
-    report = RedriveReport(matched=select(store, f) if store.path.exists() else [])
-    if dry_run or not report.matched:
+def redrive(settings: Settings, f: RedriveFilter, *, dry_run: bool = False, shard: int | None = None) -> RedriveReport:
+    """Publish the matching dead letters' originals again, then record them in `redrives`: of one shard's store,
+    or of every shard's (all on this host), oldest first."""
+    found: list[tuple[FeatureStore, dict[str, Any]]] = []
+    for k in shards.local_shards(settings, shard):
+        store = FeatureStore.from_settings(settings, k)
+        found += [(store, r) for r in (select(store, f) if store.path.exists() else [])]
+    found.sort(key=lambda sr: (sr[1]["dead_lettered_at"], sr[1]["original_stream"], sr[1]["original_seq"]))
+    found = found[: f.limit] if f.limit > 0 else found
+    report = RedriveReport(matched=[r for _, r in found])
+    if dry_run or not found:
         return report
     new_seqs = asyncio.run(_publish(settings, report.matched))
     now = datetime.now(UTC)
+    for store in {id(s): s for s, _ in found}.values():
+        rows = [(r, seq) for (s, r), seq in zip(found, new_seqs, strict=True) if s is store]
+        _record(store, rows, now)
+    report.redriven = len(new_seqs)
+    return report
+
+
+def _record(store: FeatureStore, rows: list[tuple[dict[str, Any], int]], now: datetime) -> None:
     con = store.connect()
     try:
         con.executemany(
             "INSERT INTO redrives VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [
                 (r["original_stream"], r["original_seq"], r["original_subject"], r["reason"], now, seq)
-                for r, seq in zip(report.matched, new_seqs, strict=True)
+                for r, seq in rows
             ],
         )
     finally:
         con.close()
-    report.redriven = len(new_seqs)
-    return report
 
 
 async def _publish(settings: Settings, rows: list[dict[str, Any]]) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from feature_pipeline import streams
+from feature_pipeline import shards, streams
 from feature_pipeline.broker.auth import NatsAuth
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.deliveries import Delivery, parse_reply
@@ -131,7 +131,7 @@ async def _next(sub: Any, rng: ReplayRange, end_seq: int, report: ReplayReport) 
 
 @dataclass
 class _Replay:
-    store: FeatureStore
+    stores: dict[int, FeatureStore]  # by shard: the shards this replay restores
     staging: FolderStaging  # a temp folder of this run's own
     rng: ReplayRange
     run_id: str
@@ -140,19 +140,30 @@ class _Replay:
 
     async def run(self, broker: Broker, chunk: int) -> ReplayReport:
         async for deliveries in read_range(broker, self.rng, chunk, self.report):
-            await self._store(deliveries)
+            self._count(deliveries)
+            n = next(iter(self.stores.values())).shards
+            parts: dict[int, list[Delivery]] = {}
+            for d, shard in zip(deliveries, shards.split([d.data for d in deliveries], n), strict=True):
+                parts.setdefault(shard, []).append(d)
+            for shard, part in sorted(parts.items()):
+                if shard in self.stores:  # another shard's messages are its own replay's
+                    await self._store(self.stores[shard], part)
         return self.report
 
-    async def _store(self, deliveries: list[Delivery]) -> None:
-        """Validate, stage and apply one chunk, exactly as a live batch (poison is counted, not re-dead-lettered)."""
+    def _count(self, deliveries: list[Delivery]) -> None:
         report = self.report
         report.read += len(deliveries)
         report.first_seq = report.first_seq or deliveries[0].stream_seq
         report.last_seq = deliveries[-1].stream_seq
+
+    async def _store(self, store: FeatureStore, deliveries: list[Delivery]) -> None:
+        """Validate, stage and apply one chunk of one shard, exactly as a live batch (poison is counted, not
+        re-dead-lettered)."""
+        report = self.report
         batch_id = f"replay-{self.run_id}-{report.batches:05d}"
         self.staging.stage(deliveries, batch_id)
         # Blocking DuckDB work: off the event loop so the ordered consumer's heartbeats are answered.
-        result = await asyncio.to_thread(self.store.apply_batch, self.staging.path(batch_id), batch_id)
+        result = await asyncio.to_thread(store.apply_batch, self.staging.path(batch_id), batch_id)
         self.staging.remove(batch_id)
         report.poison += len(result.poison)
         for d, reason in result.poison[: max(0, 5 - len(report.poison_examples))]:
@@ -161,16 +172,18 @@ class _Replay:
         new = result.inserted
         report.stored += new
         report.already_stored += result.events_in_batch - new
+        of = shards.describe(store.shard, store.shards)
         self.log(
-            f"replayed {self.rng.stream} #{deliveries[0].stream_seq}-{deliveries[-1].stream_seq}: "
-            f"{result.events_in_batch} events, {new} were missing, {len(result.poison)} poison"
+            f"replayed {self.rng.stream} #{deliveries[0].stream_seq}-{deliveries[-1].stream_seq}"
+            f"{f' into {of}' if of else ''}: {result.events_in_batch} events, {new} were missing, "
+            f"{len(result.poison)} poison"
         )
 
 
 def replay(
     url: str,
     auth: NatsAuth | None,
-    store: FeatureStore,
+    stores: FeatureStore | list[FeatureStore],
     rng: ReplayRange,
     *,
     chunk: int = 50_000,
@@ -178,26 +191,30 @@ def replay(
     run_id: str = "manual",
     log: Callable[[str], None] = print,
 ) -> ReplayReport:
-    """Re-read `rng` from JetStream and store it idempotently.
+    """Re-read `rng` from JetStream and store it idempotently, each message in its shard's store (of those
+    given: with several shards, a replay restores the shards it is given and reads past the others').
 
     Replay repairs a damaged store, so it first forgets the ids whose rows are gone (event_index must not
     absorb them) and ends with a full recomputation (the all-time partials must not count twice what a
     restored row had counted before it was lost); both read the whole history, which a repair may."""
-    rng.check(store.registry.event_streams)
-    forgotten = store.forget_missing_ids()
-    if forgotten:
-        log(f"{forgotten} stored ids had lost their rows; replay can store them again")
+    by_shard = {s.shard: s for s in ([stores] if isinstance(stores, FeatureStore) else stores)}
+    for store in by_shard.values():
+        rng.check(store.registry.event_streams)
+        forgotten = store.forget_missing_ids()
+        if forgotten:
+            log(f"{forgotten} stored ids of {store.name} had lost their rows; replay can store them again")
     if work_root is not None:
         work_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="replay-", dir=work_root))
 
     async def go() -> ReplayReport:
         async with await Broker.connect(url, "feature-pipeline-replay", auth) as broker:
-            return await _Replay(store, FolderStaging(work), rng, run_id, log).run(broker, chunk)
+            return await _Replay(by_shard, FolderStaging(work), rng, run_id, log).run(broker, chunk)
 
     try:
         report = asyncio.run(go())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    store.recompute_all(consistency_sample=1)
+    for store in by_shard.values():
+        store.recompute_all(consistency_sample=1)
     return report

@@ -32,6 +32,19 @@ class TickReport:
     # no new batch is fetched while there is one (it would only wait behind the same outage).
     retrying: list[str] = field(default_factory=list)
     bisected: list[str] = field(default_factory=list)  # batches split after a run their messages failed
+    shard_of: dict[str, int] = field(default_factory=dict)  # staged or requested batch id -> its shard
+    merged: list[str] = field(default_factory=list)  # parked batches merged into one now that their shard is free
+
+    def stage(self, manifest: Manifest, shard: int) -> None:
+        """A batch this tick staged (a new one, a half of a split, a merge of parked ones)."""
+        self.staged.append(manifest)
+        self.shard_of[manifest.batch_id] = shard
+
+    def request(self, batch_id: str, shard: int) -> None:
+        """The batch needs its run (requested again if it has none: the batch id is the run key)."""
+        if batch_id not in self.to_request:
+            self.to_request.append(batch_id)
+        self.shard_of[batch_id] = shard
 
     def lap(self, phase: str, since: float) -> float:
         now = time.monotonic()
@@ -60,6 +73,11 @@ class TickReport:
             parts.append("no new messages")
         if self.staged:
             parts.append(f"staged {len(self.staged)} batch(es) of {sum(m.size for m in self.staged)} messages")
+        parked = [m for m in self.staged if m.parked]
+        if parked:
+            shards = ", ".join(str(self.shard_of.get(m.batch_id, 0)) for m in parked)
+            parts.append(f"parked {sum(m.size for m in parked)} of them while shard(s) {shards} are busy")
+        parts += self.merged
         return parts
 
     def _settle_parts(self) -> list[str]:

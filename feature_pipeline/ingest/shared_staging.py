@@ -30,6 +30,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from feature_pipeline import shards
 from feature_pipeline.broker.auth import NatsAuth
 from feature_pipeline.broker.background import BackgroundBroker
 from feature_pipeline.broker.client import Broker
@@ -46,12 +47,15 @@ class StagedBatchMissing(FileNotFoundError):
     """A listed batch's files are gone from the object store."""
 
 
-def open_staging(settings: Settings) -> Staging:
-    """The staging the configuration names (FEATURE_PIPELINE_STAGING); close it when done."""
+def open_staging(settings: Settings, shard: int = 0) -> Staging:
+    """One shard's staging, where the configuration says (FEATURE_PIPELINE_STAGING); close it when done. With
+    several shards each has its own: a folder `shard-K-of-N/` in the staging folder, or its own buckets."""
+    n = settings.shards
+    root = shards.staging_dir(settings.staging_dir, shard, n)
     if settings.staging == "nats":
-        return NatsStaging(Path(settings.staging_dir), settings.nats_url, settings.nats_auth, settings.durable_prefix,
-                           replicas=settings.nats_replicas)  # fmt: skip
-    return FolderStaging(settings.staging_dir)
+        prefix = settings.durable_prefix if n == 1 else f"{settings.durable_prefix}-shard-{shard}-of-{n}"
+        return NatsStaging(root, settings.nats_url, settings.nats_auth, prefix, replicas=settings.nats_replicas)
+    return FolderStaging(root)
 
 
 class NatsStaging(Staging):

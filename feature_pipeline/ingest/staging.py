@@ -54,6 +54,9 @@ class Manifest:
     created_at: str
     counts: dict[str, int]
     seq_ranges: dict[str, list[int]]
+    # Staged while its shard was busy (a batch of it waiting to start, or retrying): no run is requested for
+    # it; once the shard is free, its parked batches are merged into one and that one gets the run.
+    parked: bool = False
 
     @property
     def size(self) -> int:
@@ -108,9 +111,10 @@ class BatchWriter:
     removes the temp folder; its messages were never acked and come back after ack_wait.
     """
 
-    def __init__(self, staging: Staging, batch_id: str) -> None:
+    def __init__(self, staging: Staging, batch_id: str, parked: bool = False) -> None:
         self.staging = staging
         self.batch_id = batch_id
+        self.parked = parked
         # When the first message was fetched: ack_wait runs from there (keep-alives are timed from it).
         self.created_at = datetime.now(UTC).isoformat()
         self.tmp = staging.root / f".tmp-{batch_id}"
@@ -140,7 +144,7 @@ class BatchWriter:
     def close(self) -> Manifest:
         self._writer.close()
         _fsync_file(self.tmp / DELIVERIES_FILE)
-        manifest = Manifest(self.batch_id, self.created_at, self.counts, self.ranges)
+        manifest = Manifest(self.batch_id, self.created_at, self.counts, self.ranges, self.parked)
         self.staging.commit(self.tmp, manifest)
         return manifest
 
@@ -187,10 +191,44 @@ class Staging(ABC):
         free = shutil.disk_usage(self.root).free
         return max(0, (free - STAGING_MARGIN_BYTES) // 2), free
 
-    def writer(self, batch_id: str | None = None) -> BatchWriter:
+    def writer(self, batch_id: str | None = None, *, parked: bool = False) -> BatchWriter:
         """A batch staged from several fetches, appended chunk by chunk (see BatchWriter)."""
         self._ensure_root()
-        return BatchWriter(self, batch_id or new_batch_id())
+        return BatchWriter(self, batch_id or new_batch_id(), parked)
+
+    def merge(self, parked: Sequence[Manifest], max_messages: int, max_bytes: int, chunk: int) -> list[Manifest]:
+        """Parked batches (which have no run) as unparked batches of at most `max_messages` messages and about
+        `max_bytes` payload bytes, oldest first; then the parked ones are removed. Keep-alives carry on from
+        the oldest part's. A crash in between leaves messages in both: each copy's run absorbs what the other
+        stored, and acking a message twice is harmless."""
+        kept_alive = min(self.kept_alive_at(m) for m in parked)
+        out: list[Manifest] = []
+        writer: BatchWriter | None = None
+        try:
+            for manifest in parked:
+                for rows in self.iter_deliveries(manifest.batch_id, chunk=chunk):
+                    deliveries = [delivery_from_row(r) for r in rows]
+                    while deliveries:
+                        if writer is None:
+                            writer = self.writer()
+                        room = max_messages - writer.size
+                        writer.add(deliveries[:room])
+                        deliveries = deliveries[room:]
+                        if writer.size >= max_messages or writer.bytes >= max_bytes:
+                            out.append(writer.close())
+                            writer = None
+            if writer is not None:
+                out.append(writer.close())
+                writer = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        for merged in out:
+            self.mark_kept_alive(merged.batch_id, kept_alive)
+        for manifest in parked:
+            self.remove(manifest.batch_id)
+        return out
 
     def stage(self, deliveries: Sequence[Delivery], batch_id: str | None = None) -> Manifest:
         """Write a batch of one pull durably; returns once it is committed."""
@@ -314,6 +352,20 @@ class FolderStaging(Staging):
     @contextlib.contextmanager
     def local_copy(self, batch_id: str) -> Iterator[Path]:
         yield self.path(batch_id)
+
+
+def delivery_from_row(row: dict[str, Any]) -> Delivery:
+    """A staged deliveries row as the `Delivery` it was fetched as."""
+    return Delivery(
+        stream=row["stream"],
+        subject=row["subject"],
+        reply=row["reply"],
+        data=row["body"],
+        headers=json.loads(row["headers"]) if row["headers"] else None,
+        stream_seq=row["stream_seq"],
+        num_delivered=row["num_delivered"],
+        stored_ns=row["stored_ns"],
+    )
 
 
 def iter_parquet(path: Path, columns: Sequence[str] | None, chunk: int) -> Iterator[list[dict[str, Any]]]:

@@ -10,7 +10,9 @@ tick, never work lost. A message is acked only once the run that stored its batc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.client import Broker, BrokerUnavailable, TopologyError, nats_problem
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.broker.stats import collect
-from feature_pipeline.ingest import bisect
+from feature_pipeline.ingest import bisect, layout
 from feature_pipeline.ingest.failures import Cause, RunFailure
 from feature_pipeline.ingest.fetch import Fetcher, OnPull
 from feature_pipeline.ingest.report import TickReport
@@ -37,9 +39,8 @@ from feature_pipeline.ingest.settle import (
     waiting_to_start,
 )
 from feature_pipeline.ingest.shared_staging import open_staging
-from feature_pipeline.ingest.staging import Manifest, Staging
+from feature_pipeline.ingest.staging import Manifest, Staging, delivery_from_row
 from feature_pipeline.settings import Settings
-from feature_pipeline.store.intake import delivery_from_row
 from feature_pipeline.store.loader import sources_for
 
 FETCH_CHUNK = 20_000  # messages per pull round: what the sensor holds in memory at once
@@ -64,36 +65,52 @@ def run_tick(settings: Settings, runs: RunLookup, options: TickOptions | None = 
     # Settling counts against the fetch time too: the tick should end inside the daemon's 5 s loop.
     deadline = started + settings.fetch_seconds
     report = TickReport()
-    with open_staging(settings) as staging:
+    with open_every_staging(settings) as stagings:
         try:
-            batches = staging.batches()
-            found = {m.batch_id: runs.run_for(m.batch_id) for m in batches}
-            report.in_flight = len(batches)
+            shards = [_Shard.look(k, staging, runs) for k, staging in stagings.items()]
+            report.in_flight = sum(len(s.batches) for s in shards)
             report.lap("runs", started)
             # Staged batches without a run get it requested (again: the batch id is the run key, so the
-            # orchestrator never starts two); so do the batches this tick stages.
-            report.to_request = [m.batch_id for m in batches if found[m.batch_id] is None]
+            # orchestrator never starts two); so do the batches this tick stages. Parked ones wait for their shard.
+            for shard in shards:
+                for m in shard.batches:
+                    if shard.found[m.batch_id] is None and not m.parked:
+                        report.request(m.batch_id, shard.index)
             sources = sources_for(settings.features_file)
-            tick = _Tick(settings, sources, staging, runs, options, report, deadline)
-            asyncio.run(tick.exchange(batches, found))
+            tick = _Tick(settings, sources, shards, runs, options, report, deadline)
+            asyncio.run(tick.exchange())
         except (BrokerUnavailable, NatsError, TimeoutError, ConnectionError, TopologyError, OSError) as exc:
             report.problem = _problem(exc, settings)
-        report.to_request += [m.batch_id for m in report.staged]
+        for m in report.staged:
+            if not m.parked:
+                report.request(m.batch_id, report.shard_of[m.batch_id])
     return report
+
+
+@contextlib.contextmanager
+def open_every_staging(settings: Settings) -> Iterator[dict[int, Staging]]:
+    """Every shard's staging, by shard, closed when done."""
+    with contextlib.ExitStack() as stack:
+        yield {k: stack.enter_context(open_staging(settings, k)) for k in range(settings.shards)}
 
 
 def blocked_batches(settings: Settings, runs: RunLookup) -> list[str]:
     """Staged batches whose last run failed outside their messages, each with why (for health and checks)."""
     out = []
-    with open_staging(settings) as staging:
-        for manifest in staging.batches():
-            run = runs.run_for(manifest.batch_id)
-            if run is None or outcome_of(run.status) is not RunOutcome.FAILED:
-                continue
-            failure = runs.failure(run)
-            if failure.cause is Cause.INFRASTRUCTURE:
-                out.append(f"batch {manifest.batch_id}: {failure.text}")
+    with open_every_staging(settings) as stagings:
+        for shard, staging in stagings.items():
+            for manifest in staging.batches():
+                run = runs.run_for(manifest.batch_id)
+                if run is None or outcome_of(run.status) is not RunOutcome.FAILED:
+                    continue
+                failure = runs.failure(run)
+                if failure.cause is Cause.INFRASTRUCTURE:
+                    out.append(f"batch {manifest.batch_id}{_of(shard, settings.shards)}: {failure.text}")
     return out
+
+
+def _of(shard: int, n: int) -> str:
+    return f" of shard {shard}" if n > 1 else ""
 
 
 def _problem(exc: Exception, settings: Settings) -> str:
@@ -104,32 +121,64 @@ def _problem(exc: Exception, settings: Settings) -> str:
 
 
 @dataclass
+class _Shard:
+    """One shard's staged batches in this tick, and whether it can take a new batch."""
+
+    index: int
+    staging: Staging
+    batches: list[Manifest]  # in flight: staged at the tick's start, then those not settled
+    found: dict[str, BatchRun | None]
+    retrying: bool = False  # a batch of it waits for a retry (or its retry runs): nothing new is requested
+    waiting: str | None = None  # a batch of it waits for its run to start
+
+    @classmethod
+    def look(cls, index: int, staging: Staging, runs: RunLookup) -> _Shard:
+        batches = staging.batches()
+        return cls(index, staging, batches, {m.batch_id: runs.run_for(m.batch_id) for m in batches})
+
+    @property
+    def busy(self) -> bool:
+        return self.retrying or self.waiting is not None
+
+    def in_flight(self, batch_max_messages: int) -> int:
+        """Its batches, parked ones counted as the batches they will be merged into."""
+        parked = sum(m.size for m in self.batches if m.parked)
+        return sum(1 for m in self.batches if not m.parked) + -(-parked // batch_max_messages)
+
+
+@dataclass
 class _Tick:
     settings: Settings
     sources: tuple[streams.StreamSpec, ...]  # the registry's
-    staging: Staging
+    shards: list[_Shard]
     runs: RunLookup
     options: TickOptions
     report: TickReport
     deadline: float
 
-    async def exchange(self, batches: list[Manifest], found: dict[str, BatchRun | None]) -> None:
+    async def exchange(self) -> None:
         s, o = self.settings, self.options
         t = time.monotonic()
         async with await Broker.connect(s.nats_url, o.client_name, s.nats_auth, fast=o.fast_path) as broker:
-            await broker.until_lost(self._work(broker, batches, found, t))
+            await broker.until_lost(self._work(broker, t))
 
-    async def _work(self, broker: Broker, batches: list[Manifest], found: dict[str, BatchRun | None], t: float) -> None:
+    async def _work(self, broker: Broker, t: float) -> None:
         await self._ensure_topology(broker)
+        refused = await layout.check(broker, self.settings)
+        if refused:  # a changed number of shards: nothing is fetched, run or settled until it is put right
+            self.report.problem = f"not ingesting: {refused}"
+            return
         t = self.report.lap("connect", t)
-        remaining = [m for m in batches if not await self._settle_or_keep(broker, m, found[m.batch_id])]
-        self.report.in_flight = len(remaining)
+        for shard in self.shards:
+            shard.batches = [m for m in shard.batches if not await self._settle_or_keep(broker, shard, m)]
+        self.report.in_flight = sum(len(s.batches) for s in self.shards)
         t = self.report.lap("settle", t)
-        await self._fetch(broker, remaining, found)
+        self._unpark()
+        await self._fetch(broker)
         t = self.report.lap("fetch", t)
         # After fetching: the server announces a message it gives up on only when it is next asked for messages.
         await self._rescue_exhausted(broker)
-        in_flight = [m.counts for m in (*remaining, *self.report.staged)]
+        in_flight = [m.counts for shard in self.shards for m in shard.batches] + [m.counts for m in self.report.staged]
         self.report.stats = await collect(broker, self.settings.durable_prefix, self.sources, in_flight)
         self.report.lap("observe", t)
 
@@ -145,80 +194,112 @@ class _Tick:
             max_ack_pending=s.max_ack_pending,
         )
 
-    async def _fetch(self, broker: Broker, remaining: list[Manifest], found: dict[str, BatchRun | None]) -> None:
-        # One batch waiting for its run to start is enough: staging another behind it would only add a
-        # run (seconds of start-up each); held back, the messages join the next batch instead.
-        if self.report.retrying:
+    def _unpark(self) -> None:
+        """A shard that is free again gets its parked batches merged into one (or a few, if they hold more than
+        a batch), whose run is requested now: a busy shard catches up in one run, not one per tick it missed."""
+        s = self.settings
+        for shard in self.shards:
+            for m in shard.batches:
+                if shard.waiting is None and waiting_to_start(_status(shard.found.get(m.batch_id))) and not m.parked:
+                    shard.waiting = m.batch_id
+            parked = [m for m in shard.batches if m.parked]
+            if shard.busy or not parked:
+                continue
+            merged = shard.staging.merge(parked, s.batch_max_messages, s.batch_max_bytes, self.options.settle_chunk)
+            shard.batches = [m for m in shard.batches if not m.parked]
+            for m in merged:
+                self.report.stage(m, shard.index)
+            shard.waiting = merged[0].batch_id
+            self.report.merged.append(
+                f"merged {len(parked)} parked batch(es) of shard {shard.index} into {len(merged)} "
+                f"({sum(m.size for m in merged)} messages)"
+            )
+
+    async def _fetch(self, broker: Broker) -> None:
+        """A new batch per shard, when every shard has room for one and one of them is free. A free shard's batch
+        gets its run now; a busy shard's part (a batch of it waits to start, or for a retry) is parked. With
+        one shard that means: no new batch while one waits, its messages join the next, larger batch."""
+        s, o = self.settings, self.options
+        if any(shard.in_flight(s.batch_max_messages) >= s.max_batches_in_flight for shard in self.shards):
             return
-        waiting = [m.batch_id for m in remaining if waiting_to_start(_status(found.get(m.batch_id)))]
-        if waiting:
-            self.report.holding = waiting[0]
+        if all(shard.busy for shard in self.shards):
+            waiting = [shard.waiting for shard in self.shards if shard.waiting and not shard.retrying]
+            if waiting and not self.report.retrying:
+                self.report.holding = waiting[0]
             return
-        o = self.options
+        if time.monotonic() >= self.deadline:
+            return
         read = streams.with_dead_letters(self.sources)
-        fetcher = Fetcher(
-            broker, self.settings, self.staging, self.report, self.deadline, o.fetch_chunk, read, o.on_pull
-        )
-        await fetcher.stage_batch(len(remaining))
-        self.report.in_flight = len(remaining) + len(self.report.staged)
+        stagings = {shard.index: shard.staging for shard in self.shards}
+        busy = frozenset(shard.index for shard in self.shards if shard.busy)
+        fetcher = Fetcher(broker, s, stagings, self.report, self.deadline, o.fetch_chunk, read, o.on_pull, busy)
+        await fetcher.stage_batch()
+        self.report.in_flight = sum(len(shard.batches) for shard in self.shards) + len(self.report.staged)
 
     # -- settling -------------------------------------------------------------------------------
 
-    async def _settle_or_keep(self, broker: Broker, manifest: Manifest, run: BatchRun | None) -> bool:
+    async def _settle_or_keep(self, broker: Broker, shard: _Shard, manifest: Manifest) -> bool:
         """Settle the batch if its run has ended (True), else keep its messages alive (False).
 
-        A run that failed outside its messages settles nothing: the batch is retried instead."""
+        A run that failed outside its messages settles nothing: the batch is retried instead, and its shard
+        gets no new batch until it has succeeded."""
+        run = shard.found.get(manifest.batch_id)
         outcome = outcome_of(_status(run))
         failure = self.runs.failure(run) if run is not None and outcome is RunOutcome.FAILED else None
         if outcome is RunOutcome.PENDING or (failure and failure.cause is Cause.INFRASTRUCTURE):
-            await self._keep_alive(broker, manifest)
+            await self._keep_alive(broker, shard.staging, manifest)
+            where = f"batch {manifest.batch_id}{_of(shard.index, self.settings.shards)}"
             if run is not None and failure is not None:
-                self._retry_later(manifest.batch_id, run, failure)
+                shard.retrying = True
+                self._retry_later(shard.index, manifest.batch_id, run, failure, where)
             elif run is not None and run.attempt:  # a retry under way: no new batch until it has succeeded
-                self.report.retrying.append(f"batch {manifest.batch_id}: retry {run.attempt} is {run.status}")
+                shard.retrying = True
+                self.report.retrying.append(f"{where}: retry {run.attempt} is {run.status}")
             return False
         if failure and manifest.size > 1:
-            await self._bisect(broker, manifest, failure)
+            await self._bisect(broker, shard, manifest, failure)
             return True
-        await self._settle(broker, manifest, outcome, failure.text if failure else "")
+        await self._settle(broker, shard.staging, manifest, outcome, failure.text if failure else "")
         return True
 
-    async def _bisect(self, broker: Broker, manifest: Manifest, failure: RunFailure) -> None:
+    async def _bisect(self, broker: Broker, shard: _Shard, manifest: Manifest, failure: RunFailure) -> None:
         """Stage the batch again as two halves with a run each, instead of spending every message's delivery."""
-        now = time.time()
-        for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
+        now, staging = time.time(), shard.staging
+        for rows in staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
             self.report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)  # the halves' clock
-        halves = bisect.split(self.staging, manifest, self.options.fetch_chunk)
+        halves = bisect.split(staging, manifest, self.options.fetch_chunk)
         for half in halves:
-            self.staging.mark_kept_alive(half.batch_id, now)
-        self.report.staged += halves
+            staging.mark_kept_alive(half.batch_id, now)
+            self.report.stage(half, shard.index)
         names = " and ".join(h.batch_id for h in halves)
         split = f"split batch {manifest.batch_id} ({manifest.size} messages) into {names}"
         self.report.bisected.append(f"{split} after {failure.text}")
 
-    def _retry_later(self, batch_id: str, run: BatchRun, failure: RunFailure) -> None:
+    def _retry_later(self, shard: int, batch_id: str, run: BatchRun, failure: RunFailure, where: str) -> None:
         """Request the batch's next run once its backoff has passed (doubling from NAK_DELAY, at most 5 min)."""
         attempt = run.attempt + 1
         due = (run.ended_at or 0.0) + nak_delay(attempt, self.settings.nak_delay_seconds)
         if time.time() >= due:
-            self.report.to_request.append(batch_id)
+            self.report.request(batch_id, shard)
             self.report.attempts[batch_id] = attempt
             when = "now"
         else:
             when = f"in {due - time.time():.0f} s"
-        self.report.retrying.append(f"batch {batch_id}: {failure.text}; retry {attempt} {when}")
+        self.report.retrying.append(f"{where}: {failure.text}; retry {attempt} {when}")
 
-    async def _keep_alive(self, broker: Broker, manifest: Manifest) -> None:
+    async def _keep_alive(self, broker: Broker, staging: Staging, manifest: Manifest) -> None:
         if faults.NO_KEEPALIVE in self.settings.fault_set:
             return
         now = time.time()
-        if not keep_alive_due(self.staging.kept_alive_at(manifest), now, self.settings.ack_wait_seconds):
+        if not keep_alive_due(staging.kept_alive_at(manifest), now, self.settings.ack_wait_seconds):
             return
-        for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
+        for rows in staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=self.options.settle_chunk):
             self.report.kept_alive += await broker.keep_alive(row["reply"] for row in rows)
-        self.staging.mark_kept_alive(manifest.batch_id, now)
+        staging.mark_kept_alive(manifest.batch_id, now)
 
-    async def _settle(self, broker: Broker, manifest: Manifest, outcome: RunOutcome, failure: str) -> None:
+    async def _settle(
+        self, broker: Broker, staging: Staging, manifest: Manifest, outcome: RunOutcome, failure: str
+    ) -> None:
         """Ack a succeeded batch; NAK (growing delay) or dead-letter a failed one; then drop its files.
 
         Read in chunks: a batch can hold hundreds of thousands of messages, and their bodies are
@@ -226,12 +307,12 @@ class _Tick:
         """
         chunk = self.options.settle_chunk
         if outcome is RunOutcome.SUCCEEDED:
-            for rows in self.staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=chunk):
+            for rows in staging.iter_deliveries(manifest.batch_id, ["reply"], chunk=chunk):
                 self.report.acked += await broker.ack(row["reply"] for row in rows)
         else:
-            for rows in self.staging.iter_deliveries(manifest.batch_id, chunk=chunk):
+            for rows in staging.iter_deliveries(manifest.batch_id, chunk=chunk):
                 await self._retry_or_give_up(broker, rows, outcome, failure)
-        self.staging.remove(manifest.batch_id)
+        staging.remove(manifest.batch_id)
         self.report.settled_batches += 1
 
     async def _retry_or_give_up(

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feature_pipeline import settings
+from feature_pipeline import settings, shards
 from feature_pipeline.read.online import OnlineReader
 
 
@@ -46,12 +47,19 @@ def get_features(user_ids: Iterable[str], cfg: settings.Settings | None = None) 
 
 
 def read_export(path: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-    """Every user's row from the Parquet export (FEATURE_PIPELINE_SERVING_PATH by default), for bulk readers;
-    its valid_as_of column is the store's clock when the export was written."""
-    where = Path(path or settings.load().serving_path)
-    if not where.exists():
+    """Every user's row from the Parquet export (FEATURE_PIPELINE_SERVING_PATH by default; with shards, every
+    shard's part beside it), for bulk readers; its valid_as_of column is the store's clock when it was written."""
+    cfg = settings.load()
+    base = Path(path or cfg.serving_path)
+    parts = [shards.part_name(base, k, cfg.shards) for k in range(cfg.shards)]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
         raise ExportMissing(
-            f"no export at {where}: write one with `feature-pipeline export` (or run the export_user_features "
-            "job); point lookups read the online store with get_features"
+            f"no export at {', '.join(map(str, missing))}: write it with `feature-pipeline export` (or run the "
+            "export_user_features job; with shards, each shard writes its part on its host: copy them here); "
+            "point lookups read the online store with get_features"
         )
-    return pq.read_table(where).to_pandas(types_mapper=pd.ArrowDtype)
+    table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")
+    if len(parts) > 1:  # in user order, as one store's export is
+        table = table.sort_by("user_id")
+    return table.to_pandas(types_mapper=pd.ArrowDtype)

@@ -18,11 +18,12 @@ from typing import Any
 
 import duckdb
 
+from feature_pipeline import shards as feature_shards
 from feature_pipeline import streams
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.contract import contract_for
 from feature_pipeline.settings import Settings
-from feature_pipeline.store import archive, batch, incremental, intake, known_sources, online
+from feature_pipeline.store import archive, batch, incremental, intake, known_sources, layout, online
 from feature_pipeline.store.archive import history_view
 from feature_pipeline.store.db import one, open_file, scalar, transaction
 from feature_pipeline.store.features import inconsistent_users, write_snapshot
@@ -49,6 +50,27 @@ class StoreHealth:
     recent_batches: int = 0  # batches stored in the last RECENT_MINUTES
     recent_worst_p95_seconds: float | None = None  # the highest p95 publish→commit among them
 
+    @classmethod
+    def combine(cls, parts: list[StoreHealth]) -> StoreHealth:
+        """Several shards' figures as one store's: counts add up, the worst latency and the oldest comparison
+        stand for all, the differing users of every shard are listed."""
+        reasons: dict[str, int] = {}
+        for part in parts:
+            for reason, n in part.dead_letter_reasons:
+                reasons[reason] = reasons.get(reason, 0) + n
+        worst = [p.recent_worst_p95_seconds for p in parts if p.recent_worst_p95_seconds is not None]
+        checked = [p.consistency_checked_at for p in parts]
+        return cls(
+            dead_letters_last_hour=sum(p.dead_letters_last_hour for p in parts),
+            dead_letter_reasons=sorted(reasons.items(), key=lambda r: (-r[1], r[0]))[:10],
+            latest_dead_letters=sorted((d for p in parts for d in p.latest_dead_letters), reverse=True)[:5],
+            consistency_checked=sum(p.consistency_checked for p in parts),
+            inconsistent_users=sorted(u for p in parts for u in p.inconsistent_users),
+            consistency_checked_at=None if None in checked else min(c for c in checked if c is not None),
+            recent_batches=sum(p.recent_batches for p in parts),
+            recent_worst_p95_seconds=max(worst) if worst else None,
+        )
+
 
 @dataclass(frozen=True)
 class Refresh:
@@ -60,6 +82,18 @@ class Refresh:
     schema_changes: list[str] = field(default_factory=list)
     partials_rebuilt: list[str] = field(default_factory=list)  # sources whose all-time partials were rebuilt
     sources_changed: list[str] = field(default_factory=list)  # sources added to or removed from the registry
+
+    @classmethod
+    def combine(cls, parts: list[Refresh]) -> Refresh:
+        """Several shards' refreshes as one store's: rows add up, the earliest clock stands for all."""
+        return cls(
+            valid_as_of=min(p.valid_as_of for p in parts),
+            rows_written=sum(p.rows_written for p in parts),
+            rebuilt=all(p.rebuilt for p in parts),
+            schema_changes=parts[0].schema_changes,
+            partials_rebuilt=sorted({s for p in parts for s in p.partials_rebuilt}),
+            sources_changed=parts[0].sources_changed,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,28 +189,54 @@ class FeatureStore:
         *,
         registry: Registry | None = None,
         allowed_lateness: timedelta = timedelta(hours=1),
+        shard: int = 0,
+        shards: int = 1,
+        base: str | os.PathLike[str] | None = None,
     ) -> None:
+        """`shard` of `shards`: which users the file holds (see `feature_pipeline.shards`); `base` is
+        FEATURE_STORE_PATH, beside which the shards' files are."""
         self.path = Path(path)
         self.registry = registry or load_registry()
         self.allowed_lateness = allowed_lateness
+        self.shard, self.shards = shard, shards
+        self.base = Path(base or path)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FeatureStore:
-        """The store every entry point uses: its file, feature registry and lateness."""
+    def from_settings(cls, settings: Settings, shard: int = 0) -> FeatureStore:
+        """The store every entry point uses: a shard's file, the feature registry and lateness."""
         return cls(
-            settings.feature_store_path,
+            feature_shards.for_shard(settings, shard).feature_store_path,
             registry=load_registry(settings.features_file or None),
             allowed_lateness=timedelta(seconds=settings.allowed_lateness_seconds),
+            shard=shard,
+            shards=settings.shards,
+            base=settings.feature_store_path,
         )
 
+    @property
+    def name(self) -> str:
+        """`the store at <file>` and its shard, for messages."""
+        of = feature_shards.describe(self.shard, self.shards)
+        return f"the store at {self.path}" + (f" ({of})" if of else "")
+
     def connect(self, *, read_only: bool = False, wait_seconds: float = 120.0) -> duckdb.DuckDBPyConnection:
-        """Open the file, waiting while another process holds its lock; a writer gets any missing tables."""
+        """Open the file, waiting while another process holds its lock; a writer gets any missing tables, and
+        is refused a file of another layout of shards (or a new file beside another layout's)."""
+        if not read_only and not self.path.exists():
+            refused = feature_shards.new_file_problem(self.base, self.shards)
+            if refused:
+                raise feature_shards.LayoutError(refused)
         con = open_file(self.path, read_only=read_only, wait_seconds=wait_seconds)
         if not read_only:
-            for statement in ddl(self.registry):
-                con.execute(statement)
-            index_existing_events(con, self.registry)
-            record_first_day(con, self.path)
+            try:
+                for statement in ddl(self.registry):
+                    con.execute(statement)
+                layout.keep(con, self.shard, self.shards, self.path)
+                index_existing_events(con, self.registry)
+                record_first_day(con, self.path)
+            except BaseException:
+                con.close()
+                raise
         return con
 
     @contextlib.contextmanager
@@ -224,6 +284,8 @@ class FeatureStore:
             laps("open")
             with transaction(con):
                 taken = intake.load(con, files.deliveries, contract_for(sources), sources, pipeline)
+                if self.shards > 1:
+                    intake.keep_shard(con, files.deliveries, self.shard, self.shards, taken)
                 laps("intake")
                 if taken.poison and dead_letter is not None:
                     dead_letter(taken.poison)

@@ -14,7 +14,6 @@ Messages of the DEADLETTER stream become `dead_letters` rows; those another pipe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +28,8 @@ from feature_pipeline import streams
 from feature_pipeline.broker.deliveries import Delivery
 from feature_pipeline.contract import Contract
 from feature_pipeline.envelopes import Envelope, PoisonMessage, Rule
+from feature_pipeline.ingest.staging import delivery_from_row
+from feature_pipeline.shards import shard_of
 from feature_pipeline.streams import StreamSpec
 
 _EVENT_FIELDS: list[tuple[str, pa.DataType]] = [
@@ -114,6 +115,33 @@ def load(
     _dead_letter_rows(con, deliveries, pipeline)
     out.events = int(_scalar(con, f"SELECT count(*) FROM {STAGED}"))
     return out
+
+
+def keep_shard(con: duckdb.DuckDBPyConnection, deliveries: str, shard: int, shards: int, out: Intake) -> None:
+    """With several shards: an event whose user belongs to another shard is poison here, never stored in a store
+    that does not own its user. The sensor routes by the body's user_id read as the models read it, so this
+    is a guard against a body read two ways (it names the reason), not a path valid events take."""
+    users = [u for (u,) in con.execute(f"SELECT DISTINCT user_id FROM {STAGED}").fetchall()]
+    stray = [u for u in users if shard_of(u, shards) != shard]
+    if not stray:
+        return
+    found = _arrow(
+        con,
+        f"SELECT d.*, s.user_id AS staged_user FROM read_parquet($p) d JOIN {STAGED} s USING (stream, stream_seq) "
+        "WHERE list_contains($stray, s.user_id)",
+        {"p": deliveries, "stray": stray},
+    )
+    for row in found.to_pylist():
+        user = row["staged_user"]
+        out.poison.append(
+            (
+                delivery_from_row(row),
+                f"user_id {user!r} belongs to shard {shard_of(user, shards)} of {shards}, but the message was "
+                f"routed to shard {shard}: its body reads differently to the router and to the contract",
+            )
+        )
+    con.execute(f"DELETE FROM {STAGED} WHERE list_contains($stray, user_id)", {"stray": stray})
+    out.events = int(_scalar(con, f"SELECT count(*) FROM {STAGED}"))
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> Any:
@@ -326,20 +354,6 @@ def _dead_letter_rows(con: duckdb.DuckDBPyConnection, deliveries: str, pipeline:
 def _theirs(d: Delivery, pipeline: str) -> bool:
     """A dead-letter copy another pipeline on the same streams made: acked with the batch, recorded by it."""
     return (d.headers or {}).get(streams.H_PIPELINE, pipeline) != pipeline
-
-
-def delivery_from_row(row: dict[str, Any]) -> Delivery:
-    """A staged deliveries row as the `Delivery` it was fetched as."""
-    return Delivery(
-        stream=row["stream"],
-        subject=row["subject"],
-        reply=row["reply"],
-        data=row["body"],
-        headers=json.loads(row["headers"]) if row["headers"] else None,
-        stream_seq=row["stream_seq"],
-        num_delivered=row["num_delivered"],
-        stored_ns=row["stored_ns"],
-    )
 
 
 def dead_letter_row(d: Delivery) -> dict[str, Any]:

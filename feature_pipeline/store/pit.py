@@ -23,10 +23,15 @@ from feature_pipeline.store.registry import Registry
 
 
 def point_in_time(
-    con: duckdb.DuckDBPyConnection, registry: Registry, labels: str, *, received_cutoff: bool = False
+    con: duckdb.DuckDBPyConnection,
+    registry: Registry,
+    labels: str,
+    *,
+    received_cutoff: bool = False,
+    keep_row: bool = False,
 ) -> duckdb.DuckDBPyRelation:
-    """Every row of the table `labels(user_id, ts, ...)`, in its order (its `__row` column), with the
-    features as they were at its ts."""
+    """Every row of the table `labels(user_id, ts, ...)`, in its order (its `__row` column, kept with
+    `keep_row`: shards' parts are merged by it), with the features as they were at its ts."""
     set_points(con, f"SELECT user_id, ts AS as_of FROM {labels}")
     t0 = scalar(con, f"SELECT min(as_of) FROM {POINTS}")
     distinct = any(f.aggregation == "count_distinct" and f.window_delta is None for f in registry.features)
@@ -38,7 +43,7 @@ def point_in_time(
     con.execute(f"CREATE OR REPLACE TEMP TABLE pit_features AS {sql}", params)
     cols = ", ".join(f"f.{n}" for n in registry.names)
     return con.sql(
-        f"SELECT l.* EXCLUDE (__row), {cols} FROM {labels} l "
+        f"SELECT l.*{'' if keep_row else ' EXCLUDE (__row)'}, {cols} FROM {labels} l "
         "LEFT JOIN pit_features f ON f.user_id = l.user_id AND f.updated_at = l.ts ORDER BY l.__row"
     )
 
