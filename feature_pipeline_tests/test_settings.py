@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feature_pipeline import shards, cli, get_features, settings, training_set
+from feature_pipeline import cli, get_features, settings, shards, training_set
 from feature_pipeline.broker.kv import OnlineStoreError
 from feature_pipeline.broker.local import free_port
 from feature_pipeline.read.serving import read_export

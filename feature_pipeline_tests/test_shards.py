@@ -109,7 +109,7 @@ def test_each_shard_keeps_its_files_beside_the_store_with_its_layout_in_the_name
     assert shards.staging_dir(cfg.staging_dir, 1, 2) == tmp_path / "staging" / "shard-1-of-2"
     single = settings_for(tmp_path, "nats://127.0.0.1:4222")
     assert shards.for_shard(single, 0) == single, "one shard is the layout the pipeline always had"
-    with pytest.raises(ValueError, match="shards 0..1"):
+    with pytest.raises(ValueError, match=r"shards 0\.\.1"):
         shards.for_shard(cfg, 2)
 
 
@@ -261,7 +261,7 @@ def test_two_shards_answer_every_read_as_one_store_fed_the_same_events(tmp_path:
         assert rows(two, f"SELECT * {exclude} FROM {table}") == rows(one, f"SELECT * {exclude} FROM {table}"), table
     assert all(rows([s], "SELECT count(*) FROM user_features")[0][0] > 0 for s in two), "both shards hold users"
 
-    users = sorted({r[0] for r in rows(one, "SELECT user_id FROM user_features")}) + ["nobody"]
+    users = [*sorted({r[0] for r in rows(one, "SELECT user_id FROM user_features")}), "nobody"]
     labels = pa.table({
         "user_id": [u for u in users for _ in range(3)],
         "ts": [end - timedelta(days=d) for _ in users for d in (0, 2, 5)],
@@ -305,7 +305,7 @@ def test_a_changed_number_of_shards_is_refused_in_words_until_reshard_moves_the_
     Lifecycle(one).drain()
     two = changed(one, shards=2)
 
-    with pytest.raises(shards.LayoutError, match="FEATURE_PIPELINE_SHARDS=2.*reshard --to 2"):
+    with pytest.raises(shards.LayoutError, match=r"FEATURE_PIPELINE_SHARDS=2.*reshard --to 2"):
         FeatureStore.from_settings(two, 0).connect()
     assert "FEATURE_PIPELINE_SHARDS=2" in (shards.local_layout_problem(two) or "")
     report = Lifecycle(two).tick()
@@ -315,8 +315,8 @@ def test_a_changed_number_of_shards_is_refused_in_words_until_reshard_moves_the_
     assert any("FEATURE_PIPELINE_SHARDS=2" in p for p in health.body["problems"]) and health.code >= 1
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_"))}
-    env.update({"NATS_URL": one.nats_url, "NATS_DURABLE_PREFIX": one.durable_prefix,
-                "FEATURE_STORE_PATH": one.feature_store_path, "FEATURE_PIPELINE_STAGING_DIR": one.staging_dir})  # fmt: skip
+    env.update(NATS_URL=one.nats_url, NATS_DURABLE_PREFIX=one.durable_prefix, FEATURE_STORE_PATH=one.feature_store_path)
+    env["FEATURE_PIPELINE_STAGING_DIR"] = one.staging_dir
     out = subprocess.run([str(BIN / "feature-pipeline"), "reshard", "--to", "2"], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr

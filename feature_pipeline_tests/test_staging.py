@@ -19,8 +19,7 @@ from feature_pipeline import streams
 from feature_pipeline.broker.auth import redact
 from feature_pipeline.broker.deliveries import Delivery, parse_reply, ts_from_nats
 from feature_pipeline.envelopes import make_envelope
-from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, FolderStaging
-from feature_pipeline.ingest.staging import delivery_from_row
+from feature_pipeline.ingest.staging import STALE_TEMP_SECONDS, FolderStaging, delivery_from_row
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
 STORED_AT = datetime(2026, 11, 27, 5, 0, 0, 123456, tzinfo=UTC)
