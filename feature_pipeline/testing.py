@@ -25,6 +25,7 @@ import duckdb
 from feature_pipeline import local_worker
 from feature_pipeline.broker.client import Broker
 from feature_pipeline.broker.local import LocalCluster, LocalNats, free_port
+from feature_pipeline.shards import part_name, staging_dir
 from feature_pipeline.store.loader import sources_for
 from feature_pipeline.streams import PACKAGED, StreamSpec, consumer_name, with_dead_letters
 
@@ -193,7 +194,7 @@ class Pipeline:
             (self.home / "dagster.yaml").write_text(local_worker.instance_config(self.instance_yaml, self.home))
             local_worker.prepare(self.home)
             self.extra_env.update(local_worker.celery_env(self.home))
-            self.start_worker()
+            self.start_workers()
         with self.instance():  # create the storage here, so no reader races the daemon's schema migration
             pass
         self.start_daemon()
@@ -206,13 +207,20 @@ class Pipeline:
     def start_daemon(self) -> None:
         """The daemon, and on `warm` the local worker if none is running (as restarting `up` starts both)."""
         if self.warm and not any(w.poll() is None for w in self.workers):
-            self.start_worker()
+            self.start_workers()
         self.daemon = self._spawn(["dagster-daemon", "run", "-w", str(self.workspace)], self.daemon_log)
 
-    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+    def start_workers(self) -> None:
+        """One warm worker per shard, as `up` starts them."""
+        for shard in range(self.shards):
+            self.start_worker(shard=shard)
+
+    def start_worker(self, shard: int | None = None, **env: str) -> subprocess.Popen[bytes]:
         """A warm Celery run worker (`feature-pipeline worker`, for deploy/dagster.yaml) in its own process
-        group, with these variables on top of the pipeline's (say, its own FEATURE_PIPELINE_STAGING_DIR)."""
-        worker = self._spawn(["feature-pipeline", "worker"], self.root / f"worker{len(self.workers)}.log", env)
+        group, with these variables on top of the pipeline's (say, its own FEATURE_PIPELINE_STAGING_DIR); with
+        several shards, the worker of `shard`."""
+        cmd = ["feature-pipeline", "worker", *(["--shard", str(shard)] if self.shards > 1 else [])]
+        worker = self._spawn(cmd, self.root / f"worker{len(self.workers)}.log", env)
         self.workers.append(worker)
         return worker
 
@@ -284,13 +292,27 @@ class Pipeline:
         infos = run(consumer_states(self.nats.url, self.prefix, sources))
         return {name: i.num_pending + i.num_ack_pending for name, i in infos.items()}
 
+    @property
+    def shards(self) -> int:
+        return int(self.env.get("FEATURE_PIPELINE_SHARDS", "1"))
+
+    @property
+    def stores(self) -> list[Path]:
+        """Every shard's store file (the one file with one store)."""
+        return [part_name(self.db, k, self.shards) for k in range(self.shards)]
+
     def staged(self) -> list[str]:
-        if not self.staging.exists():
-            return []
-        return sorted(p.name for p in self.staging.iterdir() if not p.name.startswith("."))
+        """The staged batches of every shard."""
+        out = []
+        for k in range(self.shards):
+            folder = staging_dir(self.staging, k, self.shards)
+            if folder.exists():
+                out += [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        return sorted(out)
 
     def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        return query(self.db, sql, params)
+        """The rows of `sql` in every shard's store, one after the other."""
+        return [row for db in self.stores for row in query(db, sql, params)]
 
     def stored_ids(self) -> list[str]:
         return [

@@ -32,6 +32,7 @@ class TickReport:
     # no new batch is fetched while there is one (it would only wait behind the same outage).
     retrying: list[str] = field(default_factory=list)
     bisected: list[str] = field(default_factory=list)  # batches split after a run their messages failed
+    held: bool = False  # no shard could take a new batch: nothing was fetched
     shard_of: dict[str, int] = field(default_factory=dict)  # staged or requested batch id -> its shard
     merged: list[str] = field(default_factory=list)  # parked batches merged into one now that their shard is free
 
@@ -65,12 +66,14 @@ class TickReport:
         parts = []
         if self.fetched:
             parts.append("fetched " + ", ".join(f"{n} from {s}" for s, n in self.fetched.items()))
-        elif self.retrying:
+        elif self.retrying and self.held:
             parts.append("not fetching while a run fails outside its messages: " + "; ".join(self.retrying))
         elif self.holding:
             parts.append(f"not fetching while batch {self.holding} waits for its run to start")
         elif not self.problem:
             parts.append("no new messages")
+        if self.retrying and not self.held:  # other shards are free: this one's part of each pull waits parked
+            parts.append("retrying " + "; ".join(self.retrying))
         if self.staged:
             parts.append(f"staged {len(self.staged)} batch(es) of {sum(m.size for m in self.staged)} messages")
         parked = [m for m in self.staged if m.parked]

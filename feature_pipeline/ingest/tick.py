@@ -221,8 +221,10 @@ class _Tick:
         one shard that means: no new batch while one waits, its messages join the next, larger batch."""
         s, o = self.settings, self.options
         if any(shard.in_flight(s.batch_max_messages) >= s.max_batches_in_flight for shard in self.shards):
+            self.report.held = True
             return
         if all(shard.busy for shard in self.shards):
+            self.report.held = True
             waiting = [shard.waiting for shard in self.shards if shard.waiting and not shard.retrying]
             if waiting and not self.report.retrying:
                 self.report.holding = waiting[0]
