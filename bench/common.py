@@ -301,6 +301,20 @@ def mem_kb(pid: int) -> tuple[int, int] | None:
     return rss, hwm
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (its own, not its waited-for children's)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    rest = stat[stat.rindex(")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / CLOCK_TICKS
+
+
 def classify(cmd: str) -> str:
     if "dagster-daemon" in cmd:
         return "daemon"
@@ -363,6 +377,7 @@ class RssSampler(threading.Thread):
                         "hwm_kb": 0,
                         "first_seen": time.time(),
                     }
+                rec["cpu_seconds"] = max(rec.get("cpu_seconds", 0.0), cpu_seconds(pid) or 0.0)
                 rec["peak_rss_kb"] = max(rec["peak_rss_kb"], m[0])
                 rec["hwm_kb"] = max(rec["hwm_kb"], m[1])
                 rec["last_seen"] = time.time()
@@ -390,6 +405,15 @@ class RssSampler(threading.Thread):
             agg["processes"] += 1
             agg["peak_rss_mib"] = max(agg["peak_rss_mib"], round(rec["peak_rss_kb"] / 1024, 1))
             agg["peak_hwm_mib"] = max(agg["peak_hwm_mib"], round(rec["hwm_kb"] / 1024, 1))
+        return out
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        """CPU seconds per process kind, summed over its processes (as last sampled: a process that ended
+        between two samples misses at most one interval's worth)."""
+        out: dict[str, float] = {}
+        for rec in self.procs.values():
+            if rec["kind"] != "profiler":
+                out[rec["kind"]] = round(out.get(rec["kind"], 0.0) + rec.get("cpu_seconds", 0.0), 2)
         return out
 
 

@@ -176,6 +176,11 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 # -- backlog drain ------------------------------------------------------------------------------
 
 
+def _stored(p: Pipeline) -> int:
+    """Events stored, over every shard's store."""
+    return sum(r[0] for r in p.query(COUNT_SQL))
+
+
 async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
     nc = await connect(p.nats.url, "bench-monitor")
     js = nc.jetstream(timeout=5)
@@ -205,7 +210,7 @@ async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]
                 log(f"  +{now - t0:5.0f} s  lag {tl}  staged batches {staged}")
                 last_log = now
             if tl == 0 and not lags["DEADLETTER"] and staged == 0:
-                rows = (await asyncio.to_thread(p.query, COUNT_SQL) or [(0,)])[0][0]
+                rows = await asyncio.to_thread(_stored, p)
                 if rows >= expected:
                     done_at = now
                     break
@@ -221,7 +226,7 @@ async def _backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]
     }
     end = done_at or time.time()
     if done_at is None:
-        rows = (await asyncio.to_thread(p.query, COUNT_SQL) or [(0,)])[0][0]
+        rows = await asyncio.to_thread(_stored, p)
     out["events_stored"] = rows
     out["seconds"] = round(end - t0, 2)
     out["events_per_s"] = round(rows / (end - t0), 1)
@@ -240,8 +245,10 @@ def backlog(p: Pipeline, expected: int, timeout: float) -> dict[str, Any]:
         "(SELECT epoch(min(committed_at)) FROM ingested_batches), (SELECT epoch(max(committed_at)) FROM ingested_batches), "
         "(SELECT count(*) FROM dead_letters)",
     )
-    if checks:
-        feat, users, batches, first_c, last_c, dead = checks[0]
+    if checks:  # one row per shard: users are disjoint, so the counts add up
+        feat, users, batches, dead = (sum(r[i] for r in checks) for i in (0, 1, 2, 5))
+        first_c = min((r[3] for r in checks if r[3]), default=None)
+        last_c = max((r[4] for r in checks if r[4]), default=None)
         r.update(
             user_features_rows=feat,
             distinct_users=users,

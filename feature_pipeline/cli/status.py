@@ -43,10 +43,14 @@ def cmd_health(args: argparse.Namespace) -> int:
             Names(args.prefix)
         except ValueError as exc:
             return fail(f"--prefix: {exc}")
-    # The instance storage's own retry warnings: the report says what went wrong, once. This command owns its
-    # process; `health_report()` leaves its caller's logging alone.
+    # The instance storage's own retry warnings: the report says what went wrong, once. Put back afterwards:
+    # `main` may run inside another program (the tests call it), and `health_report()` never touches logging.
+    silenced = logging.root.manager.disable
     logging.disable(logging.WARNING)
-    result = build(load_settings(), args.prefix)
+    try:
+        result = build(load_settings(), args.prefix)
+    finally:
+        logging.disable(silenced)
     report, code = result.body, result.code
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report), flush=True)
     if result.late:  # a part still waits on a connection that may never answer: do not wait for it at exit
