@@ -225,14 +225,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _training_sets(
-    a: argparse.Namespace,
-    hosts: list[Host],
-    env: dict[str, dict[str, str]],
-    files: dict[int, Path],
-    url: str,
-    top: Path,
-) -> bool:
+def _training_sets(hosts: list[Host], env: dict[str, dict[str, str]], url: str, top: Path) -> bool:
     """Scatter: each shard's host joins the labels of its users on its own file. Gather: the parts, copied to A,
     merged there. Against one store fed the same events: the streams replayed into a file of this process's."""
     a_host, b0, b1, _ = hosts
