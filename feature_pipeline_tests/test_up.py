@@ -21,7 +21,8 @@ from feature_pipeline.broker.local import LocalNats, free_port
 from feature_pipeline.cli.common import prepare_dagster_home
 from feature_pipeline.cli.up import _instance_config
 from feature_pipeline.samples import publish_events
-from feature_pipeline.testing import BIN, REPO, Pipeline, kill_group, pool_children, run, wait_for
+from feature_pipeline.shards import shard_of
+from feature_pipeline.testing import BIN, REPO, Pipeline, kill_group, pool_children, query, run, wait_for
 from feature_pipeline_tests.test_deploy import CELERY_TASK_TAG, SUBJECTS
 
 
@@ -102,6 +103,52 @@ def test_up_stores_every_event_once_on_its_warm_worker_when_the_pool_is_killed_m
         _kill_dg_dev(port)  # `up` runs it in a session of its own, which a SIGKILL of `up` does not reach
         if worker_pid and _alive(worker_pid):
             os.killpg(worker_pid, signal.SIGKILL)
+        p.close()
+
+
+@pytest.mark.e2e
+def test_up_with_two_shards_runs_a_worker_each_and_the_commands_read_them_with_no_other_setting(
+    tmp_path: Path, nats_server: LocalNats
+) -> None:
+    """FEATURE_PIPELINE_SHARDS=2 `up` on one box: a warm worker per shard, each user stored in its shard's file;
+    `features`, `training-set` and `health` answer from the same environment. `up` with 3 is refused in words."""
+    p = Pipeline(tmp_path / "p", {"FEATURE_PIPELINE_SHARDS": "2"}, nats=nats_server)
+    log = tmp_path / "up.log"
+    cmd = [str(BIN / "feature-pipeline"), "up", "--port", str(free_port())]
+    port = cmd[-1]
+    with open(log, "ab") as out:
+        up = subprocess.Popen(cmd, cwd=REPO, env=p.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        workers = wait_for(lambda: re.findall(r"warm run worker \(shard (\d) of 2\): pid (\d+)", log.read_text()),
+                           30, "the workers")  # fmt: skip
+        assert sorted(w[0] for w in workers) == ["0", "1"]
+        users = [f"u-{i}" for i in range(12)]
+        published = run(publish_events(p.nats.url, subjects=SUBJECTS, users=users, count=60, rate=None))
+        wait_for(lambda: sorted(p.stored_ids()) == sorted(published) and p.settled(), 120, "every event stored once")
+        for shard, db in enumerate(p.stores):
+            held = {u for (u,) in query(db, "SELECT user_id FROM user_features")}
+            assert held and {shard_of(u, 2) for u in held} == {shard}, f"shard {shard} holds its users only"
+        assert all(p.cli("features", u).returncode == 0 for u in users), "every user's row in the online store"
+        labels = tmp_path / "labels.csv"
+        labels.write_text("user_id,ts\n" + "".join(f"{u},{datetime.now(UTC).isoformat()}\n" for u in users))
+        made = p.cli("training-set", str(labels), "--out", str(tmp_path / "ts.parquet"))
+        assert made.returncode == 0 and f"wrote {len(users)} rows" in made.stdout, made.stderr
+        health = wait_for(lambda: (h := p.cli("health")).returncode == 0 and h, 60, "health ok")
+        assert "shard 1" in health.stdout
+        up.send_signal(signal.SIGTERM)
+        up.wait(90)
+        refused = subprocess.run(cmd, cwd=REPO, env={**p.env, "FEATURE_PIPELINE_SHARDS": "3"}, capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+        assert refused.returncode == 2 and "FEATURE_PIPELINE_SHARDS=3" in refused.stderr and "reshard" in refused.stderr
+    except BaseException:
+        print(log.read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        kill_group(up)
+        _kill_dg_dev(port)
+        for _, pid in re.findall(r"warm run worker \(shard (\d) of 2\): pid (\d+)", log.read_text()):
+            if _alive(int(pid)):
+                os.killpg(int(pid), signal.SIGKILL)
         p.close()
 
 

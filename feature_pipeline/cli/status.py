@@ -78,6 +78,15 @@ def _text(report: dict[str, Any]) -> str:
             f"  online store {online['bucket']}: {online['keys']} keys, valid as of {online['valid_as_of'] or 'never'}"
             + ("" if behind is None else f", {behind:.0f} s behind the store")
         )
+    online_shards = {s["shard"]: s for s in online.get("shards", [])}
+    for s in report.get("shards", []):
+        clock = online_shards.get(s["shard"], {})
+        behind = clock.get("behind_store_seconds")
+        lines.append(
+            f"  shard {s['shard']}: in flight {s['in_flight_batches']} batch(es)/{s['in_flight_messages']} msgs, "
+            f"parked {s['parked_batches']}/{s['parked_messages']} msgs; online valid as of "
+            f"{clock.get('valid_as_of') or 'never'}" + ("" if behind is None else f", {behind:.0f} s behind its store")
+        )
     for name, check in report["checks"].items():
         severity = f" ({check['severity']})" if check["severity"] else ""
         lines.append(f"  check {name}: {check['state']}{severity}")
