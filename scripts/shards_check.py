@@ -34,7 +34,16 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 from cluster_check import Producer, create_streams, log, succeeds
-from multihost_check import NET, RUN_TIMEOUT_SECONDS, Host, network_down, network_up, start_postgres, start_redis
+from multihost_check import (
+    NET,
+    RUN_TIMEOUT_SECONDS,
+    Host,
+    network_down,
+    network_up,
+    pipeline_env,
+    start_postgres,
+    start_redis,
+)
 
 from feature_pipeline import settings, shards
 from feature_pipeline.broker.local import LocalCluster
@@ -49,32 +58,15 @@ SQL_IDS = "SELECT event_id, user_id FROM signal_events UNION ALL SELECT event_id
 
 
 def env_for(host: Host, cluster: LocalCluster, c: Host) -> dict[str, str]:
-    """What every process of the pipeline needs; paths are the host's own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "FEATURE_", "DAGSTER_"))}
-    redis = f"redis://{c.ip}:6379/0"
-    env.update(
-        {
-            "DAGSTER_HOME": str(host.root / "dagster_home"),
-            "DAGSTER_POSTGRES_URL": f"postgresql+psycopg2://postgres@{c.ip}:5432/dagster",
-            "FEATURE_PIPELINE_CELERY_BROKER": redis,
-            "FEATURE_PIPELINE_CELERY_BACKEND": redis,
-            "FEATURE_PIPELINE_CELERY_QUEUE": "feature-pipeline",
-            "FEATURE_PIPELINE_SHARDS": "2",
-            "NATS_URL": cluster.url,
-            "NATS_REPLICAS": "3",
-            "NATS_DURABLE_PREFIX": PREFIX,
-            "FEATURE_PIPELINE_STAGING": "nats",
-            "FEATURE_PIPELINE_STAGING_DIR": str(host.root / "scratch"),
-            "FEATURE_STORE_PATH": str(host.root / "store.duckdb"),
-            "FEATURE_PIPELINE_SERVING_PATH": str(host.root / "serving" / "user_features.parquet"),
-            "FEATURE_PIPELINE_RUN_TIMEOUT_SECONDS": str(RUN_TIMEOUT_SECONDS),
-            "FEATURE_PIPELINE_NAK_DELAY_SECONDS": "1",
-        }
-    )
-    home = host.root / "dagster_home"
-    home.mkdir(exist_ok=True)
-    shutil.copyfile(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    return env
+    """multihost_check's environment, with two shards, a prefix of this check's, and each host's own store path
+    (a worker host's shard file is there)."""
+    return {
+        **pipeline_env(host, cluster, c),
+        "FEATURE_PIPELINE_SHARDS": "2",
+        "NATS_DURABLE_PREFIX": PREFIX,
+        "FEATURE_STORE_PATH": str(host.root / "store.duckdb"),
+        "FEATURE_PIPELINE_SERVING_PATH": str(host.root / "serving" / "user_features.parquet"),
+    }
 
 
 def ingest_runs(env: dict[str, str], shard: int) -> list[dg.RunRecord]:

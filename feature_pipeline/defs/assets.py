@@ -253,48 +253,53 @@ class Ingest:
         """The window refresh of each shard the run works on: rows change as time passes, but no data arrived, so
         user_features gets an observation, not a materialization: its freshness keeps telling whether ingest is
         alive."""
-        done = []
-        for shard in every:
-            store, online = self._store_and_writer(settings, shard)
-            refresh, health = store.advance(consistency_sample=settings.consistency_sample, after_commit=online)
-            synced = self._logged(context, online)
-            self._log_refresh(context, refresh)
-            of = shards.describe(shard, settings.shards)
-            context.log.info(
-                f"moved the clock{f' of {of}' if of else ''} to {refresh.valid_as_of.isoformat()}: "
-                f"{refresh.rows_written} rows whose windows moved were recomputed"
-            )
+        done = self._refresh_each(context, settings, every, rebuild=False)
+        for shard, refresh, _, synced in done:
             meta = {**metadata.refresh(refresh), **metadata.online(synced), **metadata.shard(shard, settings.shards)}
             context.log_event(dg.AssetObservation(asset_key=self.names.user_features, metadata=meta))
-            done.append((shard, health, synced))
-        yield from self._checks_of(context, settings, done)
+        yield from self._checks_of(context, settings, [(k, h, s) for k, _, h, s in done])
 
     def rebuild(self, context: dg.AssetExecutionContext, settings: Settings, every: list[int]) -> RunOutput:
         """Every user_features row recomputed from the raw tables, in each shard the run works on (a
         materialization by hand, no batch)."""
-        done, refreshes = [], []
-        for shard in every:
-            store, online = self._store_and_writer(settings, shard)
-            refresh, health = store.recompute_all(settings.consistency_sample, after_commit=online)
-            synced = self._logged(context, online)
-            self._log_refresh(context, refresh)
-            of = shards.describe(shard, settings.shards)
-            context.log.info(
-                f"rebuilt user_features{f' of {of}' if of else ''} as of {refresh.valid_as_of.isoformat()}: "
-                f"{refresh.rows_written} rows recomputed from the raw tables"
-            )
-            done.append((shard, health, synced))
-            refreshes.append(refresh)
-        health = StoreHealth.combine([h for _, h, _ in done])
-        synced = SyncResult.combine([s for _, _, s in done])
+        done = self._refresh_each(context, settings, every, rebuild=True)
+        health = StoreHealth.combine([h for _, _, h, _ in done])
+        synced = SyncResult.combine([s for _, _, _, s in done])
         for key, spec in self.specs.items():
             meta: dict[str, Any] = {"refresh": "rebuild"}
             if key == "user_features":
-                meta.update({**metadata.refresh(Refresh.combine(refreshes)), **metadata.online(synced)})
+                meta.update(
+                    {**metadata.refresh(Refresh.combine([r for _, r, _, _ in done])), **metadata.online(synced)}
+                )
             if key == DEADLETTER.table:
                 meta.update(metadata.dead_letters(health))
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
-        yield from self._checks_of(context, settings, done)
+        yield from self._checks_of(context, settings, [(k, h, s) for k, _, h, s in done])
+
+    def _refresh_each(
+        self, context: dg.AssetExecutionContext, settings: Settings, every: list[int], *, rebuild: bool
+    ) -> list[tuple[int, Refresh, StoreHealth, SyncResult]]:
+        """Each shard's clock moved to now (or, with `rebuild`, every row recomputed), and its changed rows
+        written to the online store."""
+        done = []
+        for shard in every:
+            store, online = self._store_and_writer(settings, shard)
+            sample = settings.consistency_sample
+            if rebuild:
+                refresh, health = store.recompute_all(sample, after_commit=online)
+            else:
+                refresh, health = store.advance(consistency_sample=sample, after_commit=online)
+            synced = self._logged(context, online)
+            self._log_refresh(context, refresh)
+            of = shards.describe(shard, settings.shards)
+            at, n = refresh.valid_as_of.isoformat(), refresh.rows_written
+            context.log.info(
+                f"rebuilt user_features{f' of {of}' if of else ''} as of {at}: {n} rows recomputed from the raw tables"
+                if rebuild
+                else f"moved the clock{f' of {of}' if of else ''} to {at}: {n} rows whose windows moved were recomputed"
+            )
+            done.append((shard, refresh, health, synced))
+        return done
 
     def _checks_of(
         self, context: dg.AssetExecutionContext, settings: Settings, done: list[tuple[int, StoreHealth, SyncResult]]

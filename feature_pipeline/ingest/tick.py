@@ -167,6 +167,10 @@ class _Tick:
         refused = await layout.check(broker, self.settings)
         if refused:  # a changed number of shards: nothing is fetched, run or settled until it is put right
             self.report.problem = f"not ingesting: {refused}"
+            self.report.to_request.clear()
+            for shard in self.shards:  # what is in flight stays in flight, kept alive
+                for m in shard.batches:
+                    await self._keep_alive(broker, shard.staging, m)
             return
         t = self.report.lap("connect", t)
         for shard in self.shards:
